@@ -1,0 +1,87 @@
+"""Start the gRPC server: servicer, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from biolit.v1 import identification_pb2 as pb
+from biolit.v1 import identification_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.config import ServerConfig
+from server.service import SpeciesIdentifierServicer
+from server.state import ServiceState, build_state
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeciesIdentifier"].full_name
+
+
+class RunningServer:
+    """A started server plus what stopping it cleanly needs."""
+
+    def __init__(self, server: grpc.Server, port: int, state: ServiceState,
+                 health_servicer: health.HealthServicer) -> None:
+        self.server = server
+        self.port = port
+        self.state = state
+        self.health = health_servicer
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, stop taking calls, let in-flight calls finish."""
+        self.health.enter_graceful_shutdown()
+        grace = self.state.config.grace_seconds if grace is None else grace
+        self.server.stop(grace).wait()
+        closer = getattr(self.state.gallery, "close", None)
+        if closer is not None:
+            closer()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start_server(config: ServerConfig, state: ServiceState | None = None) -> RunningServer:
+    state = state or build_state(config)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", max(config.max_message_bytes, 64 * 1024 * 1024)),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        options=options,
+        maximum_concurrent_rpcs=config.max_workers * 16,
+    )
+    pb_grpc.add_SpeciesIdentifierServicer_to_server(SpeciesIdentifierServicer(state), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {config.address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("biolit-id serving %s on %s:%d (%s mode)", config.model, config.host, port,
+             state.scorer.mode)
+    return RunningServer(server, port, state, health_servicer)
+
+
+def serve_forever(config: ServerConfig) -> None:
+    running = start_server(config)
+    done = threading.Event()
+
+    def _graceful(signum, _frame):
+        log.info("signal %s: draining in-flight calls (grace %.0f s)", signum, config.grace_seconds)
+        threading.Thread(target=lambda: (running.stop(), done.set()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _graceful)
+    signal.signal(signal.SIGINT, _graceful)
+    print(f"biolit-id listening on {config.host}:{running.port}", flush=True)
+    done.wait()

@@ -1,0 +1,45 @@
+"""Server settings, one place, with the defaults a 2-core CPU wants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.model_loader import DEFAULT_MODEL
+
+
+@dataclass
+class ServerConfig:
+    model: str = DEFAULT_MODEL
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    bundle: Path | None = None
+    runtime: str = "torch"
+    precision: str = "fp32"
+    fast_decode: bool = True
+    # gRPC worker threads: decoding and scoring run in them while the model
+    # batches; more than a few per core only adds contention.
+    max_workers: int = 8
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    # Micro-batching of image embeddings across concurrent calls.
+    max_batch_size: int = 8
+    max_batch_wait_ms: float = 5.0
+    max_queue_size: int = 64
+    # Threads for the model's own kernels (intra-op); 0 = one per core.
+    model_threads: int = 0
+    gallery: str = "faiss"
+    gbif_url: str | None = None
+    api_keys: Path | None = None
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_port: int | None = None
+    grace_seconds: float = 10.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"

@@ -1,0 +1,138 @@
+"""Calibrated routing: accept the head, fall back to prototypes, or say "don't know".
+
+This is the decision rule of the BioLit seed (``REFERENCE.md``, "Routing"),
+kept as pure, vectorised numpy so that the service, the evaluation tools and
+the parity test all run the very same code. Species indices are global
+(catalog/bundle order); the head's classes map onto them via
+``common_to_global``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Method(enum.IntEnum):
+    """Mirrors ``biolit.v1.Method`` value for value."""
+
+    CLASSIFIER = 1
+    CLASSIFIER_LOW = 2
+    PROTOTYPE = 3
+    ZERO_SHOT = 4
+    REJECTED = 5
+    TAXON = 6
+
+
+# The seed's CSV spelling of each method (REFERENCE.md), one-to-one.
+SEED_METHOD_NAMES: dict[Method, str] = {
+    Method.CLASSIFIER: "classifier_top50",
+    Method.CLASSIFIER_LOW: "classifier_top50_low",
+    Method.PROTOTYPE: "prototypical_rare",
+    Method.REJECTED: "rejected",
+    Method.ZERO_SHOT: "zero_shot",
+    Method.TAXON: "taxon",
+}
+
+# Zero-shot reject threshold on the text-prototype softmax (see README: it is
+# a prior, not a calibrated value; ``biolit-id calibrate`` refits it).
+DEFAULT_ZERO_SHOT_THRESHOLD = 0.30
+ZERO_SHOT_LOGIT_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    classifier_high: float = 0.80  # seed's seuil_top50
+    classifier_low: float = 0.40  # seed's seuil_proto, reused for the low band
+    prototype: float = 0.40  # seed's seuil_proto
+    zero_shot: float = DEFAULT_ZERO_SHOT_THRESHOLD
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Batch of decisions: ``species`` is a global index, -1 when rejected."""
+
+    method: np.ndarray  # [B] int (Method values)
+    species: np.ndarray  # [B] int
+    confidence: np.ndarray  # [B] float64
+
+
+def route_hybrid(
+    p_common: np.ndarray,
+    p_proto: np.ndarray,
+    common_to_global: np.ndarray,
+    thresholds: Thresholds,
+) -> Routed:
+    """The seed's four rules, in order, for a batch.
+
+    1. max p_common >= high                      -> CLASSIFIER, argmax p_common
+    2. max p_proto >= proto and argmax is rare   -> PROTOTYPE, argmax p_proto
+    3. max p_common >= low                       -> CLASSIFIER_LOW
+    4. otherwise                                 -> REJECTED, max of both maxima
+    """
+    p_common = np.asarray(p_common, dtype=np.float64)
+    p_proto = np.asarray(p_proto, dtype=np.float64)
+    n = p_proto.shape[0]
+    is_rare = np.ones(p_proto.shape[1], dtype=bool)
+    is_rare[common_to_global] = False
+
+    if p_common.shape[1]:
+        c_idx = p_common.argmax(axis=1)
+        c_max = p_common[np.arange(n), c_idx]
+        c_global = common_to_global[c_idx]
+    else:  # no head: only prototypes can answer
+        c_max = np.zeros(n)
+        c_global = np.full(n, -1)
+    p_idx = p_proto.argmax(axis=1)
+    p_max = p_proto[np.arange(n), p_idx]
+
+    rule1 = c_max >= thresholds.classifier_high
+    rule2 = ~rule1 & (p_max >= thresholds.prototype) & is_rare[p_idx]
+    rule3 = ~rule1 & ~rule2 & (c_max >= thresholds.classifier_low)
+    method = np.full(n, int(Method.REJECTED))
+    method[rule1] = Method.CLASSIFIER
+    method[rule2] = Method.PROTOTYPE
+    method[rule3] = Method.CLASSIFIER_LOW
+    species = np.where(rule1 | rule3, c_global, np.where(rule2, p_idx, -1))
+    confidence = np.where(
+        rule1 | rule3, c_max, np.where(rule2, p_max, np.maximum(c_max, p_max))
+    )
+    return Routed(method=method, species=species, confidence=confidence)
+
+
+def route_zero_shot(p_text: np.ndarray, thresholds: Thresholds) -> Routed:
+    """Accept the best text prototype when its softmax mass passes the threshold."""
+    p_text = np.asarray(p_text, dtype=np.float64)
+    idx = p_text.argmax(axis=1)
+    top = p_text[np.arange(len(idx)), idx]
+    accepted = top >= thresholds.zero_shot
+    method = np.where(accepted, int(Method.ZERO_SHOT), int(Method.REJECTED))
+    return Routed(method=method, species=np.where(accepted, idx, -1), confidence=top)
+
+
+def routed_distribution(
+    method: np.ndarray,
+    p_common: np.ndarray,
+    p_proto: np.ndarray,
+    common_to_global: np.ndarray,
+) -> np.ndarray:
+    """Species distribution consistent with each routing decision ([B, S]).
+
+    REFERENCE.md, "Taxonomic confidence": classifier methods -> p_common on
+    the global species (rare = 0); prototype -> p_proto; rejected -> 0.5
+    p_common + 0.5 p_proto for common species, 0.5 p_proto for rare ones,
+    renormalised. Zero-shot answers use p_proto (the text prototypes).
+    """
+    p_common = np.asarray(p_common, dtype=np.float64)
+    p_proto = np.asarray(p_proto, dtype=np.float64)
+    common_global = np.zeros_like(p_proto)
+    if p_common.shape[1]:
+        common_global[:, common_to_global] = p_common
+    method = np.asarray(method)[:, None]
+    classifier = (method == Method.CLASSIFIER) | (method == Method.CLASSIFIER_LOW)
+    mixed = 0.5 * common_global + 0.5 * p_proto
+    dist = np.where(classifier, common_global, np.where(method == Method.REJECTED, mixed, p_proto))
+    total = dist.sum(axis=1, keepdims=True)
+    return dist / np.where(total > 0, total, 1.0)

@@ -1,0 +1,135 @@
+"""Scores for a batch of embeddings: head softmax and prototype softmax.
+
+``REFERENCE.md``, "Scoring": ``p_common = softmax(MLP(f))`` over the head's
+common species, ``p_proto = softmax(T * whiten(f) @ prototypes.T)`` over all
+species. Without a bundle (zero-shot) the prototypes are the catalog's text
+embeddings in the raw 512-d space and ``T`` is CLIP's logit scale.
+
+``allowed`` restricts a request to some species: disallowed species get
+-inf logits, so both softmaxes renormalise over the allowed ones only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.bundle import Bundle
+from server.head import Head
+from server.routing import (
+    ZERO_SHOT_LOGIT_SCALE,
+    Routed,
+    Thresholds,
+    route_hybrid,
+    route_zero_shot,
+)
+
+
+@dataclass(frozen=True)
+class PrototypeSet:
+    """An immutable snapshot of the prototypes, swapped whole on every change.
+
+    Readers grab the current object and keep a consistent view for the whole
+    request, while writers build the next one: no lock on the read path.
+    """
+
+    names: tuple[str, ...]
+    vectors: np.ndarray  # [S, P], rows L2-normalised, in the scoring space
+    version: int = 0
+
+    def index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+
+@dataclass(frozen=True)
+class Scores:
+    p_common: np.ndarray  # [B, C] over the head's classes (C = 0 without a head)
+    p_proto: np.ndarray  # [B, S] over PrototypeSet.names
+    common_to_global: np.ndarray  # [C] head class -> row of PrototypeSet
+    routed: Routed
+
+
+def masked_softmax(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    if allowed is not None:
+        logits = np.where(allowed[None, :], logits, -np.inf)
+        if not allowed.any():
+            return np.zeros_like(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class ZeroShotScorer:
+    """Cosine to text prototypes, CLIP logit scale, reject below a threshold."""
+
+    mode = "zero-shot"
+
+    def __init__(self, thresholds: Thresholds | None = None,
+                 logit_scale: float = ZERO_SHOT_LOGIT_SCALE) -> None:
+        self.thresholds = thresholds or Thresholds()
+        self.logit_scale = logit_scale
+        self.temperature = logit_scale
+        self.alpha = 0.0
+        self.bundle: Bundle | None = None
+
+    def to_prototype_space(self, embeddings: np.ndarray) -> np.ndarray:
+        return np.asarray(embeddings, dtype=np.float32)
+
+    def score(self, embeddings: np.ndarray, protos: PrototypeSet,
+              allowed: np.ndarray | None = None) -> Scores:
+        sims = self.to_prototype_space(embeddings) @ protos.vectors.T
+        p_proto = masked_softmax(self.logit_scale * sims, allowed)
+        routed = route_zero_shot(p_proto, self.thresholds)
+        return Scores(
+            p_common=np.zeros((len(p_proto), 0)),
+            p_proto=p_proto,
+            common_to_global=np.zeros(0, dtype=np.int64),
+            routed=routed,
+        )
+
+
+class HybridScorer:
+    """The seed's hybrid: MLP head for common species, fused prototypes for all."""
+
+    mode = "hybrid"
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.thresholds = bundle.thresholds
+        self.temperature = bundle.temperature
+        self.alpha = bundle.alpha
+        self.head = (
+            Head(bundle.head_state, bundle.embedding_dim, len(bundle.common), bundle.head_config)
+            if bundle.common
+            else None
+        )
+        self._mapping_cache: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    def to_prototype_space(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.bundle.whiten(embeddings)
+
+    def _common_to_global(self, protos: PrototypeSet) -> np.ndarray:
+        cached = self._mapping_cache
+        if cached is not None and cached[0] is protos.names:
+            return cached[1]
+        index = protos.index()
+        mapping = np.array([index[name] for name in self.bundle.common], dtype=np.int64)
+        self._mapping_cache = (protos.names, mapping)
+        return mapping
+
+    def score(self, embeddings: np.ndarray, protos: PrototypeSet,
+              allowed: np.ndarray | None = None) -> Scores:
+        c2g = self._common_to_global(protos)
+        if self.head is not None:
+            allowed_common = None if allowed is None else allowed[c2g]
+            p_common = masked_softmax(self.head.logits(embeddings), allowed_common)
+        else:
+            p_common = np.zeros((len(embeddings), 0))
+        sims = self.to_prototype_space(embeddings).astype(np.float64) @ protos.vectors.T.astype(
+            np.float64
+        )
+        p_proto = masked_softmax(self.temperature * sims, allowed)
+        routed = route_hybrid(p_common, p_proto, c2g, self.thresholds)
+        return Scores(p_common=p_common, p_proto=p_proto, common_to_global=c2g, routed=routed)

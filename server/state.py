@@ -1,0 +1,114 @@
+"""Everything a running service holds, built once at start-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from biolit.v1 import identification_pb2 as pb
+
+from server.bundle import Bundle, load_bundle
+from server.catalog import Catalog
+from server.config import ServerConfig
+from server.embedder import Embedder, make_embedder
+from server.model_loader import LoadedModel, load_model
+from server.pipeline import Identifier
+from server.preprocess import ImagePolicy
+from server.scoring import HybridScorer, PrototypeSet, ZeroShotScorer
+from server.text_prototypes import TextPrototypeCache
+
+log = logging.getLogger(__name__)
+SERVICE_VERSION = "0.1.0"
+
+
+@dataclass
+class ServiceState:
+    config: ServerConfig
+    model: LoadedModel
+    catalog: Catalog
+    embedder: Embedder
+    text_cache: TextPrototypeCache
+    scorer: HybridScorer | ZeroShotScorer
+    bundle: Bundle | None
+    identifier: Identifier
+    base_prototypes: PrototypeSet
+    gallery: object | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def versions(self) -> pb.Versions:
+        return pb.Versions(
+            model_id=self.model.spec,
+            catalog_version=self.catalog.version,
+            bundle_id=self.bundle.bundle_id if self.bundle else "",
+            service_version=SERVICE_VERSION,
+            gallery_version=getattr(self.gallery, "version", 0),
+        )
+
+    def text_prototypes_for(self, names: list[str]) -> np.ndarray:
+        """Text prototypes in the scoring space (whitened when a bundle is loaded)."""
+        prompts = [self.catalog.get(n).prompt() for n in names]
+        raw = self.text_cache.embed(prompts)
+        return self.scorer.to_prototype_space(raw)
+
+
+def policy_for(model: LoadedModel, config: ServerConfig) -> ImagePolicy:
+    return ImagePolicy(
+        image_size=model.image_size,
+        mean=model.mean,
+        std=model.std,
+        max_pixels=config.max_image_pixels,
+        fast_decode=config.fast_decode,
+    )
+
+
+def initial_prototypes(
+    catalog: Catalog, scorer: HybridScorer | ZeroShotScorer, text_cache: TextPrototypeCache
+) -> PrototypeSet:
+    """Zero-shot: the catalog's text prototypes. Hybrid: the bundle's fused ones."""
+    bundle = scorer.bundle
+    if bundle is None:
+        names = catalog.names()
+        vectors = text_cache.embed([catalog.get(n).prompt() for n in names])
+        return PrototypeSet(tuple(names), vectors, version=0)
+    missing = [n for n in bundle.species if n not in catalog]
+    if missing:
+        log.warning("bundle species missing from the catalog (no taxonomy): %s", missing)
+    return PrototypeSet(tuple(bundle.species), bundle.prototypes.astype(np.float32), version=0)
+
+
+def build_state(config: ServerConfig) -> ServiceState:
+    config.data_dir = Path(config.data_dir)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(config.model)
+    log.info("loaded %s in %.1f s (fingerprint %s)", config.model, model.load_seconds,
+             model.fingerprint)
+    catalog = Catalog.load_default()
+    bundle = None
+    if config.bundle is not None:
+        bundle = load_bundle(config.bundle, model.fingerprint, model.embedding_dim)
+    scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
+    text_cache = TextPrototypeCache(model, config.data_dir)
+    embedder = make_embedder(model, config.runtime, config.precision, str(config.data_dir))
+    protos = initial_prototypes(catalog, scorer, text_cache)
+    identifier = Identifier(
+        catalog=catalog,
+        embedder=embedder,
+        scorer=scorer,
+        prototypes=lambda: protos,
+        policy=policy_for(model, config),
+    )
+    return ServiceState(
+        config=config,
+        model=model,
+        catalog=catalog,
+        embedder=embedder,
+        text_cache=text_cache,
+        scorer=scorer,
+        bundle=bundle,
+        identifier=identifier,
+        base_prototypes=protos,
+    )
+

@@ -1,0 +1,59 @@
+"""Text prototypes: each species' prompt through the model's text tower, cached.
+
+The cache is keyed by the model's fingerprint and each prompt's hash, so a
+restart reuses every vector, a new species costs one forward pass, and a
+different model never reads another model's vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from server.model_loader import LoadedModel
+
+
+def _key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+class TextPrototypeCache:
+    def __init__(self, model: LoadedModel, cache_dir: Path | None) -> None:
+        self._model = model
+        self._path = (
+            Path(cache_dir) / "text-prototypes" / f"{model.fingerprint}.npz" if cache_dir else None
+        )
+        self._lock = threading.Lock()
+        self._vectors: dict[str, np.ndarray] = {}
+        if self._path is not None and self._path.is_file():
+            with np.load(self._path) as data:
+                for key, vec in zip(data["keys"], data["vectors"], strict=True):
+                    self._vectors[str(key)] = vec
+        self.computed = 0  # prompts embedded since start (tests check the cache works)
+
+    def embed(self, prompts: list[str]) -> np.ndarray:
+        """[N, D] normalised text embeddings, computing only the missing ones."""
+        with self._lock:
+            missing = sorted({p for p in prompts if _key(p) not in self._vectors})
+            if missing:
+                vectors = self._model.encode_text(missing)
+                for prompt, vec in zip(missing, vectors, strict=True):
+                    self._vectors[_key(prompt)] = vec
+                self.computed += len(missing)
+                self._save()
+            if not prompts:
+                return np.zeros((0, self._model.embedding_dim), dtype=np.float32)
+            return np.stack([self._vectors[_key(p)] for p in prompts]).astype(np.float32)
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp.npz")
+        keys = np.array(sorted(self._vectors))
+        np.savez(tmp, keys=keys, vectors=np.stack([self._vectors[k] for k in keys]))
+        os.replace(tmp, self._path)

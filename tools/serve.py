@@ -1,0 +1,64 @@
+"""``biolit-id serve``: run the identification service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from server.config import ServerConfig
+from server.model_loader import DEFAULT_MODEL, ModelUnavailableError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerConfig()
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="hf-hub:ORG/REPO or local-dir:PATH (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=defaults.data_dir,
+                        help="gallery store, caches and exports (default: %(default)s)")
+    parser.add_argument("--host", default=defaults.host,
+                        help="interface to bind (default: loopback)")
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--bundle", type=Path, help="trained bundle directory (hybrid mode)")
+    parser.add_argument("--runtime", choices=("torch", "onnx", "openvino"),
+                        default=defaults.runtime)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                        default=defaults.precision)
+    parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
+                        help="decode JPEGs at full size (slower, bit-exact with the seed)")
+    parser.add_argument("--max-workers", type=int, default=defaults.max_workers)
+    parser.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes)
+    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--max-batch-wait-ms", type=float, default=defaults.max_batch_wait_ms)
+    parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
+    parser.add_argument("--model-threads", type=int, default=defaults.model_threads,
+                        help="intra-op threads for the model (0 = one per core)")
+    parser.add_argument("--gallery", default=defaults.gallery,
+                        help="faiss (default) | milvus-lite:PATH | milvus://HOST:PORT/COLLECTION")
+    parser.add_argument("--gbif-url", help="GBIF API base URL, for AddSpecies look-ups")
+    parser.add_argument("--api-keys", type=Path, help="file of '<role> <key>' lines")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow binding a non-loopback interface without API keys")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
+    parser.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,
+                        help="how long SIGTERM waits for in-flight calls")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    fields = ServerConfig.__dataclass_fields__
+    return ServerConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.app import serve_forever
+    from server.bundle import BundleError
+
+    try:
+        serve_forever(config_from_args(args))
+    except (ModelUnavailableError, BundleError) as exc:
+        print(f"biolit-id serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
