@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny demo model on disk and real servers on loopback."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from biolit.v1 import identification_pb2_grpc as pb_grpc
+from server.app import RunningServer, start_server
+from server.config import ServerConfig
+from tools.demo_model import write_demo_model
+
+SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "seed-v4"
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture(scope="session")
+def demo_model_spec(demo_model_dir: Path) -> str:
+    return f"local-dir:{demo_model_dir}"
+
+
+@pytest.fixture(scope="session")
+def loaded_demo_model(demo_model_spec: str):
+    from server.model_loader import load_model
+
+    return load_model(demo_model_spec)
+
+
+def photo_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (320, 240),
+                mode: str = "RGB") -> bytes:
+    """A deterministic synthetic photo (smooth colour field plus noise)."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = rng.uniform(0, 255, size=3)
+    grad = rng.uniform(-120, 120, size=(2, 3))
+    arr = base + xx[..., None] * grad[0] + yy[..., None] * grad[1]
+    arr += rng.normal(0, 12, size=arr.shape)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, demo_model_spec: str) -> Iterator[Callable[..., RunningServer]]:
+    """Start real servers on a free loopback port; all are stopped at teardown."""
+    started: list[RunningServer] = []
+
+    def _make(**overrides) -> RunningServer:
+        config = ServerConfig(
+            model=demo_model_spec, data_dir=tmp_path / "data", port=0, grace_seconds=1.0
+        )
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        running = start_server(config)
+        started.append(running)
+        return running
+
+    yield _make
+    for running in started:
+        running.stop(0.5)
+
+
+def stub_for(running: RunningServer) -> pb_grpc.SpeciesIdentifierStub:
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    return pb_grpc.SpeciesIdentifierStub(channel)
+
+
+@pytest.fixture
+def zero_shot_server(make_server) -> RunningServer:
+    return make_server()
+
+
+@pytest.fixture
+def stub(zero_shot_server: RunningServer) -> pb_grpc.SpeciesIdentifierStub:
+    return stub_for(zero_shot_server)

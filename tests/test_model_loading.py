@@ -1,0 +1,66 @@
+"""The real open_clip loading path, on a demo model in BioCLIP's on-disk format."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.model_loader import ModelUnavailableError, load_model, resolve_model_dir
+from server.text_prototypes import TextPrototypeCache
+
+
+def test_demo_model_has_bioclip_layout(demo_model_dir: Path) -> None:
+    config = json.loads((demo_model_dir / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["embed_dim"] == 512
+    assert (demo_model_dir / "open_clip_pytorch_model.bin").is_file()
+
+
+def test_local_dir_loads_512d_unit_text_embeddings(loaded_demo_model) -> None:
+    assert loaded_demo_model.embedding_dim == 512
+    assert loaded_demo_model.image_size == 224
+    emb = loaded_demo_model.encode_text(["a photo of Carcinus maenas.", "a photo of Fucus."])
+    assert emb.shape == (2, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(emb[0], emb[1])
+
+
+def test_fingerprint_is_stable_and_content_based(demo_model_spec: str, tmp_path: Path) -> None:
+    from tools.demo_model import write_demo_model
+
+    other = write_demo_model(tmp_path / "other", seed=1)
+    a = load_model(demo_model_spec).fingerprint
+    assert a == load_model(demo_model_spec).fingerprint
+    assert a != load_model(f"local-dir:{other}").fingerprint
+
+
+def test_missing_local_dir_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="demo-model"):
+        resolve_model_dir(f"local-dir:{tmp_path / 'nothing'}")
+
+
+def test_unreachable_hub_fails_fast_with_instructions(tmp_path: Path, monkeypatch) -> None:
+    # A closed loopback port stands in for a hub that cannot be reached.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model("hf-hub:imageomics/bioclip")
+    assert time.monotonic() - started < 30, "must fail within seconds, not hang"
+    message = str(err.value)
+    assert "huggingface-cli download imageomics/bioclip" in message
+    assert "local-dir:" in message
+
+
+def test_text_prototypes_are_cached_per_model(loaded_demo_model, tmp_path: Path) -> None:
+    prompts = ["a photo of Animalia Mollusca Gastropoda Patella vulgata.", "a photo of x."]
+    first = TextPrototypeCache(loaded_demo_model, tmp_path)
+    vectors = first.embed(prompts)
+    assert first.computed == 2
+    second = TextPrototypeCache(loaded_demo_model, tmp_path)
+    np.testing.assert_array_equal(second.embed(prompts), vectors)
+    assert second.computed == 0, "a restart must not recompute cached prompts"

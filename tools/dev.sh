@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Bootstrap and run: creates ./.venv on first use, installs the project, then
+#   tools/dev.sh serve [serve flags]   run the service (default: BioCLIP, port 50051)
+#   tools/dev.sh smoke                 run the service on a random demo model (no download)
+#   tools/dev.sh test [pytest args]    run the test suite
+# TORCH_SPEC overrides the torch wheels (the default ones are on the CI machines' disk).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${BIOLIT_VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+
+ensure_env() {  # $1: pip extras, e.g. "dev,onnx"
+    local extras=$1 stamp
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+    if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+        echo "installing $TORCH_SPEC (first run only)..." >&2
+        # shellcheck disable=SC2086
+        "$VENV/bin/pip" install -q --disable-pip-version-check $TORCH_SPEC
+    fi
+    stamp="$VENV/.biolit-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/_}"
+    if [ ! -e "$stamp" ]; then
+        echo "installing biolit-id${extras:+[$extras]}..." >&2
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+        touch "$stamp"
+    fi
+}
+
+command=${1:-}
+shift || true
+case "$command" in
+    serve)
+        ensure_env ""
+        exec "$VENV/bin/biolit-id" serve "$@" ;;
+    smoke)
+        ensure_env ""
+        [ -d data/demo-model ] || "$VENV/bin/biolit-id" demo-model data/demo-model
+        exec "$VENV/bin/biolit-id" serve --model local-dir:data/demo-model "$@" ;;
+    test)
+        ensure_env "dev,onnx,openvino,milvus"
+        exec "$VENV/bin/pytest" -q "$@" ;;
+    *)
+        sed -n '2,6p' "$0" >&2
+        exit 2 ;;
+esac
