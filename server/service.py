@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import grpc
+
 from biolit.v1 import identification_pb2 as pb
 from biolit.v1 import identification_pb2_grpc as pb_grpc
-
+from server.batcher import (
+    DeadlineExceededError,
+    QueueFullError,
+    deadline_scope,
+    grpc_deadline,
+    read_ahead,
+)
 from server.catalog import Catalog, UnknownTaxonError
 from server.curation import CurationServicer
+from server.limits import check_request, deadline_passed
 from server.messages import identify_response, species_message
 from server.pipeline import Identification, InvalidRequestError
 from server.preprocess import ImageDecodeError
@@ -30,6 +39,7 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
 
     def _identify_one(self, request: pb.IdentifyRequest) -> Identification:
         ident = self.state.identifier
+        check_request(request)  # field limits; IdentifyStream reports them per item
         has_image = bool(request.image)
         has_embedding = len(request.embedding) > 0
         if has_image and has_embedding:
@@ -40,35 +50,62 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
             request.top_k, request.num_similar, list(request.restrict_to),
             request.include_thumbnails,
         )
+        started = time.perf_counter()
         if has_embedding:
             vec = ident.check_embedding(request.embedding)
-            return ident.identify_embeddings(vec[None, :], [options])[0]
-        return ident.identify_images([request.image], [options])[0]
+            result = ident.identify_embeddings(vec[None, :], [options])[0]
+        else:
+            result = ident.identify_images([request.image], [options])[0]
+        result.timing["total_ms"] = (time.perf_counter() - started) * 1e3
+        return result
 
     def _respond(self, request: pb.IdentifyRequest, result: Identification) -> pb.IdentifyResponse:
         return identify_response(result, self.state.versions(), request.request_id)
 
     def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext):
         try:
-            result = self._identify_one(request)
+            with deadline_scope(grpc_deadline(context)):  # the batcher drops expired photos
+                result = self._identify_one(request)
         except CLIENT_ERRORS as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(exc))
+        except QueueFullError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _message(exc))
+        except DeadlineExceededError as exc:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _message(exc))
         return self._respond(request, result)
 
     def IdentifyStream(self, request_iterator: Iterator[pb.IdentifyRequest],
                        context: grpc.ServicerContext):
-        for request in request_iterator:
-            try:
-                result = self._identify_one(request)
-            except CLIENT_ERRORS as exc:
-                yield pb.IdentifyResponse(
-                    request_id=request.request_id,
-                    error=pb.ItemError(
-                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=_message(exc)
-                    ),
-                )
-                continue
-            yield self._respond(request, result)
+        # Read-ahead: several photos of the stream are decoded and queued at once so
+        # that one stream fills model batches; responses keep the request order.
+        cfg = self.state.config
+        deadline = grpc_deadline(context)
+
+        def answer(request: pb.IdentifyRequest) -> pb.IdentifyResponse:
+            with deadline_scope(deadline):
+                return self._stream_item(request)
+
+        window = cfg.stream_read_ahead or cfg.max_batch_size
+        for response in read_ahead(request_iterator, answer, window):
+            if deadline_passed(context):  # the client has given up: do no more work
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream deadline passed")
+            yield response
+
+    def _stream_item(self, request: pb.IdentifyRequest) -> pb.IdentifyResponse:
+        """One stream item; its errors are reported in its response, not the stream's."""
+        try:
+            return self._respond(request, self._identify_one(request))
+        except (*CLIENT_ERRORS, QueueFullError, DeadlineExceededError) as exc:
+            if isinstance(exc, QueueFullError):
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            elif isinstance(exc, DeadlineExceededError):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            else:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+            return pb.IdentifyResponse(
+                request_id=request.request_id,
+                error=pb.ItemError(code=code.value[0], message=_message(exc)),
+            )
 
     # -------------------------------------------------------------- catalog
 

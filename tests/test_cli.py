@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import photo_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from biolit.v1 import identification_pb2 as pb
 from biolit.v1 import identification_pb2_grpc as pb_grpc
+from conftest import photo_bytes
 from tools.cli import main
 
 
