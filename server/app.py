@@ -8,12 +8,15 @@ import threading
 from concurrent import futures
 
 import grpc
-from biolit.v1 import identification_pb2 as pb
-from biolit.v1 import identification_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from biolit.v1 import identification_pb2 as pb
+from biolit.v1 import identification_pb2_grpc as pb_grpc
+from server.auth import AuthInterceptor, check_exposure, load_api_keys, server_credentials
 from server.config import ServerConfig
+from server.limits import GuardInterceptor
+from server.observability import Metrics, ObservabilityInterceptor, configure_access_log
 from server.service import SpeciesIdentifierServicer
 from server.state import ServiceState, build_state
 
@@ -25,17 +28,22 @@ class RunningServer:
     """A started server plus what stopping it cleanly needs."""
 
     def __init__(self, server: grpc.Server, port: int, state: ServiceState,
-                 health_servicer: health.HealthServicer) -> None:
+                 health_servicer: health.HealthServicer, metrics: Metrics | None = None,
+                 tls: bool = False) -> None:
         self.server = server
         self.port = port
         self.state = state
         self.health = health_servicer
+        self.metrics = metrics
+        self.tls = tls
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, stop taking calls, let in-flight calls finish."""
         self.health.enter_graceful_shutdown()
         grace = self.state.config.grace_seconds if grace is None else grace
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.close()
         closer = getattr(self.state.gallery, "close", None)
         if closer is not None:
             closer()
@@ -45,7 +53,21 @@ class RunningServer:
 
 
 def start_server(config: ServerConfig, state: ServiceState | None = None) -> RunningServer:
+    # Security settings first: a refused configuration should not cost a model load.
+    check_exposure(config.host, config.api_keys is not None, config.insecure)
+    keys = load_api_keys(config.api_keys) if config.api_keys is not None else None
+    credentials = server_credentials(config.tls_cert, config.tls_key)
     state = state or build_state(config)
+    metrics = Metrics()
+    metrics.bind_state(state)
+    # Order matters: every call is logged (rejected ones too), keys are checked
+    # before any request field is looked at.
+    interceptors: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
+    if keys is not None:
+        interceptors.append(AuthInterceptor(keys))
+    interceptors.append(
+        GuardInterceptor(on_deadline_drop=lambda m: metrics.deadline_dropped.labels(m).inc())
+    )
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", max(config.max_message_bytes, 64 * 1024 * 1024)),
@@ -55,6 +77,7 @@ def start_server(config: ServerConfig, state: ServiceState | None = None) -> Run
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
         options=options,
         maximum_concurrent_rpcs=config.max_workers * 16,
+        interceptors=interceptors,
     )
     pb_grpc.add_SpeciesIdentifierServicer_to_server(SpeciesIdentifierServicer(state), server)
     health_servicer = health.HealthServicer()
@@ -62,18 +85,26 @@ def start_server(config: ServerConfig, state: ServiceState | None = None) -> Run
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.address)
+    if credentials is not None:
+        port = server.add_secure_port(config.address, credentials)
+    else:
+        port = server.add_insecure_port(config.address)
     if port == 0:
         raise RuntimeError(f"cannot bind {config.address}")
+    if config.metrics_port is not None:
+        metrics.serve(config.host, config.metrics_port)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("biolit-id serving %s on %s:%d (%s mode)", config.model, config.host, port,
-             state.scorer.mode)
-    return RunningServer(server, port, state, health_servicer)
+    log.info("biolit-id serving %s on %s:%d (%s mode, %s, %s)", config.model, config.host, port,
+             state.scorer.mode, "TLS" if credentials is not None else "plaintext",
+             f"{len(keys)} API keys" if keys is not None else "no API keys")
+    return RunningServer(server, port, state, health_servicer, metrics,
+                         tls=credentials is not None)
 
 
 def serve_forever(config: ServerConfig) -> None:
+    configure_access_log()
     running = start_server(config)
     done = threading.Event()
 

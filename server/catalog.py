@@ -68,9 +68,13 @@ class SpeciesRecord:
         common name <name>." as its best zero-shot text; species groups and
         "sp." names keep their genus as the last taxonomic word.
         """
-        words = [self.taxonomy.get(r, "") for r in LINEAGE_RANKS[:-1]]
-        epithet = _epithet(self.scientific_name, self.taxonomy.get("genus", ""))
-        taxonomic = " ".join(w for w in [*words, epithet] if w)
+        genus = self.taxonomy.get("genus", "")
+        words = [self.taxonomy.get(r, "") for r in LINEAGE_RANKS[:-2]]
+        name = self.scientific_name
+        if genus and (name == genus or name.startswith(genus + " ")):
+            words.append(genus)  # a group across genera ("Magallana / Ostrea") is no word
+        words.append(_epithet(name, genus))
+        taxonomic = " ".join(w for w in words if w)
         english = self.vernacular.get("en") or []
         if english:
             return f"a photo of {taxonomic} with common name {english[0]}."
@@ -108,13 +112,11 @@ class SpeciesRecord:
 
 
 def _epithet(name: str, genus: str) -> str:
-    """The part of a name after its genus ("maenas"), or the name itself."""
+    """What follows the genus in the caption: "maenas", "" for "Patella sp."."""
     if genus and name.startswith(genus + " "):
         rest = name[len(genus) + 1 :]
-        if rest in {"sp.", "spp."}:
-            return ""
-        return f"{genus} {rest}"
-    return name if name != genus else genus
+        return "" if rest in {"sp.", "spp."} else rest
+    return "" if name == genus else name
 
 
 class UnknownTaxonError(KeyError):

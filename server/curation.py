@@ -1,10 +1,358 @@
-"""Gallery RPCs (AddExemplars, RemoveExemplars, ListExemplars, SearchSimilar, AddSpecies).
+"""Gallery RPCs: AddExemplars, RemoveExemplars, ListExemplars, SearchSimilar, AddSpecies.
 
-Mixed into ``SpeciesIdentifierServicer``; implemented with the gallery.
+Mixed into ``SpeciesIdentifierServicer``; the work is done by
+``index.gallery.Gallery`` (``state.gallery``), this module only validates,
+decodes photos and maps errors to status codes:
+
+* unknown species on add -> NOT_FOUND, with a hint to call AddSpecies;
+* bytes that are not an image, a bad embedding, a missing field ->
+  INVALID_ARGUMENT (the message says which stream message failed);
+* unknown exemplar id -> NOT_FOUND (RemoveExemplars removes nothing then);
+* AddSpecies of an existing name -> ALREADY_EXISTS.
+
+AddExemplars stream semantics (also in the proto): each message is
+validated, decoded, embedded and committed durably before the next one is
+read. When a message fails, the call ends with its error status; every
+message before it stays stored (and indexed, and in the prototypes), nothing
+from the failing one is. Re-sending the whole stream is safe: a photo already
+stored for the same species returns its existing id.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from biolit.v1 import identification_pb2 as pb
+from index.gallery import (
+    GalleryError,
+    SpeciesExistsError,
+    UnknownExemplarError,
+    UnknownSpeciesError,
+)
+from index.store import ExemplarRow, NewExemplar
+from server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
+from server.catalog import MAX_NAME_LENGTH, SpeciesRecord, UnknownTaxonError
+from server.messages import PB_TO_RANK, similar_message
+from server.pipeline import InvalidRequestError
+from server.preprocess import (
+    ImageDecodeError,
+    open_image,
+    resize_for_model,
+    thumbnail_jpeg,
+    to_array,
+)
+
+# The model's queue is busy or gone: the photo was not processed (retry the call).
+EMBED_ERRORS = {
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    BatcherClosedError: grpc.StatusCode.UNAVAILABLE,
+}
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_K = 10
+MAX_K = 100
+_TOKEN_PREFIX = "exemplars-after:"
+
+
+def content_hash_of_embedding(values) -> str:
+    """SHA-256 of an embedding as float32 little endian, the form clients send."""
+    return hashlib.sha256(np.asarray(values, dtype="<f4").tobytes()).hexdigest()
+
+
+def encode_page_token(after_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{_TOKEN_PREFIX}{after_id}".encode()).decode()
+
+
+def decode_page_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        if text.startswith(_TOKEN_PREFIX):
+            value = int(text[len(_TOKEN_PREFIX):])
+            if value >= 0:
+                return value
+    except (ValueError, UnicodeError):
+        pass
+    raise InvalidRequestError("page_token is not one this server issued")
+
+
+def exemplar_message(row: ExemplarRow) -> pb.Exemplar:
+    added = Timestamp()
+    added.FromNanoseconds(int(row.added_at * 1e9))
+    return pb.Exemplar(
+        exemplar_id=row.exemplar_id,
+        species=row.species,
+        source_uri=row.source_uri,
+        license=row.license,
+        observation_id=row.observation_id,
+        contributor=row.contributor,
+        added_at=added,
+        thumbnail=row.thumbnail,
+        content_sha256=row.content_sha256,
+    )
+
 
 class CurationServicer:
-    """Until the gallery is wired in, the generated base answers UNIMPLEMENTED."""
+    """Needs ``self.state`` (ServiceState) and ``self._species(name)`` from the servicer."""
+
+    # -------------------------------------------------------------- helpers
+
+    def _gallery(self, context: grpc.ServicerContext):
+        gallery = getattr(self.state, "gallery", None)
+        if gallery is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server runs without a gallery")
+        return gallery
+
+    def _new_exemplar(self, request: pb.AddExemplarRequest, gallery) -> NewExemplar | int:
+        """The validated exemplar, or the id of the same photo already stored."""
+        if not request.species:
+            raise InvalidRequestError("species is required")
+        if not gallery.knows(request.species):
+            raise UnknownSpeciesError(request.species)
+        has_image, has_embedding = bool(request.image), len(request.embedding) > 0
+        if has_image == has_embedding:
+            raise InvalidRequestError("set exactly one of image or embedding")
+        ident = self.state.identifier
+        if has_embedding:
+            vector = ident.check_embedding(request.embedding)
+            digest = content_hash_of_embedding(request.embedding)
+            thumbnail = b""
+        else:
+            digest = hashlib.sha256(request.image).hexdigest()
+        existing = gallery.find(request.species, digest)
+        if existing is not None:  # idempotent: skip decoding and embedding
+            return existing
+        if has_image:
+            img = open_image(request.image, ident.policy)
+            pixels = to_array(resize_for_model(img, ident.policy), ident.policy)
+            vector = np.asarray(ident.embed_fn(pixels[None]), dtype=np.float32)[0]
+            thumbnail = thumbnail_jpeg(img)
+        return NewExemplar(
+            species=request.species,
+            embedding=vector,
+            content_sha256=digest,
+            source_uri=request.source_uri,
+            thumbnail=thumbnail,
+            observation_id=request.observation_id,
+            license=request.license,
+            contributor=request.contributor,
+        )
+
+    def _species_filter(self, species: str, taxon: str,
+                        context: grpc.ServicerContext) -> list[str] | None:
+        catalog = self.state.catalog
+        gallery = self.state.gallery
+        if species and not gallery.knows(species):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown species {species!r}")
+        if not taxon:
+            return [species] if species else None
+        try:
+            under = catalog.species_under(taxon)
+        except UnknownTaxonError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown taxon {taxon!r}")
+        if species:
+            return [species] if species in under else []
+        return under
+
+    # ------------------------------------------------------------------ RPCs
+
+    def AddExemplars(self, request_iterator: Iterator[pb.AddExemplarRequest],
+                     context: grpc.ServicerContext):
+        gallery = self._gallery(context)
+        ids: list[int] = []
+        touched: list[str] = []
+        try:
+            for position, request in enumerate(request_iterator):
+                try:
+                    item = self._new_exemplar(request, gallery)
+                    if isinstance(item, int):
+                        ids.append(item)
+                        continue
+                    outcome = gallery.add_exemplar(item, refresh=False)
+                except (InvalidRequestError, ImageDecodeError) as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"message {position}: {_text(exc)}; the {position} "
+                                  "message(s) before it are stored")
+                except UnknownSpeciesError as exc:
+                    context.abort(grpc.StatusCode.NOT_FOUND, f"message {position}: {exc}")
+                except GalleryError as exc:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"message {position}: {exc}")
+                except tuple(EMBED_ERRORS) as exc:
+                    context.abort(_embed_code(exc), f"message {position}: {_text(exc)}")
+                ids.append(outcome.exemplar_id)
+                if outcome.created and outcome.species not in touched:
+                    touched.append(outcome.species)
+        finally:
+            # Prototypes of what was stored, before the call ends either way.
+            gallery.refresh(touched)
+        return pb.AddExemplarsResponse(
+            exemplar_ids=ids, species_updated=touched, gallery_version=gallery.version
+        )
+
+    def RemoveExemplars(self, request: pb.RemoveExemplarsRequest,
+                        context: grpc.ServicerContext):
+        gallery = self._gallery(context)
+        if not request.exemplar_ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exemplar_ids is empty")
+        try:
+            outcome = gallery.remove(list(request.exemplar_ids))
+        except UnknownExemplarError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{exc}; nothing was removed")
+        except GalleryError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.RemoveExemplarsResponse(
+            removed_count=outcome.removed_count,
+            species_updated=outcome.species_updated,
+            gallery_version=outcome.version,
+        )
+
+    def ListExemplars(self, request: pb.ListExemplarsRequest, context: grpc.ServicerContext):
+        gallery = self._gallery(context)
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"page_size must be in [0, {MAX_PAGE_SIZE}] (0 = "
+                          f"{DEFAULT_PAGE_SIZE}), got {request.page_size}")
+        try:
+            after = decode_page_token(request.page_token)
+        except InvalidRequestError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        species = self._species_filter(request.species, "", context)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        rows, total = gallery.list_exemplars(species, after, size + 1,
+                                             request.include_thumbnails)
+        more = len(rows) > size
+        rows = rows[:size]
+        return pb.ListExemplarsResponse(
+            exemplars=[exemplar_message(r) for r in rows],
+            next_page_token=encode_page_token(rows[-1].exemplar_id) if more else "",
+            total_count=total,
+        )
+
+    def SearchSimilar(self, request: pb.SearchSimilarRequest, context: grpc.ServicerContext):
+        gallery = self._gallery(context)
+        given = [bool(request.image), len(request.embedding) > 0, request.exemplar_id != 0]
+        if sum(given) != 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "set exactly one of image, embedding or exemplar_id")
+        if request.k < 0 or request.k > MAX_K:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"k must be in [0, {MAX_K}] (0 = {DEFAULT_K}), got {request.k}")
+        species = self._species_filter(request.species, request.taxon, context)
+        ident = self.state.identifier
+        exclude: list[int] = []
+        try:
+            if request.exemplar_id:
+                query = gallery.embedding_of(request.exemplar_id)
+                exclude = [request.exemplar_id]  # "more like this one", not itself
+            elif request.image:
+                query = ident.embed_images([request.image])[0][0]
+            else:
+                query = ident.check_embedding(request.embedding)
+        except UnknownExemplarError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (InvalidRequestError, ImageDecodeError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _text(exc))
+        except tuple(EMBED_ERRORS) as exc:
+            context.abort(_embed_code(exc), _text(exc))
+        if species is not None and not species:
+            return pb.SearchSimilarResponse()
+        hits = gallery.search(query[None, :], request.k or DEFAULT_K, species,
+                              request.include_thumbnails, exclude)[0]
+        return pb.SearchSimilarResponse(results=[similar_message(h) for h in hits])
+
+    def AddSpecies(self, request: pb.AddSpeciesRequest, context: grpc.ServicerContext):
+        gallery = self._gallery(context)
+        try:
+            record = _species_record(request)
+        except InvalidRequestError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if gallery.knows(record.scientific_name):
+            context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                          f"species {record.scientific_name!r} already exists (see GetSpecies)")
+        if not request.taxonomy.lineage:
+            record = self._gbif_enriched(record, context)
+        try:
+            gallery.add_species(record)
+        except SpeciesExistsError as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except GalleryError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self._save_overlay(record)
+        return self._species(record.scientific_name)
+
+    def _gbif_enriched(self, record: SpeciesRecord,
+                       context: grpc.ServicerContext) -> SpeciesRecord:
+        from server.gbif import GbifError, GbifUnavailableError, apply_lookup, lookup_for_config
+
+        try:
+            lookup = lookup_for_config(self.state.config, record.scientific_name)
+        except GbifUnavailableError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"GBIF look-up failed ({exc}); retry, or send the taxonomy")
+        except GbifError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"GBIF answered unexpectedly ({exc}); send the taxonomy")
+        return record if lookup is None else apply_lookup(record, lookup)
+
+    def _save_overlay(self, record: SpeciesRecord) -> None:
+        """Also in the catalog overlay, so offline tools (enrich) see the species.
+
+        The gallery's SQLite row is what guarantees the species survives a
+        restart; the overlay is a convenience copy that ``enrich`` may improve.
+        """
+        import logging
+
+        from server.catalog_store import save_records
+
+        try:
+            save_records(self.state.config.data_dir, [record], self.state.catalog.version)
+        except OSError:
+            logging.getLogger(__name__).exception("catalog overlay not updated")
+
+
+def _species_record(request: pb.AddSpeciesRequest) -> SpeciesRecord:
+    name = " ".join(request.scientific_name.split())
+    if not name:
+        raise InvalidRequestError("scientific_name is required")
+    if len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
+        raise InvalidRequestError("scientific_name is too long or has control characters")
+    taxonomy: dict[str, str] = {}
+    for taxon in request.taxonomy.lineage:
+        rank = PB_TO_RANK.get(taxon.rank)
+        if rank is None or rank not in {"kingdom", "phylum", "class", "order", "family",
+                                        "genus"}:
+            if rank in {"species", "subspecies", "species_group"}:
+                continue  # the species is the name itself
+            raise InvalidRequestError(f"taxonomy: rank {taxon.rank} is not a lineage rank")
+        if taxon.name:
+            taxonomy[rank] = taxon.name.strip()
+    taxonomy["species"] = name
+    vernacular: dict[str, list[str]] = {}
+    for v in request.vernacular_names:
+        if not v.name.strip():
+            continue
+        lang = (v.language or "und").strip().lower()
+        vernacular.setdefault(lang, []).append(v.name.strip())
+    return SpeciesRecord(
+        scientific_name=name,
+        taxonomy=taxonomy,
+        vernacular=vernacular,
+        description=request.description,
+        added_at_runtime=True,
+    )
+
+
+def _embed_code(exc: Exception) -> grpc.StatusCode:
+    return next(code for cls, code in EMBED_ERRORS.items() if isinstance(exc, cls))
+
+
+def _text(exc: Exception) -> str:
+    return str(exc.args[0]) if exc.args else str(exc)

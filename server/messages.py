@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from biolit.v1 import identification_pb2 as pb
-
 from server.catalog import LINEAGE_RANKS, SpeciesRecord
 from server.pipeline import Identification, SimilarHit
 from server.routing import Method

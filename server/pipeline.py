@@ -127,6 +127,9 @@ class Identifier:
             raise InvalidRequestError("embedding contains NaN or infinity")
         if not np.any(vec):
             raise InvalidRequestError("embedding is all zeros")
+        # Scale by the largest magnitude first: squares of ~1e38 overflow and of
+        # denormals underflow in float32, which would give a non-unit row.
+        vec = vec / np.max(np.abs(vec))
         return l2_normalize(vec[None, :])[0]
 
     def allowed_mask(self, protos: PrototypeSet, restrict_to: Sequence[str]) -> np.ndarray | None:
@@ -233,6 +236,7 @@ def _top(probs: np.ndarray, names: Sequence[str], k: int) -> list[tuple[str, flo
         return []
     k = min(k, probs.size)
     idx = np.argsort(-probs, kind="stable")[:k]
+    idx = idx[probs[idx] > 0]  # species masked out by restrict_to have exactly 0: never listed
     return [(names[i], float(probs[i])) for i in idx]
 
 

@@ -28,6 +28,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 50_000_000  # a 12-Mpx phone photo is far below; a bomb is far above
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+# The PIL openers allowed to parse a photo; JPEG's also yields MPO (multi-picture) files.
+OPENERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageDecodeError(ValueError):
@@ -46,21 +48,35 @@ class ImagePolicy:
 def open_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     """Decode to an upright RGB image within the pixel budget.
 
-    Multi-frame images (animated GIF/WebP, multi-page TIFF) use their first
-    frame. Alpha is composited on white, palette/CMYK/16-bit converted.
+    Only the listed formats' parsers ever see the bytes (``formats=``), so a
+    photo cannot reach PIL's rarer plugins (EPS would even start Ghostscript).
+    The budget is checked on the header's declared size, before any pixel is
+    decoded. Multi-frame images (animated GIF/WebP, multi-page TIFF, MPO)
+    use their first frame. Alpha is composited on white; palette, CMYK,
+    greyscale and 16-bit images are converted to 8-bit RGB.
+    Any failure of a decoder becomes ImageDecodeError (INVALID_ARGUMENT):
+    hostile bytes must never surface as an internal error.
     """
     if not data:
         raise ImageDecodeError("image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            img = Image.open(io.BytesIO(data), formats=OPENERS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own guard (on the declared size too) fired before ours could.
+        raise ImageDecodeError(
+            f"image declares more pixels than the {policy.max_pixels}-pixel budget "
+            "(refused before decoding)"
+        ) from None
+    except UnidentifiedImageError:
         raise ImageDecodeError(
             "bytes are not a supported image (expected JPEG, PNG, WebP, GIF, BMP or TIFF)"
         ) from None
+    except MemoryError:
+        raise
     except Exception as exc:
-        raise ImageDecodeError(f"cannot read image header: {exc}") from None
+        raise ImageDecodeError(f"cannot read image header: {_short(exc)}") from None
     if img.format not in SUPPORTED_FORMATS:
         raise ImageDecodeError(f"unsupported image format {img.format}")
     width, height = img.size
@@ -69,30 +85,38 @@ def open_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     if width * height > policy.max_pixels:
         raise ImageDecodeError(
             f"image is {width}x{height} = {width * height} pixels, over the "
-            f"{policy.max_pixels}-pixel budget"
+            f"{policy.max_pixels}-pixel budget (refused before decoding)"
         )
     try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # first frame; the others are never decoded
         if policy.fast_decode and img.format in {"JPEG", "MPO"}:
             # Decode at the smallest DCT scale that keeps >= 2x the target size.
             target = 2 * policy.image_size
             img.draft("RGB", (target, target))
         img.load()
         img = ImageOps.exif_transpose(img)
-    except Exception as exc:  # truncated data, corrupt streams
-        raise ImageDecodeError(f"image data is corrupt or truncated: {exc}") from None
-    return to_rgb(img)
+        return to_rgb(img)
+    except MemoryError:
+        raise
+    except Exception as exc:  # truncated data, corrupt streams, odd modes
+        raise ImageDecodeError(f"image data is corrupt or truncated: {_short(exc)}") from None
+
+
+def _short(exc: Exception, limit: int = 200) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = arr.max() if arr.size else 0.0
-        arr = arr * (255.0 / peak) if peak > 255 else arr
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if mode in SIXTEEN_BIT_MODES or mode in {"I", "F"}:
+        img = Image.fromarray(_to_uint8(np.asarray(img), mode), "L")
         return img.convert("RGB")
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -101,6 +125,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Greyscale of 16 or 32 bits per pixel -> 8 bits, keeping brightness.
+
+    16-bit data is scaled by its full range (65535 -> 255), not by its own
+    peak: a dim 16-bit photo must stay dim. ``I`` (32-bit int) holds 16-bit
+    PNG/TIFF data in practice, so it gets the same scale, unless its values
+    fit 8 bits (kept) or exceed 16 bits (scaled by the peak); float images
+    are taken as 0..1 when they fit, else 0..255.
+    """
+    values = arr.astype(np.float64)
+    if mode in SIXTEEN_BIT_MODES:
+        values = values / 257.0
+    elif mode == "I":
+        peak = float(values.max()) if values.size else 0.0
+        if peak > 65535:
+            values = values * (255.0 / peak)
+        elif peak > 255:
+            values = values / 257.0
+    elif values.size and float(np.nanmax(np.abs(values))) <= 1.0:  # "F" in 0..1
+        values = values * 255.0
+    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def resize_for_model(img: Image.Image, policy: ImagePolicy) -> Image.Image:

@@ -59,12 +59,20 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         result.timing["total_ms"] = (time.perf_counter() - started) * 1e3
         return result
 
+    def _call_scope(self, deadline: float | None, has_photo: bool):
+        """The call's deadline for the batcher (it drops expired photos), and a
+        notice that a photo is on its way (it waits for decoding photos only)."""
+        batcher = self.state.batcher
+        if batcher is None:
+            return deadline_scope(deadline)
+        return batcher.request_scope(deadline, announce=has_photo)
+
     def _respond(self, request: pb.IdentifyRequest, result: Identification) -> pb.IdentifyResponse:
         return identify_response(result, self.state.versions(), request.request_id)
 
     def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext):
         try:
-            with deadline_scope(grpc_deadline(context)):  # the batcher drops expired photos
+            with self._call_scope(grpc_deadline(context), bool(request.image)):
                 result = self._identify_one(request)
         except CLIENT_ERRORS as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(exc))
@@ -82,7 +90,7 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         deadline = grpc_deadline(context)
 
         def answer(request: pb.IdentifyRequest) -> pb.IdentifyResponse:
-            with deadline_scope(deadline):
+            with self._call_scope(deadline, bool(request.image)):
                 return self._stream_item(request)
 
         window = cfg.stream_read_ahead or cfg.max_batch_size

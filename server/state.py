@@ -8,15 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from biolit.v1 import identification_pb2 as pb
 
+from biolit.v1 import identification_pb2 as pb
+from server.batcher import MicroBatcher
 from server.bundle import Bundle, load_bundle
 from server.catalog import Catalog
+from server.catalog_store import load_catalog
 from server.config import ServerConfig
-from server.embedder import Embedder, make_embedder
+from server.embedder import Embedder
 from server.model_loader import LoadedModel, load_model
 from server.pipeline import Identifier
 from server.preprocess import ImagePolicy
+from server.runtimes import build_embedder, configure_threads
 from server.scoring import HybridScorer, PrototypeSet, ZeroShotScorer
 from server.text_prototypes import TextPrototypeCache
 
@@ -36,6 +39,7 @@ class ServiceState:
     identifier: Identifier
     base_prototypes: PrototypeSet
     gallery: object | None = None
+    batcher: MicroBatcher | None = None
     started_at: float = field(default_factory=time.time)
 
     def versions(self) -> pb.Versions:
@@ -85,20 +89,35 @@ def build_state(config: ServerConfig) -> ServiceState:
     model = load_model(config.model)
     log.info("loaded %s in %.1f s (fingerprint %s)", config.model, model.load_seconds,
              model.fingerprint)
-    catalog = Catalog.load_default()
+    catalog = load_catalog(config.data_dir)  # shipped catalog + enrich/AddSpecies overlay
     bundle = None
     if config.bundle is not None:
         bundle = load_bundle(config.bundle, model.fingerprint, model.embedding_dim)
     scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
     text_cache = TextPrototypeCache(model, config.data_dir)
-    embedder = make_embedder(model, config.runtime, config.precision, str(config.data_dir))
+    threads = configure_threads(config.model_threads, config.search_threads)
+    embedder = build_embedder(model, config.runtime, config.precision, config.data_dir,
+                              config.calibration_dir)
+    log.info("image embeddings: %s %s, %s", embedder.runtime, embedder.precision, threads)
+    batcher = MicroBatcher(embedder.embed, config.max_batch_size, config.max_batch_wait_ms,
+                           config.max_queue_size)
     protos = initial_prototypes(catalog, scorer, text_cache)
+    # After the catalog: the gallery adds runtime species to it.
+    if config.gallery.startswith("milvus"):  # milvus-lite:PATH | milvus://HOST:PORT/NAME
+        from index.milvus_gallery import open_milvus_gallery as open_gallery
+    else:
+        from index.gallery import open_gallery
+
+    gallery = open_gallery(config, model=model, catalog=catalog, scorer=scorer,
+                           text_cache=text_cache, base=protos)
     identifier = Identifier(
         catalog=catalog,
         embedder=embedder,
         scorer=scorer,
-        prototypes=lambda: protos,
+        prototypes=gallery.prototypes,
         policy=policy_for(model, config),
+        similar_search=gallery.similar_search,
+        embed_fn=batcher.submit,  # concurrent calls share model batches
     )
     return ServiceState(
         config=config,
@@ -110,5 +129,7 @@ def build_state(config: ServerConfig) -> ServiceState:
         bundle=bundle,
         identifier=identifier,
         base_prototypes=protos,
+        gallery=gallery,
+        batcher=batcher,
     )
 

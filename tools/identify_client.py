@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
+
 from biolit.v1 import identification_pb2 as pb
 from biolit.v1 import identification_pb2_grpc as pb_grpc
-from google.protobuf import json_format
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

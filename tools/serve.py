@@ -20,10 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interface to bind (default: loopback)")
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--bundle", type=Path, help="trained bundle directory (hybrid mode)")
-    parser.add_argument("--runtime", choices=("torch", "onnx", "openvino"),
-                        default=defaults.runtime)
-    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"),
-                        default=defaults.precision)
+    # The CLI deploys the fastest path that passes the fidelity gate (auto); the
+    # library default (ServerConfig) stays on the torch fp32 reference.
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx", "openvino"),
+                        default="auto",
+                        help="image-tower runtime; auto = fastest passing the fidelity gate "
+                             "(see docs/performance.md) (default: %(default)s)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"),
+                        default="auto",
+                        help="auto never picks int8; check int8 with biolit-id check-runtime "
+                             "(default: %(default)s)")
+    parser.add_argument("--calibration-dir", type=Path,
+                        help="real photos for the fidelity gate and int8 calibration")
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
                         help="decode JPEGs at full size (slower, bit-exact with the seed)")
     parser.add_argument("--max-workers", type=int, default=defaults.max_workers)
@@ -34,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
     parser.add_argument("--model-threads", type=int, default=defaults.model_threads,
                         help="intra-op threads for the model (0 = one per core)")
+    parser.add_argument("--search-threads", type=int, default=defaults.search_threads,
+                        help="FAISS threads per search (default: %(default)s)")
+    parser.add_argument("--stream-read-ahead", type=int, default=defaults.stream_read_ahead,
+                        help="photos of one IdentifyStream in flight (0 = max batch size)")
     parser.add_argument("--gallery", default=defaults.gallery,
                         help="faiss (default) | milvus-lite:PATH | milvus://HOST:PORT/COLLECTION")
     parser.add_argument("--gbif-url", help="GBIF API base URL, for AddSpecies look-ups")
@@ -54,11 +66,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def run(args: argparse.Namespace) -> int:
     from server.app import serve_forever
+    from server.auth import SecurityConfigError
     from server.bundle import BundleError
+    from server.runtimes import RuntimeUnavailableError
 
     try:
         serve_forever(config_from_args(args))
-    except (ModelUnavailableError, BundleError) as exc:
+    except (ModelUnavailableError, BundleError, SecurityConfigError,
+            RuntimeUnavailableError) as exc:
         print(f"biolit-id serve: {exc}", file=sys.stderr)
         return 1
     return 0

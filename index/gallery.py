@@ -1,0 +1,574 @@
+"""The reference gallery: durable exemplars, one FAISS index, live prototypes.
+
+Curators add photos of a species while the service runs; the very next
+Identify uses them, and answers come with the nearest reference photos.
+
+Space (where vectors live). Prototypes live in the scoring space of the
+loaded scorer: with a bundle, its whitened 256-d space
+(``scorer.to_prototype_space``: whitening, then L2 norm); in zero-shot mode
+the raw 512-d unit embeddings. Exemplars are projected into the SAME space,
+so one FAISS index (inner product of unit vectors = cosine) holds both the
+fused prototype of every species (ids ``2**62 + row``) and every exemplar
+(ids = store row ids), and a prototype computed from exemplars is directly
+comparable with the bundle's. The store keeps the RAW embedding, the source
+of truth: switching bundles (another whitening) only rebuilds the index.
+Scoring still uses the dense ``PrototypeSet`` matrix (the softmax needs all
+S scores anyway, and it is a [S, P] product); FAISS serves similar-photo
+search, restricted to exemplar ids by an ID selector.
+
+Writes (``add_exemplar``, ``remove``, ``add_species``) are serialised by one
+writer lock: commit to SQLite (durable before the call returns), add to or
+remove from the FAISS index, recompute the affected species' prototype
+only, then publish a NEW immutable ``PrototypeSet`` (copy-on-write).
+Readers never take the writer lock: scoring grabs the current PrototypeSet
+object, searches share the index's readers/writer lock (see
+``faiss_index.py``). The MLP head is never touched. Runtime species
+(``AddSpecies``) are rows of the store's ``species`` table and are re-added
+to the catalog at start unless the catalog (overlay) already has them; the
+servicer also copies them to the catalog overlay for offline tools.
+
+Recovery: the index is derived data. At start it is loaded from the last
+snapshot and the store's change events after the snapshot's version are
+replayed (adds, and removals as tombstones); if the snapshot is missing,
+corrupt, made for another space or index kind, or disagrees with the store,
+the index is rebuilt from the store. Prototypes are always recomputed from
+the stored embeddings (deterministic, so a restart gives identical vectors).
+Snapshots are written at close, after a replay or rebuild, and in the
+background every ``snapshot_every`` writes.
+
+Duplicates: the same photo bytes (SHA-256) added again to the same species
+return the existing id and store nothing (idempotent, so an interrupted
+import can simply be re-run). The same photo under two species is two rows:
+the store does not arbitrate between curators.
+
+Files (``--data-dir``/gallery/): ``gallery.sqlite3`` (+ its WAL), the
+source of truth, and ``index.snapshot``, disposable. Configuration:
+``--gallery faiss`` (exact, default) or ``faiss:KIND[,key=value...]`` with
+KIND ``flat | ivf-flat | ivf-pq | auto`` and keys ``nlist``, ``nprobe``,
+``pq_m``, ``auto_threshold`` (see ``faiss_index.py``); changing it rebuilds
+the index at the next start. ``ServerConfig.extra["gallery_snapshot_every"]``
+sets the background snapshot period (writes).
+
+Scaling note: a species' prototype is recomputed from all its stored
+photos, once per AddExemplars call (not per photo), so one call costs
+O(photos of the touched species); the snapshot is O(gallery) and runs in
+the background.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from index.faiss_index import IndexSpec, VectorIndex
+from index.prototypes import ZERO_SHOT_ALPHA, PrototypeBuilder
+from index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
+from index.store import ExemplarRow, GalleryStore, NewExemplar
+from server.catalog import Catalog, SpeciesRecord
+from server.pipeline import SimilarHit
+from server.scoring import PrototypeSet
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "gallery.sqlite3"
+SNAPSHOT_FILE = "index.snapshot"
+DEFAULT_SNAPSHOT_EVERY = 5000
+TRAINING_SAMPLE = 200_000
+
+
+class GalleryError(RuntimeError):
+    """Base of the gallery's client-facing errors."""
+
+
+class UnknownSpeciesError(GalleryError, KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"species {name!r} is not in the catalog; add it first with AddSpecies "
+            f"(biolit-id gallery add-species) or check the spelling with ListSpecies"
+        )
+        self.name = name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownExemplarError(GalleryError, KeyError):
+    def __init__(self, ids: Sequence[int]) -> None:
+        super().__init__(f"no exemplar with id {', '.join(str(i) for i in ids)}")
+        self.ids = list(ids)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SpeciesExistsError(GalleryError):
+    pass
+
+
+@dataclass(frozen=True)
+class AddOutcome:
+    exemplar_id: int
+    created: bool  # False: the same photo was already stored for this species
+    species: str
+
+
+@dataclass(frozen=True)
+class RemoveOutcome:
+    removed_count: int
+    species_updated: list[str]
+    version: int
+
+
+class Gallery:
+    backend = "faiss"
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        catalog: Catalog,
+        model_fingerprint: str,
+        embedding_dim: int,
+        builder: PrototypeBuilder,
+        project: Callable[[np.ndarray], np.ndarray],
+        space_id: str,
+        index_spec: IndexSpec | None = None,
+        snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.catalog = catalog
+        self.builder = builder
+        self.project = lambda raw: np.ascontiguousarray(project(raw), dtype=np.float32)
+        self.space_id = space_id
+        self.index_spec = index_spec or IndexSpec()
+        self.snapshot_every = snapshot_every
+        self.dim = int(builder.base_vectors.shape[1])
+        self.store = GalleryStore(self.directory / STORE_FILE, model_fingerprint, embedding_dim)
+        self._write_lock = threading.Lock()
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_thread: threading.Thread | None = None
+        self._closed = False
+        self._version = self.store.version()
+        self._snapshot_version = -1
+        # How the index was opened: "snapshot", "snapshot+replay" or "rebuild" (logs, tests).
+        self.recovery = ""
+        self._load_runtime_species()
+        self._counts = self.store.counts()
+        self._publish(self._initial_prototypes())
+        self.index, dirty = self._open_index()
+        self.index.drop_prototypes()
+        self.index.set_prototypes(np.arange(len(self._protos.names)), self._protos.vectors)
+        if dirty:
+            self.snapshot()
+
+    # ------------------------------------------------------------ read API
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def size(self) -> int:
+        return sum(self._counts.values())
+
+    def exemplar_counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def prototypes(self) -> PrototypeSet:
+        """The current immutable PrototypeSet (Identifier's ``prototypes`` callable)."""
+        return self._protos
+
+    def knows(self, name: str) -> bool:
+        return name in self.catalog or name in self._row_of
+
+    def similar_search(self, embeddings: np.ndarray, n: int,
+                       include_thumbnails: bool = False) -> list[list[SimilarHit]]:
+        """Identifier's ``similar_search``: n nearest exemplars per raw embedding row."""
+        return self.search(embeddings, n, include_thumbnails=include_thumbnails)
+
+    def search(self, embeddings: np.ndarray, k: int, species: Sequence[str] | None = None,
+               include_thumbnails: bool = False,
+               exclude: Sequence[int] = ()) -> list[list[SimilarHit]]:
+        """Nearest exemplars of raw embeddings [B, D], optionally among some species."""
+        queries = self.project(np.atleast_2d(embeddings))
+        only = None
+        if species is not None:
+            only = self.store.ids_for(list(species))
+            if not len(only):
+                return [[] for _ in range(len(queries))]
+        excluded = {int(i) for i in exclude}
+        scores, ids = self.index.search_exemplars(queries, k + len(excluded), only)
+        wanted = {int(i) for i in ids.ravel() if i >= 0 and int(i) not in excluded}
+        rows = self.store.rows(sorted(wanted), include_thumbnails) if wanted else {}
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            hits = []
+            for score, vid in zip(row_scores, row_ids, strict=True):
+                row = rows.get(int(vid))
+                if row is None:  # padding, excluded, or removed since the search
+                    continue
+                hits.append(_hit(row, float(score)))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+    def embedding_of(self, exemplar_id: int) -> np.ndarray:
+        found = self.store.embedding(exemplar_id)
+        if found is None:
+            raise UnknownExemplarError([exemplar_id])
+        return found[1]
+
+    def list_exemplars(self, species: Sequence[str] | None, after_id: int, limit: int,
+                       include_thumbnails: bool = False) -> tuple[list[ExemplarRow], int]:
+        rows = self.store.page(species, after_id, limit, include_thumbnails)
+        total = self.store.count(species) if species is not None else self.size
+        return rows, total
+
+    def find(self, species: str, content_sha256: str) -> int | None:
+        return self.store.find(species, content_sha256)
+
+    # ----------------------------------------------------------- write API
+
+    def add_exemplar(self, item: NewExemplar, refresh: bool = True) -> AddOutcome:
+        """Store durably, index, and (unless ``refresh=False``) update the prototype.
+
+        A stream of adds passes ``refresh=False`` and calls ``refresh`` once at
+        the end: the prototype is then computed once per species per call, not
+        once per photo, and it is still in place before the call is acknowledged.
+        """
+        self._check_open()
+        with self._write_lock:
+            if not self.knows(item.species):
+                raise UnknownSpeciesError(item.species)
+            new_row = item.species not in self._row_of
+            exemplar_id, created, version = self.store.insert_exemplar(item, new_row)
+            if created:
+                self.index.add([exemplar_id], self.project(item.embedding[None, :]))
+                counts = dict(self._counts)
+                counts[item.species] = counts.get(item.species, 0) + 1
+                self._counts = counts
+                self._version = version
+                if refresh:
+                    self._refresh_locked([item.species])
+        if created:
+            self._maybe_snapshot()
+        return AddOutcome(exemplar_id, created, item.species)
+
+    def refresh(self, species: Sequence[str]) -> None:
+        """Recompute these species' prototypes from the store and publish them."""
+        if not species:
+            return
+        with self._write_lock:
+            self._refresh_locked(species)
+
+    def remove(self, ids: Sequence[int]) -> RemoveOutcome:
+        """All or nothing: any unknown id raises UnknownExemplarError, nothing removed."""
+        self._check_open()
+        with self._write_lock:
+            try:
+                removed, version = self.store.delete_exemplars(ids)
+            except KeyError as exc:
+                raise UnknownExemplarError(exc.args[0]) from None
+            self.index.remove([i for i, _ in removed])
+            counts = dict(self._counts)
+            for _, name in removed:
+                counts[name] -= 1
+                if not counts[name]:
+                    del counts[name]
+            self._counts = counts
+            self._version = version
+            species = list(dict.fromkeys(name for _, name in removed))
+            self._refresh_locked(species)
+        self._maybe_snapshot()
+        return RemoveOutcome(len(removed), species, version)
+
+    def add_species(self, record: SpeciesRecord) -> None:
+        """Persist a runtime species, add it to the catalog, give it a text prototype."""
+        self._check_open()
+        name = record.scientific_name
+        with self._write_lock:
+            if self.knows(name):
+                raise SpeciesExistsError(f"species {name!r} already exists")
+            self._version = self.store.insert_species(name, json.dumps(record.to_json()))
+            self.catalog.add(record)
+            self._refresh_locked([name])
+
+    # ------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GalleryError("the gallery is closed (server shutting down)")
+
+    def _publish(self, protos: PrototypeSet) -> None:
+        self._row_of = protos.index()
+        self._protos = protos
+
+    def _refresh_locked(self, species: Sequence[str]) -> None:
+        protos = self._protos
+        names = list(protos.names)
+        vectors = protos.vectors.copy()
+        appended: list[np.ndarray] = []
+        rows: list[int] = []
+        for name in dict.fromkeys(species):
+            _, raw = self.store.embeddings_for(name)
+            vec = self.builder.fused(name, self.project(raw))
+            row = self._row_of.get(name)
+            if row is None:
+                row = len(names)
+                names.append(name)
+                appended.append(vec)
+            else:
+                vectors[row] = vec
+            rows.append(row)
+        if appended:
+            vectors = np.vstack([vectors, *[v[None, :] for v in appended]])
+        new_names = protos.names if len(names) == len(protos.names) else tuple(names)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index.set_prototypes(rows, vectors[rows])
+        self._publish(PrototypeSet(new_names, vectors, version=self._version))
+
+    def _load_runtime_species(self) -> None:
+        for text in self.store.runtime_species():
+            record = SpeciesRecord.from_json(json.loads(text))
+            if record.scientific_name in self.catalog:
+                # Usually from the catalog overlay (AddSpecies writes both; enrich may have
+                # improved it there), or a catalog update now ships it: that record wins.
+                continue
+            self.catalog.add(record)
+
+    def _initial_prototypes(self) -> PrototypeSet:
+        names = list(self.builder.base_names)
+        known = set(names)
+        for name in self.store.prototype_rows():
+            if name not in known and name in self.catalog:
+                names.append(name)
+                known.add(name)
+        with_photos = sorted(self._counts)
+        for name in with_photos:  # e.g. a species the previous bundle had and this one lacks
+            if name not in known and name in self.catalog:
+                names.append(name)
+                known.add(name)
+        vectors = self.builder.without_photos(names)
+        row_of = {n: i for i, n in enumerate(names)}
+        for name in with_photos:
+            if name not in row_of:
+                log.warning("gallery: %d photos of %r, which is in neither catalog nor bundle; "
+                            "they are searchable but give no prototype",
+                            self._counts[name], name)
+                continue
+            _, raw = self.store.embeddings_for(name)
+            vectors[row_of[name]] = self.builder.fused(name, self.project(raw))
+        return PrototypeSet(tuple(names), np.ascontiguousarray(vectors, np.float32),
+                            version=self._version)
+
+    # ---------------------------------------------------------------- index
+
+    def _open_index(self) -> tuple[VectorIndex, bool]:
+        """(index, whether a new snapshot should be written)."""
+        path = self.directory / SNAPSHOT_FILE
+        try:
+            loaded = read_snapshot(path)
+        except SnapshotError as exc:
+            log.warning("gallery snapshot unusable (%s); rebuilding from the store", exc)
+            loaded = None
+        if loaded is not None:
+            meta, data = loaded
+            reason = self._snapshot_mismatch(meta)
+            if reason is None:
+                try:
+                    index = self._replay(meta, data)
+                except Exception as exc:  # a snapshot is only an accelerator
+                    log.warning("gallery snapshot replay failed (%s); rebuilding", exc)
+                else:
+                    if index is not None:
+                        self._snapshot_version = meta.version
+                        replayed = meta.version != self._version
+                        self.recovery = "snapshot+replay" if replayed else "snapshot"
+                        return index, meta.version != self._version
+                    reason = "its exemplars differ from the store's"
+            log.info("gallery snapshot not used (%s); rebuilding from the store", reason)
+        self.recovery = "rebuild"
+        return self._rebuild(), True
+
+    def _snapshot_mismatch(self, meta: SnapshotMeta) -> str | None:
+        if meta.space_id != self.space_id:
+            return f"made for space {meta.space_id}, now {self.space_id}"
+        if meta.dim != self.dim:
+            return f"{meta.dim}-d, now {self.dim}-d"
+        if meta.version > self._version:
+            return f"newer (version {meta.version}) than the store ({self._version})"
+        snap = IndexSpec.parse(meta.index_kind)
+        want = self.index_spec
+        if want.kind == "auto":
+            want = want.resolve(self.size + len(self._protos.names), self.dim)
+        if snap.kind != want.kind:
+            return f"index kind {snap.kind}, configured {want.kind}"
+        for key in ("nlist", "pq_m"):
+            if getattr(self.index_spec, key) and getattr(snap, key) != getattr(self.index_spec,
+                                                                                key):
+                return f"{key}={getattr(snap, key)}, configured {getattr(self.index_spec, key)}"
+        return None
+
+    def _replay(self, meta: SnapshotMeta, data: np.ndarray) -> VectorIndex | None:
+        spec = IndexSpec.parse(meta.index_kind)
+        spec = IndexSpec(kind=spec.kind, nlist=spec.nlist, pq_m=spec.pq_m,
+                         nprobe=self.index_spec.nprobe)
+        index = VectorIndex.from_bytes(data, spec, self.dim)
+        events = self.store.events_after(meta.version)
+        removed = [e.exemplar_id for e in events if e.kind == "remove"]
+        added = [e.exemplar_id for e in events if e.kind == "add"]
+        index.remove(removed)
+        ids, raw = self.store.embeddings_by_ids(added)
+        index.add(ids, self.project(raw))
+        if not np.array_equal(index.exemplar_ids(), self.store.all_ids()):
+            return None
+        log.info("gallery: snapshot v%d loaded, %d later changes replayed", meta.version,
+                 len(events))
+        return index
+
+    def _rebuild(self) -> VectorIndex:
+        total = self.store.count()
+        training = None
+        concrete = self.index_spec.resolve(total + len(self._protos.names), self.dim)
+        if concrete.kind != "flat":
+            training = self._training_sample()
+        index = VectorIndex.build(concrete, self.dim, training)
+        with tqdm(total=total, desc="gallery index", unit="photo", disable=total < 10_000,
+                  leave=False) as bar:
+            for ids, raw in self.store.iter_embeddings():
+                index.add(ids, self.project(raw))
+                bar.update(len(ids))
+        log.info("gallery: index rebuilt from the store (%d photos, %s)", total,
+                 index.spec.describe())
+        return index
+
+    def _training_sample(self) -> np.ndarray:
+        parts = [self._protos.vectors]
+        for _, raw in self.store.iter_embeddings():
+            parts.append(self.project(raw))
+        x = np.vstack(parts)
+        if len(x) > TRAINING_SAMPLE:
+            pick = np.random.default_rng(0).choice(len(x), TRAINING_SAMPLE, replace=False)
+            x = x[np.sort(pick)]
+        return x
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> None:
+        """Write the index atomically with the version it contains; prune older events."""
+        with self._snapshot_lock:
+            with self._write_lock:
+                version = self._version
+                data = self.index.to_bytes()
+                count = self.size
+            if version == self._snapshot_version:
+                return
+            meta = SnapshotMeta(version=version, space_id=self.space_id,
+                                index_kind=self.index.spec.describe(), dim=self.dim,
+                                exemplar_count=count)
+            write_snapshot(self.directory / SNAPSHOT_FILE, meta, data)
+            self._snapshot_version = version
+            self.store.prune_events(version)
+
+    def _maybe_snapshot(self) -> None:
+        if self._version - max(self._snapshot_version, 0) < self.snapshot_every:
+            return
+        thread = self._snapshot_thread
+        if thread is not None and thread.is_alive():
+            return
+        self._snapshot_thread = threading.Thread(target=self._snapshot_quietly,
+                                                 name="gallery-snapshot", daemon=True)
+        self._snapshot_thread.start()
+
+    def _snapshot_quietly(self) -> None:
+        try:
+            self.snapshot()
+        except Exception:  # the store is the truth; a failed snapshot only slows a restart
+            log.exception("gallery snapshot failed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        thread = self._snapshot_thread
+        if thread is not None:
+            thread.join()
+        try:
+            self.snapshot()
+        except Exception:
+            log.exception("gallery snapshot at close failed; the next start replays the store")
+        self._closed = True
+        self.store.close()
+
+
+def _hit(row: ExemplarRow, score: float) -> SimilarHit:
+    return SimilarHit(
+        exemplar_id=row.exemplar_id,
+        species=row.species,
+        score=float(np.clip(score, -1.0, 1.0)),
+        source_uri=row.source_uri,
+        thumbnail=row.thumbnail,
+        license=row.license,
+        contributor=row.contributor,
+        observation_id=row.observation_id,
+    )
+
+
+# -------------------------------------------------------------------- factory
+
+
+class GalleryConfigError(ValueError):
+    """A --gallery value this build cannot serve."""
+
+
+def open_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
+                 base: PrototypeSet) -> Gallery:
+    """The gallery for a ServerConfig: ``faiss`` or ``faiss:KIND[,key=value...]``."""
+    backend, _, options = (config.gallery or "faiss").partition(":")
+    if backend != "faiss":
+        raise GalleryConfigError(
+            f"gallery backend {backend!r} is not available here; use faiss "
+            "(optionally faiss:flat | faiss:ivf-flat,nlist=N,nprobe=N | faiss:ivf-pq | faiss:auto)"
+        )
+    spec = IndexSpec.parse(options or "flat")
+
+    def text_for(names: list[str]) -> np.ndarray:
+        prompts = [catalog.get(n).prompt() for n in names]
+        return scorer.to_prototype_space(text_cache.embed(prompts))
+
+    bundle = scorer.bundle
+    if bundle is not None:
+        support = (bundle.extra.get("prototype_support") or bundle.extra.get("train_counts")
+                   or {})
+        builder = PrototypeBuilder(
+            base_names=base.names, base_vectors=base.vectors, text_for=text_for,
+            alpha=float(bundle.alpha), visual_prior=bundle.visual_prototypes,
+            text_base=bundle.text_prototypes,
+            prior_weights={str(k): float(v) for k, v in support.items()},
+        )
+        space_id = f"bundle:{bundle.bundle_id}"
+    else:
+        builder = PrototypeBuilder(
+            base_names=base.names, base_vectors=base.vectors, text_for=text_for,
+            alpha=ZERO_SHOT_ALPHA, text_base=base.vectors,
+        )
+        space_id = f"raw:{model.fingerprint}"
+    return Gallery(
+        Path(config.data_dir) / "gallery",
+        catalog=catalog,
+        model_fingerprint=model.fingerprint,
+        embedding_dim=model.embedding_dim,
+        builder=builder,
+        project=scorer.to_prototype_space,
+        space_id=space_id,
+        index_spec=spec,
+        snapshot_every=int(config.extra.get("gallery_snapshot_every", DEFAULT_SNAPSHOT_EVERY)),
+    )

@@ -1,0 +1,487 @@
+"""The gallery on Milvus: stateless replicas sharing one gallery, prototypes in memory.
+
+Same public interface as ``index.gallery.Gallery`` (what ``server.curation``,
+the Identifier and the service call), different placement of state:
+
+* Exemplars (vectors, metadata, thumbnails) live in Milvus only (see
+  ``milvus_index.py`` for why not SQLite/PostgreSQL). Any replica can add,
+  search, list or remove any exemplar; a replica holds no gallery state a
+  restart or a crash could lose.
+* Prototypes (one small vector per species) stay in each replica's memory as
+  the immutable ``PrototypeSet`` the scorer reads without locks. The writer
+  replica recomputes a changed species' fused prototype (same
+  ``PrototypeBuilder`` as the FAISS gallery) and upserts it, with a new
+  version stamp, into the species collection; every replica polls that
+  collection every ``poll`` seconds and installs rows whose stamp differs
+  from the one it holds. A change made through replica A therefore reaches
+  replica B's scoring within one poll interval plus one Milvus round trip.
+
+Version stamps, not a shared counter: Milvus has no atomic increment, and a
+read-modify-write counter loses updates when two replicas write at once.
+A stamp is ``time_ns`` of the writer (so rows can be polled incrementally,
+``version >= newest_seen - 30 s``); replicas only compare stamps for
+equality, so clock skew cannot make a replica skip a change, only delay the
+incremental poll, and a full sweep every ``sweep`` seconds (default 60)
+bounds that. ``gallery_version`` reported to clients is the newest stamp.
+
+Concurrent writers on one species: each writer recomputes from the
+exemplars it reads, upserts, then re-reads the species' exemplar ids; if
+they differ from what it computed from (another replica added or removed
+meanwhile) it recomputes. The last upsert is therefore always computed from
+the exemplar set as it stands, without locks across replicas. A replica
+killed between writing an exemplar and its prototype row leaves the others
+with the old prototype for that species until the next change to it: the
+client got no acknowledgement and retries, and the retry (same photo, same
+id, idempotent) rewrites the row.
+
+Consistency: reads and searches use the collection's consistency level
+(``Strong`` by default), so an acknowledged add is searchable at once from
+every replica; ``consistency=Bounded`` trades that for latency on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from index.gallery import (
+    AddOutcome,
+    GalleryError,
+    RemoveOutcome,
+    SpeciesExistsError,
+    UnknownExemplarError,
+    UnknownSpeciesError,
+)
+from index.milvus_index import (
+    EXEMPLAR_META_FIELDS,
+    MilvusGalleryError,
+    MilvusIndex,
+    MilvusTarget,
+    SpeciesRow,
+    decode_thumbnail,
+    exemplar_id_for,
+    ids_digest,
+    parse_target,
+)
+from index.prototypes import ZERO_SHOT_ALPHA, PrototypeBuilder
+from index.store import ExemplarRow, NewExemplar
+from server.catalog import Catalog, SpeciesRecord
+from server.pipeline import SimilarHit
+from server.scoring import PrototypeSet
+
+log = logging.getLogger(__name__)
+
+SKEW_MARGIN_NS = 30 * 10**9  # incremental polls re-read this much before the newest stamp
+MAX_REFRESH_ATTEMPTS = 5
+
+
+class MilvusGallery:
+    backend = "milvus"
+
+    def __init__(
+        self,
+        target: MilvusTarget,
+        *,
+        catalog: Catalog,
+        model_fingerprint: str,
+        embedding_dim: int,
+        builder: PrototypeBuilder,
+        project: Callable[[np.ndarray], np.ndarray],
+        space_id: str,
+        index: MilvusIndex | None = None,
+    ) -> None:
+        self.target = target
+        self.catalog = catalog
+        self.builder = builder
+        self.project = lambda raw: np.ascontiguousarray(project(raw), dtype=np.float32)
+        self.space_id = space_id
+        self.dim = int(builder.base_vectors.shape[1])
+        self.raw_dim = int(embedding_dim)
+        self.index = index or MilvusIndex(
+            target, dim=self.dim, raw_dim=embedding_dim,
+            meta={"model_fingerprint": model_fingerprint, "space_id": space_id},
+        )
+        self._write_lock = threading.Lock()
+        self._closed = False
+        self._stamps: dict[str, int] = {}
+        self._records: dict[str, str] = {}  # runtime species: catalog record JSON
+        self._created: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._version = 0
+        self.recovery = "milvus"
+        self.syncs = 0  # polls that installed changes (logs, tests)
+        base = PrototypeSet(tuple(builder.base_names),
+                            np.ascontiguousarray(builder.base_vectors, np.float32), version=0)
+        self._publish(base)
+        with self._write_lock:
+            self._apply(self.index.species_rows(with_vectors=True), initial=True)
+        self._last_sweep = time.monotonic()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        if target.poll_seconds > 0:
+            self._poller = threading.Thread(target=self._poll_loop, name="gallery-sync",
+                                            daemon=True)
+            self._poller.start()
+        log.info("gallery on Milvus %s: %d photos, %d species rows, sync every %.1f s",
+                 target.describe(), self.size, len(self._stamps), target.poll_seconds)
+
+    # ------------------------------------------------------------ read API
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def size(self) -> int:
+        return sum(self._counts.values())
+
+    def exemplar_counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def prototypes(self) -> PrototypeSet:
+        return self._protos
+
+    def knows(self, name: str) -> bool:
+        return name in self.catalog or name in self._row_of
+
+    def similar_search(self, embeddings: np.ndarray, n: int,
+                       include_thumbnails: bool = False) -> list[list[SimilarHit]]:
+        return self.search(embeddings, n, include_thumbnails=include_thumbnails)
+
+    def search(self, embeddings: np.ndarray, k: int, species: Sequence[str] | None = None,
+               include_thumbnails: bool = False,
+               exclude: Sequence[int] = ()) -> list[list[SimilarHit]]:
+        queries = self.project(np.atleast_2d(embeddings))
+        if species is not None and not len(species):
+            return [[] for _ in range(len(queries))]
+        fields = [f for f in EXEMPLAR_META_FIELDS if f != "id"]
+        if include_thumbnails:
+            fields.append("thumbnail")
+        try:
+            scores, ids, entities = self.index.search_exemplars(
+                queries, k, species=None if species is None else list(species),
+                exclude=list(exclude), output_fields=fields)
+        except MilvusGalleryError as exc:
+            raise GalleryError(str(exc)) from exc
+        results = []
+        for row_scores, row_ids, row_entities in zip(scores, ids, entities, strict=True):
+            hits = [
+                SimilarHit(
+                    exemplar_id=int(vid), species=e.get("species", ""),
+                    score=float(np.clip(score, -1.0, 1.0)), source_uri=e.get("source_uri", ""),
+                    thumbnail=decode_thumbnail(e.get("thumbnail", "")),
+                    license=e.get("license", ""), contributor=e.get("contributor", ""),
+                    observation_id=e.get("observation_id", ""),
+                )
+                for score, vid, e in zip(row_scores, row_ids, row_entities, strict=False)
+                if vid >= 0
+            ]
+            results.append(hits)
+        return results
+
+    def embedding_of(self, exemplar_id: int) -> np.ndarray:
+        found = self.index.get([exemplar_id], ["raw"]).get(int(exemplar_id))
+        if found is None:
+            raise UnknownExemplarError([exemplar_id])
+        return np.asarray(found["raw"], dtype=np.float32)
+
+    def list_exemplars(self, species: Sequence[str] | None, after_id: int, limit: int,
+                       include_thumbnails: bool = False) -> tuple[list[ExemplarRow], int]:
+        ids = self.index.page_ids(after_id, limit, None if species is None else list(species))
+        fields = list(EXEMPLAR_META_FIELDS) + (["thumbnail"] if include_thumbnails else [])
+        got = self.index.get(ids, fields)
+        rows = [_row(got[i]) for i in ids if i in got]
+        # From Milvus, not the local counts: those lag other replicas' writes by a poll.
+        return rows, self.index.count(None if species is None else list(species))
+
+    def find(self, species: str, content_sha256: str) -> int | None:
+        eid = exemplar_id_for(species, content_sha256)
+        found = self.index.get([eid], ["species", "content_sha256"]).get(eid)
+        if found is None:
+            return None
+        if found["species"] != species or found["content_sha256"] != content_sha256:
+            return None  # a 62-bit collision: add_exemplar refuses it with a clear error
+        return eid
+
+    # ----------------------------------------------------------- write API
+
+    def add_exemplar(self, item: NewExemplar, refresh: bool = True) -> AddOutcome:
+        self._check_open()
+        raw = np.asarray(item.embedding, dtype=np.float32).reshape(self.raw_dim)
+        eid = exemplar_id_for(item.species, item.content_sha256)
+        with self._write_lock:
+            if not self.knows(item.species):
+                raise UnknownSpeciesError(item.species)
+            found = self.index.get([eid], ["species", "content_sha256"]).get(eid)
+            if found is not None:
+                if (found["species"], found["content_sha256"]) == (item.species,
+                                                                   item.content_sha256):
+                    return AddOutcome(eid, False, item.species)
+                raise GalleryError(
+                    f"exemplar id {eid} already belongs to another photo (a 62-bit hash "
+                    "collision, about 1 in 10^11 per pair); re-encode the photo to add it")
+            try:
+                row = self.index.exemplar_row(
+                    eid, item.species, self.project(raw[None, :])[0], raw,
+                    content_sha256=item.content_sha256, source_uri=item.source_uri,
+                    observation_id=item.observation_id, license=item.license,
+                    contributor=item.contributor, added_at=time.time(),
+                    thumbnail=item.thumbnail)
+            except ValueError as exc:
+                raise GalleryError(f"cannot store this exemplar: {exc}") from exc
+            self._write(self.index.insert, [row])
+            if refresh:
+                self._refresh_locked([item.species])
+        return AddOutcome(eid, True, item.species)
+
+    def refresh(self, species: Sequence[str]) -> None:
+        if not species:
+            return
+        with self._write_lock:
+            self._refresh_locked(species)
+
+    def remove(self, ids: Sequence[int]) -> RemoveOutcome:
+        self._check_open()
+        wanted = sorted({int(i) for i in ids})
+        with self._write_lock:
+            found = self.index.get(wanted, ["species"])
+            missing = [i for i in wanted if i not in found]
+            if missing:
+                raise UnknownExemplarError(missing)
+            self._write(self.index.remove, wanted)
+            species = list(dict.fromkeys(found[i]["species"] for i in wanted))
+            self._refresh_locked(species)
+        return RemoveOutcome(len(wanted), species, self._version)
+
+    def add_species(self, record: SpeciesRecord) -> None:
+        self._check_open()
+        name = record.scientific_name
+        with self._write_lock:
+            shared = self.index.species_rows(names=[name], with_vectors=True)
+            if shared:  # added through another replica since our last poll
+                self._apply(shared)
+            if self.knows(name):
+                raise SpeciesExistsError(f"species {name!r} already exists")
+            self._records[name] = json.dumps(record.to_json())
+            self._created[name] = time.time()
+            self.catalog.add(record)
+            self._refresh_locked([name])
+
+    def import_rows(self, rows: Iterable[dict]) -> int:
+        """Store exported exemplar rows (ids kept) without refreshing; returns the count.
+
+        Each row: id, species, embedding (raw), content_sha256, source_uri,
+        observation_id, license, contributor, added_at, thumbnail (bytes).
+        Upserts, so a re-run of an interrupted import is harmless. Call
+        ``refresh`` with the species afterwards.
+        """
+        self._check_open()
+        batch = []
+        for r in rows:
+            raw = np.asarray(r["embedding"], dtype=np.float32).reshape(self.raw_dim)
+            batch.append((r, raw))
+        if not batch:
+            return 0
+        projected = self.project(np.stack([raw for _, raw in batch]))
+        milvus_rows = [
+            self.index.exemplar_row(
+                int(r["id"]), r["species"], vec, raw, content_sha256=r["content_sha256"],
+                source_uri=r.get("source_uri", ""), observation_id=r.get("observation_id", ""),
+                license=r.get("license", ""), contributor=r.get("contributor", ""),
+                added_at=float(r.get("added_at", time.time())),
+                thumbnail=r.get("thumbnail") or b"")
+            for (r, raw), vec in zip(batch, projected, strict=True)
+        ]
+        with self._write_lock:
+            self._write(self.index.insert, milvus_rows)
+        return len(milvus_rows)
+
+    # ------------------------------------------------------------- syncing
+
+    def sync_now(self, full: bool = False) -> int:
+        """Install prototype rows other replicas changed; returns how many changed."""
+        since = None if full or not self._version else self._version - SKEW_MARGIN_NS
+        before = dict(self._stamps)
+        rows = self.index.species_rows(since_version=since)
+        changed = [r.species for r in rows if before.get(r.species) != r.version]
+        if not changed:
+            return 0
+        rows = self.index.species_rows(names=changed, with_vectors=True)
+        with self._write_lock:
+            # A write of our own since the read above wins: skip what it changed.
+            fresh = [r for r in rows if self._stamps.get(r.species) == before.get(r.species)]
+            self._apply(fresh)
+        self.syncs += 1
+        return len(fresh)
+
+    def _poll_loop(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.target.poll_seconds):
+            try:
+                full = time.monotonic() - self._last_sweep >= self.target.sweep_seconds
+                self.sync_now(full=full)
+                if full:
+                    self._last_sweep = time.monotonic()
+                failures = 0
+            except Exception as exc:  # keep serving with the prototypes we have
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("gallery sync with Milvus failed %d time(s): %s", failures, exc)
+
+    # ------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GalleryError("the gallery is closed (server shutting down)")
+
+    @staticmethod
+    def _write(fn, arg) -> None:
+        try:
+            fn(arg)
+        except MilvusGalleryError as exc:
+            raise GalleryError(str(exc)) from exc
+
+    def _publish(self, protos: PrototypeSet) -> None:
+        self._row_of = protos.index()
+        self._protos = protos
+
+    def _next_version(self) -> int:
+        return max(time.time_ns(), self._version + 1)
+
+    def _refresh_locked(self, species: Sequence[str]) -> None:
+        """Recompute, share and install these species' prototypes (write lock held)."""
+        written: list[SpeciesRow] = []
+        for name in dict.fromkeys(species):
+            for _attempt in range(MAX_REFRESH_ATTEMPTS):
+                ids, raw = self.index.embeddings_for(name)
+                vec = self.builder.fused(name, self.project(raw))
+                digest = ids_digest(ids)
+                row = SpeciesRow(name, vec, self._next_version(), len(ids), digest,
+                                 self._records.get(name, ""),
+                                 self._created.setdefault(name, time.time()))
+                self._write(self.index.upsert_species, row)
+                self._version = max(self._version, row.version)
+                if ids_digest(self.index.ids_for(name)) == digest:
+                    break  # nobody changed the species while we computed
+            else:
+                log.warning("species %r kept changing during %d prototype refreshes; the "
+                            "next change or sync settles it", name, MAX_REFRESH_ATTEMPTS)
+            written.append(row)
+        self._apply(written)
+
+    def _apply(self, rows: Sequence[SpeciesRow], initial: bool = False) -> None:
+        """Install species rows (write lock held): catalog, prototypes, counts, stamps."""
+        protos = self._protos
+        names = list(protos.names)
+        vectors = protos.vectors.copy()
+        row_of = dict(self._row_of)
+        appended: list[np.ndarray] = []
+        counts = dict(self._counts)
+        for r in sorted(rows, key=lambda r: (r.created_at, r.species)):
+            if r.record_json and r.species not in self.catalog:
+                self.catalog.add(SpeciesRecord.from_json(json.loads(r.record_json)))
+            if r.record_json:
+                self._records[r.species] = r.record_json
+            self._created.setdefault(r.species, r.created_at)
+            self._stamps[r.species] = r.version
+            self._version = max(self._version, r.version)
+            if r.count:
+                counts[r.species] = r.count
+            else:
+                counts.pop(r.species, None)
+            if r.species not in self.catalog and r.species not in row_of:
+                log.warning("gallery: %d photos of %r, which is in neither catalog nor bundle; "
+                            "they are searchable but give no prototype", r.count, r.species)
+                continue
+            if r.count and len(r.vector) == self.dim:
+                vec = r.vector
+            else:  # no photos: the base prototype, fresh from this replica's bundle/catalog
+                vec = self.builder.without_photos([r.species])[0]
+            row = row_of.get(r.species)
+            if row is None:
+                row_of[r.species] = len(names)
+                names.append(r.species)
+                appended.append(np.asarray(vec, np.float32))
+            elif row < len(vectors):
+                vectors[row] = vec
+            else:
+                appended[row - len(vectors)] = np.asarray(vec, np.float32)
+        if appended:
+            vectors = np.vstack([vectors, *[v[None, :] for v in appended]])
+        self._counts = counts
+        new_names = protos.names if len(names) == len(protos.names) else tuple(names)
+        self._publish(PrototypeSet(new_names, np.ascontiguousarray(vectors, np.float32),
+                                   version=self._version))
+        if initial:
+            log.debug("installed %d species rows from Milvus", len(rows))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=max(5.0, 2 * self.target.poll_seconds))
+        with self._write_lock:
+            self.index.close()
+
+
+def _row(r: dict) -> ExemplarRow:
+    return ExemplarRow(
+        exemplar_id=int(r["id"]),
+        species=r["species"],
+        source_uri=r.get("source_uri", ""),
+        observation_id=r.get("observation_id", ""),
+        license=r.get("license", ""),
+        contributor=r.get("contributor", ""),
+        added_at=float(r.get("added_at", 0.0)),
+        content_sha256=r.get("content_sha256", ""),
+        thumbnail=decode_thumbnail(r.get("thumbnail", "")),
+    )
+
+
+# -------------------------------------------------------------------- factory
+
+
+def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
+                      base: PrototypeSet) -> tuple[PrototypeBuilder, str]:
+    """(builder, space id) exactly as the FAISS gallery builds them (same prototypes)."""
+
+    def text_for(names: list[str]) -> np.ndarray:
+        prompts = [catalog.get(n).prompt() for n in names]
+        return scorer.to_prototype_space(text_cache.embed(prompts))
+
+    bundle = scorer.bundle
+    if bundle is not None:
+        support = (bundle.extra.get("prototype_support") or bundle.extra.get("train_counts")
+                   or {})
+        builder = PrototypeBuilder(
+            base_names=base.names, base_vectors=base.vectors, text_for=text_for,
+            alpha=float(bundle.alpha), visual_prior=bundle.visual_prototypes,
+            text_base=bundle.text_prototypes,
+            prior_weights={str(k): float(v) for k, v in support.items()},
+        )
+        return builder, f"bundle:{bundle.bundle_id}"
+    builder = PrototypeBuilder(
+        base_names=base.names, base_vectors=base.vectors, text_for=text_for,
+        alpha=ZERO_SHOT_ALPHA, text_base=base.vectors,
+    )
+    return builder, f"raw:{model.fingerprint}"
+
+
+def open_milvus_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
+                        base: PrototypeSet) -> MilvusGallery:
+    """``--gallery milvus-lite:PATH`` or ``--gallery milvus://HOST:PORT/COLLECTION``."""
+    target = parse_target(config.gallery)
+    builder, space_id = prototype_builder(model=model, catalog=catalog, scorer=scorer,
+                                          text_cache=text_cache, base=base)
+    return MilvusGallery(
+        target, catalog=catalog, model_fingerprint=model.fingerprint,
+        embedding_dim=model.embedding_dim, builder=builder,
+        project=scorer.to_prototype_space, space_id=space_id,
+    )

@@ -1,0 +1,463 @@
+"""The gallery's source of truth: one SQLite file in WAL mode.
+
+Why SQLite: one file, transactions, and ``synchronous=FULL`` in WAL mode
+means a commit has reached the disk (the WAL is fsynced) before
+``AddExemplars`` acknowledges it, so ``kill -9`` or a power cut loses nothing
+acknowledged and never leaves half a row: a row and its change event are one
+transaction.
+
+Tables:
+
+* ``exemplars``: one row per reference photo. The embedding is the model's
+  RAW L2-normalised vector (float32, little endian), not the projected one,
+  so the FAISS index can be rebuilt for any bundle (whitening) from it.
+  ``AUTOINCREMENT`` guarantees a removed id is never handed out again:
+  clients may keep ids. ``UNIQUE(species, content_sha256)`` makes a
+  re-sent photo idempotent.
+* ``species``: species added at runtime (``AddSpecies``), as catalog JSON.
+* ``prototype_rows``: species that got a prototype row beyond the base set
+  (runtime species, or catalog species without a bundle prototype), in the
+  order they got it, so a restart rebuilds the very same PrototypeSet.
+* ``events``: the change log (add/remove/species). Its sequence number is
+  the gallery version; a FAISS snapshot records the version it contains and
+  a restart replays only later events (removals included: the tombstones).
+  Events up to the newest snapshot are pruned; the sequence survives pruning
+  (``AUTOINCREMENT`` keeps it in ``sqlite_sequence``).
+* ``meta``: the model fingerprint and embedding size the vectors belong to.
+
+Writes go through one connection, serialised by the caller (the Gallery's
+writer lock) and an internal lock; every reading thread gets its own
+connection, and WAL lets them read while a write is in progress.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS exemplars (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    species TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    source_uri TEXT NOT NULL DEFAULT '',
+    thumbnail BLOB NOT NULL DEFAULT x'',
+    observation_id TEXT NOT NULL DEFAULT '',
+    license TEXT NOT NULL DEFAULT '',
+    contributor TEXT NOT NULL DEFAULT '',
+    added_at REAL NOT NULL,
+    content_sha256 TEXT NOT NULL,
+    UNIQUE (species, content_sha256)
+);
+CREATE INDEX IF NOT EXISTS exemplars_by_species ON exemplars (species, id);
+CREATE TABLE IF NOT EXISTS species (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    record_json TEXT NOT NULL,
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS prototype_rows (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS events (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('add', 'remove', 'species')),
+    exemplar_id INTEGER,
+    species TEXT NOT NULL
+);
+"""
+
+META_COLUMNS = (
+    "id, species, source_uri, observation_id, license, contributor, added_at, content_sha256"
+)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as it is; the message says why."""
+
+
+@dataclass(frozen=True)
+class ExemplarRow:
+    """An exemplar's metadata (the embedding stays in the store)."""
+
+    exemplar_id: int
+    species: str
+    source_uri: str
+    observation_id: str
+    license: str
+    contributor: str
+    added_at: float
+    content_sha256: str
+    thumbnail: bytes = b""
+
+
+@dataclass(frozen=True)
+class NewExemplar:
+    species: str
+    embedding: np.ndarray  # raw, L2-normalised, [D]
+    content_sha256: str
+    source_uri: str = ""
+    thumbnail: bytes = b""
+    observation_id: str = ""
+    license: str = ""
+    contributor: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    version: int
+    kind: str
+    exemplar_id: int | None
+    species: str
+
+
+def _row(values: Sequence, thumbnail: bytes = b"") -> ExemplarRow:
+    return ExemplarRow(
+        exemplar_id=int(values[0]),
+        species=values[1],
+        source_uri=values[2],
+        observation_id=values[3],
+        license=values[4],
+        contributor=values[5],
+        added_at=float(values[6]),
+        content_sha256=values[7],
+        thumbnail=bytes(thumbnail or b""),
+    )
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+class GalleryStore:
+    def __init__(self, path: Path, model_fingerprint: str, embedding_dim: int) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.embedding_dim = embedding_dim
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        self._check_model(model_fingerprint, embedding_dim)
+
+    # ---------------------------------------------------------- connections
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced on every commit, so an acknowledged add survives
+        # a power cut, not only a process crash (NORMAL would only survive the latter).
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError("the gallery store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        with self._write_lock:
+            self._writer.close()
+
+    def _check_model(self, fingerprint: str, dim: int) -> None:
+        rows = dict(self._writer.execute("SELECT key, value FROM meta").fetchall())
+        if not rows:
+            with self._transaction() as conn:
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("model_fingerprint", fingerprint), ("embedding_dim", str(dim)),
+                     ("created_at", str(time.time()))],
+                )
+            return
+        if rows.get("model_fingerprint") != fingerprint or rows.get("embedding_dim") != str(dim):
+            raise StoreError(
+                f"the gallery in {self.path.parent} holds embeddings of another model "
+                f"(fingerprint {rows.get('model_fingerprint')}, {rows.get('embedding_dim')}-d); "
+                f"the loaded model is {fingerprint} ({dim}-d). Its vectors would score garbage: "
+                "use another --data-dir for this model, or re-import the photos into it."
+            )
+
+    class _Tx:
+        def __init__(self, store: GalleryStore) -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._write_lock.acquire()
+            if self.store._closed:
+                self.store._write_lock.release()
+                raise StoreError("the gallery store is closed")
+            self.store._writer.execute("BEGIN IMMEDIATE")
+            return self.store._writer
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                self.store._writer.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.store._write_lock.release()
+
+    def _transaction(self) -> GalleryStore._Tx:
+        return GalleryStore._Tx(self)
+
+    # --------------------------------------------------------------- writes
+
+    def insert_exemplar(self, item: NewExemplar, new_prototype_row: bool) -> tuple[int, bool, int]:
+        """(id, created, version). An existing (species, content) pair returns its id."""
+        vec = np.asarray(item.embedding, dtype=np.float32)
+        if vec.shape != (self.embedding_dim,):
+            raise ValueError(f"embedding must have {self.embedding_dim} values, got {vec.size}")
+        with self._transaction() as conn:
+            found = conn.execute(
+                "SELECT id FROM exemplars WHERE species = ? AND content_sha256 = ?",
+                (item.species, item.content_sha256),
+            ).fetchone()
+            if found is not None:
+                return int(found[0]), False, self._version(conn)
+            cur = conn.execute(
+                "INSERT INTO exemplars (species, embedding, source_uri, thumbnail, "
+                "observation_id, license, contributor, added_at, content_sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (item.species, _blob(vec), item.source_uri, item.thumbnail,
+                 item.observation_id, item.license, item.contributor, time.time(),
+                 item.content_sha256),
+            )
+            new_id = int(cur.lastrowid)
+            if new_prototype_row:
+                conn.execute("INSERT OR IGNORE INTO prototype_rows (name) VALUES (?)",
+                             (item.species,))
+            version = self._event(conn, "add", new_id, item.species)
+        return new_id, True, version
+
+    def delete_exemplars(self, ids: Sequence[int]) -> tuple[list[tuple[int, str]], int]:
+        """All or nothing: raises KeyError listing unknown ids, else deletes them all."""
+        wanted = sorted({int(i) for i in ids})
+        with self._transaction() as conn:
+            found = self._species_of(conn, wanted)
+            missing = [i for i in wanted if i not in found]
+            if missing:
+                raise KeyError(missing)
+            version = self._version(conn)
+            for exemplar_id in wanted:
+                conn.execute("DELETE FROM exemplars WHERE id = ?", (exemplar_id,))
+                version = self._event(conn, "remove", exemplar_id, found[exemplar_id])
+        return [(i, found[i]) for i in wanted], version
+
+    def insert_species(self, name: str, record_json: str) -> int:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO species (name, record_json, added_at) VALUES (?, ?, ?)",
+                (name, record_json, time.time()),
+            )
+            conn.execute("INSERT OR IGNORE INTO prototype_rows (name) VALUES (?)", (name,))
+            return self._event(conn, "species", None, name)
+
+    def prune_events(self, up_to_version: int) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM events WHERE version <= ?", (up_to_version,))
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, kind: str, exemplar_id: int | None, species: str) -> int:
+        cur = conn.execute(
+            "INSERT INTO events (kind, exemplar_id, species) VALUES (?, ?, ?)",
+            (kind, exemplar_id, species),
+        )
+        return int(cur.lastrowid)
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _species_of(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            out.update(
+                (int(i), s)
+                for i, s in conn.execute(
+                    f"SELECT id, species FROM exemplars WHERE id IN ({marks})", chunk
+                )
+            )
+        return out
+
+    # ---------------------------------------------------------------- reads
+
+    def version(self) -> int:
+        return self._version(self._reader())
+
+    def count(self, species: Sequence[str] | None = None) -> int:
+        conn = self._reader()
+        if species is None:
+            return int(conn.execute("SELECT COUNT(*) FROM exemplars").fetchone()[0])
+        marks = ",".join("?" * len(species))
+        return int(conn.execute(
+            f"SELECT COUNT(*) FROM exemplars WHERE species IN ({marks})", list(species)
+        ).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        rows = self._reader().execute(
+            "SELECT species, COUNT(*) FROM exemplars GROUP BY species"
+        ).fetchall()
+        return {s: int(n) for s, n in rows}
+
+    def find(self, species: str, content_sha256: str) -> int | None:
+        row = self._reader().execute(
+            "SELECT id FROM exemplars WHERE species = ? AND content_sha256 = ?",
+            (species, content_sha256),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def embedding(self, exemplar_id: int) -> tuple[str, np.ndarray] | None:
+        row = self._reader().execute(
+            "SELECT species, embedding FROM exemplars WHERE id = ?", (int(exemplar_id),)
+        ).fetchone()
+        if row is None:
+            return None
+        return row[0], np.frombuffer(row[1], dtype="<f4").astype(np.float32)
+
+    def embeddings_for(self, species: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [n], raw embeddings [n, D]) of one species, in id order."""
+        rows = self._reader().execute(
+            "SELECT id, embedding FROM exemplars WHERE species = ? ORDER BY id", (species,)
+        ).fetchall()
+        return self._unpack(rows)
+
+    def iter_embeddings(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every exemplar as (ids, raw embeddings) chunks, in id order."""
+        conn = self._reader()
+        last = 0
+        while True:
+            rows = conn.execute(
+                "SELECT id, embedding FROM exemplars WHERE id > ? ORDER BY id LIMIT ?",
+                (last, chunk),
+            ).fetchall()
+            if not rows:
+                return
+            ids, vecs = self._unpack(rows)
+            last = int(ids[-1])
+            yield ids, vecs
+
+    def iter_species_embeddings(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(species, ids, raw embeddings) per species, ids ascending within each."""
+        conn = self._reader()
+        names = [r[0] for r in conn.execute(
+            "SELECT DISTINCT species FROM exemplars ORDER BY species"
+        )]
+        for name in names:
+            ids, vecs = self.embeddings_for(name)
+            yield name, ids, vecs
+
+    def _unpack(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros((0, self.embedding_dim), np.float32)
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").astype(np.float32)
+        return ids, vecs.reshape(len(rows), self.embedding_dim)
+
+    def rows(self, ids: Sequence[int], with_thumbnails: bool = False) -> dict[int, ExemplarRow]:
+        conn = self._reader()
+        cols = META_COLUMNS + (", thumbnail" if with_thumbnails else "")
+        out: dict[int, ExemplarRow] = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for values in conn.execute(f"SELECT {cols} FROM exemplars WHERE id IN ({marks})",
+                                       chunk):
+                row = _row(values, values[8] if with_thumbnails else b"")
+                out[row.exemplar_id] = row
+        return out
+
+    def page(self, species: Sequence[str] | None, after_id: int, limit: int,
+             with_thumbnails: bool = False) -> list[ExemplarRow]:
+        cols = META_COLUMNS + (", thumbnail" if with_thumbnails else "")
+        sql = f"SELECT {cols} FROM exemplars WHERE id > ?"
+        params: list = [int(after_id)]
+        if species is not None:
+            sql += f" AND species IN ({','.join('?' * len(species))})"
+            params += list(species)
+        sql += " ORDER BY id LIMIT ?"
+        params.append(int(limit))
+        return [_row(v, v[8] if with_thumbnails else b"")
+                for v in self._reader().execute(sql, params)]
+
+    def ids_for(self, species: Sequence[str]) -> np.ndarray:
+        marks = ",".join("?" * len(species))
+        rows = self._reader().execute(
+            f"SELECT id FROM exemplars WHERE species IN ({marks})", list(species)
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def events_after(self, version: int) -> list[Event]:
+        rows = self._reader().execute(
+            "SELECT version, kind, exemplar_id, species FROM events WHERE version > ? "
+            "ORDER BY version", (int(version),),
+        ).fetchall()
+        return [Event(int(v), k, None if e is None else int(e), s) for v, k, e, s in rows]
+
+    def runtime_species(self) -> list[str]:
+        """Record JSON of every species added at runtime, in the order added."""
+        return [r[0] for r in self._reader().execute(
+            "SELECT record_json FROM species ORDER BY position"
+        )]
+
+    def prototype_rows(self) -> list[str]:
+        return [r[0] for r in self._reader().execute(
+            "SELECT name FROM prototype_rows ORDER BY position"
+        )]
+
+    def integrity(self) -> list[str]:
+        """Rows that are not whole (used by the crash test): empty if all are."""
+        problems = []
+        size = 4 * self.embedding_dim
+        for exemplar_id, species, length, sha in self._reader().execute(
+            "SELECT id, species, length(embedding), content_sha256 FROM exemplars"
+        ):
+            if not species or length != size or len(sha) != 64:
+                problems.append(f"exemplar {exemplar_id}: species={species!r} "
+                                f"embedding bytes={length} sha={sha!r}")
+        return problems
+
+    def all_ids(self) -> np.ndarray:
+        rows = self._reader().execute("SELECT id FROM exemplars ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def embeddings_by_ids(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids that exist, their raw embeddings), in id order."""
+        conn = self._reader()
+        rows: list = []
+        wanted = sorted({int(i) for i in ids})
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += conn.execute(
+                f"SELECT id, embedding FROM exemplars WHERE id IN ({marks}) ORDER BY id", chunk
+            ).fetchall()
+        return self._unpack(rows)

@@ -1,0 +1,45 @@
+"""`biolit-id bench --quick` runs every section end to end and writes its JSON.
+
+A smoke run on the tiny model: it proves the benchmark works (real server,
+real gRPC, real FAISS and gallery store), not how fast anything is. Speed is
+never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tools.cli import main as cli_main
+
+
+def test_quick_bench_writes_every_section(demo_model_spec, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli_main(["bench", "--model", demo_model_spec, "--quick", "--out", str(out),
+                   "--data-dir", str(tmp_path / "bench-data")])
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    assert results["decode"]["fast_ms_per_photo"] > 0
+    assert 0.99 < results["decode"]["cosine_fast_vs_full_mean"] <= 1.0 + 1e-6
+    assert results["seed"]["photos_per_s"] > 0
+    forward = {(r["runtime"], r["precision"]): r for r in results["forward"]}
+    assert forward[("torch", "fp32")]["cosine_min"] > 0.99999
+    assert forward[("onnx", "fp32")]["gate_passed"] is True
+    service = results["service"][0]
+    assert set(service["concurrency"]) == {"1", "2"}
+    for stats in service["concurrency"].values():
+        assert stats["photos_per_s"] > 0 and stats["errors"] == 0
+        assert stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
+        assert stats["server_stage_ms_p50"]["embed_ms"] > 0
+        assert stats["batcher"]["mean_batch_size"] >= 1
+    assert service["idle"]["bare_forward_ms"] > 0
+    assert results["adds"]["stream_adds"] == 10
+    assert results["adds"]["visible_to_next_query"] is True
+    gallery = results["gallery"][0]
+    exact = gallery["candidates"][0]
+    assert exact["index"] == "flat (exact)" and exact["recall@10"] == 1.0
+    assert results["start"]["gallery_size"] >= 500
+    assert results["start"]["restart_s"] > 0
+    assert isinstance(results["targets"], list) and results["targets"]
+    printed = capsys.readouterr().out
+    assert "Service over gRPC" in printed and "Targets" in printed

@@ -1,0 +1,157 @@
+"""``biolit-id infer-csv``: the seed's CSV from a folder, offline, as the service answers."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from biolit.v1 import identification_pb2 as pb
+from conftest import SEED_DIR, photo_bytes, stub_for
+from server.catalog import Catalog
+from server.routing import SEED_METHOD_NAMES, Method
+from tools.cli import main as cli
+from tools.import_seed import import_seed
+from tools.infer_csv import errors_path
+from tools.seed_format import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
+
+SEED_METHODS = {"classifier_top50", "classifier_top50_low", "prototypical_rare", "rejected"}
+PB_RANK = {"genus": pb.RANK_GENUS, "family": pb.RANK_FAMILY, "order": pb.RANK_ORDER,
+           "class": pb.RANK_CLASS}
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    (root / "a.jpg").write_bytes(photo_bytes(1, "JPEG"))
+    (root / "b.png").write_bytes(photo_bytes(2, "PNG", mode="RGBA"))
+    (root / "c.webp").write_bytes(photo_bytes(3, "WEBP"))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (root / "notes.txt").write_text("not a photo", "utf-8")
+    (root / "sub").mkdir()
+    (root / "sub" / "d.jpg").write_bytes(photo_bytes(4, "JPEG", size=(200, 300)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def seed_bundle(tmp_path_factory: pytest.TempPathFactory, loaded_demo_model,
+                demo_model_spec: str) -> Path:
+    bundle = import_seed(SEED_DIR / "best_model_top50.pth", SEED_DIR / "prototypes_v4.pt",
+                         demo_model_spec, model=loaded_demo_model)
+    return bundle.save(tmp_path_factory.mktemp("bundle"))
+
+
+def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _infer(photo_dir: Path, out: Path, model: str, *extra: str) -> int:
+    return cli(["infer-csv", "--images", str(photo_dir), "--output", str(out), "--model", model,
+                "--data-dir", str(out.parent / "data"), *extra])
+
+
+def _is_rounded(text: str) -> bool:
+    return len(text.split(".")[-1]) == 4 and 0.0 <= float(text) <= 1.0
+
+
+def test_hybrid_csv_matches_the_service(photo_dir: Path, seed_bundle: Path, demo_model_spec: str,
+                                        tmp_path: Path, make_server, capsys) -> None:
+    out = tmp_path / "results.csv"
+    code = _infer(photo_dir, out, demo_model_spec, "--bundle", str(seed_bundle),
+                  "--recursive", "--taxonomy", "--batch-size", "3")
+    assert code == 0
+    header, rows = _read(out)
+    assert header == [*SEED_COLUMNS, *taxonomy_columns()]
+    assert header[12:16] == ["pred_genre", "conf_genre", "pred_genre_2", "conf_genre_2"]
+    assert [r["image"] for r in rows] == ["a.jpg", "b.png", "c.webp", "sub/d.jpg"]
+
+    err_header, errors = _read(errors_path(out))
+    assert err_header == ["image", "error"]
+    assert [e["image"] for e in errors] == ["broken.jpg"]
+    assert errors[0]["error"]
+
+    summary = capsys.readouterr().out
+    assert "4 images identified" in summary and "acceptance rate" in summary
+    assert "1 unreadable" in summary
+
+    # Each row is what the service answers for the same photo.
+    stub = stub_for(make_server(bundle=seed_bundle))
+    catalog = Catalog.load_default()
+    for row in rows:
+        assert row["methode"] in SEED_METHODS
+        assert (row["espece_pred"] == "?") == (row["methode"] == "rejected")
+        for col in ("confiance", "conf_common", "conf_proto"):
+            assert _is_rounded(row[col]), (col, row[col])
+        resp = stub.Identify(pb.IdentifyRequest(image=(photo_dir / row["image"]).read_bytes(),
+                                                top_k=3))
+        d = resp.decision
+        assert row["methode"] == SEED_METHOD_NAMES[Method(d.method)]
+        assert row["espece_pred"] == (d.species or "?")
+        assert float(row["confiance"]) == round(d.confidence, 4)
+        assert [row[f"top{i}_common"] for i in (1, 2, 3)] == [
+            c.species for c in resp.classifier_candidates]
+        assert [row[f"top{i}_proto"] for i in (1, 2, 3)] == [
+            c.species for c in resp.prototype_candidates]
+        assert float(row["conf_proto"]) == round(resp.prototype_candidates[0].score, 4)
+        by_rank = {rc.rank: rc for rc in resp.rank_confidences}
+        for seed_rank, rank in SEED_RANKS.items():
+            if rank in PB_RANK:
+                assert row[f"pred_{seed_rank}"] == by_rank[PB_RANK[rank]].taxon
+                assert float(row[f"conf_{seed_rank}"]) == round(
+                    by_rank[PB_RANK[rank]].confidence, 4)
+            taxa = {r.taxon_at(rank) for r in catalog}
+            assert row[f"pred_{seed_rank}"] in taxa and row[f"pred_{seed_rank}_2"] in taxa
+            assert float(row[f"conf_{seed_rank}"]) >= float(row[f"conf_{seed_rank}_2"])
+        # a taxon's mass includes its sub-taxa': coarser ranks are never less sure
+        confs = [float(row[f"conf_{r}"]) for r in SEED_RANKS]
+        assert confs == sorted(confs)
+
+
+def test_folder_only_and_extension_filter(photo_dir: Path, seed_bundle: Path,
+                                          demo_model_spec: str, tmp_path: Path) -> None:
+    out = tmp_path / "flat.csv"
+    assert _infer(photo_dir, out, demo_model_spec, "--bundle", str(seed_bundle)) == 0
+    header, rows = _read(out)
+    assert header == list(SEED_COLUMNS)
+    assert [r["image"] for r in rows] == ["a.jpg", "b.png", "c.webp"]
+
+    out = tmp_path / "webp.csv"
+    assert _infer(photo_dir, out, demo_model_spec, "--bundle", str(seed_bundle),
+                  "--ext", "webp", "--recursive") == 0
+    assert [r["image"] for r in _read(out)[1]] == ["c.webp"]
+    assert _read(errors_path(out))[1] == []
+
+
+def test_zero_shot_without_bundle(photo_dir: Path, demo_model_spec: str, tmp_path: Path) -> None:
+    out = tmp_path / "zs.csv"
+    assert _infer(photo_dir, out, demo_model_spec, "--taxonomy") == 0
+    _, rows = _read(out)
+    names = set(Catalog.load_default().names())
+    assert len(rows) == 3
+    for row in rows:
+        assert row["methode"] in {"zero_shot", "rejected"}
+        assert (row["espece_pred"] == "?") == (row["methode"] == "rejected")
+        assert row["top1_common"] == row["conf_common"] == ""
+        assert {row["top1_proto"], row["top2_proto"], row["top3_proto"]} <= names
+        assert row["pred_genre"]
+
+
+def test_no_matching_photos_is_an_error(photo_dir: Path, demo_model_spec: str, tmp_path: Path,
+                                        capsys) -> None:
+    out = tmp_path / "none.csv"
+    assert _infer(photo_dir, out, demo_model_spec, "--ext", "tif") == 1
+    assert "no *.tif files" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_bundle_for_another_model_is_refused(photo_dir: Path, seed_bundle: Path, tmp_path: Path,
+                                             capsys) -> None:
+    from tools.demo_model import write_demo_model
+
+    other = write_demo_model(tmp_path / "other-model", seed=1)
+    out = tmp_path / "r.csv"
+    assert _infer(photo_dir, out, f"local-dir:{other}", "--bundle", str(seed_bundle)) == 1
+    assert "fingerprint" in capsys.readouterr().out

@@ -1,0 +1,152 @@
+"""The Milvus gallery against the FAISS gallery, in a bundle's whitened space, without gRPC.
+
+Both are opened the way ``build_state`` opens them, fed the same photos, and
+must hold the same prototypes and give the same similar-photo answers; the
+Milvus one must come back identical after a restart (its state is in Milvus).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.gallery import UnknownExemplarError, UnknownSpeciesError, open_gallery
+from index.milvus_gallery import open_milvus_gallery
+from index.store import NewExemplar
+from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from server.catalog import Catalog, SpeciesRecord
+from server.config import ServerConfig
+from server.head import build_head, head_state_from_module
+from server.routing import Thresholds
+from server.scoring import HybridScorer
+from server.state import initial_prototypes
+from server.text_prototypes import TextPrototypeCache
+
+DIM = 512
+
+
+def unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def text_cache(loaded_demo_model, tmp_path_factory) -> TextPrototypeCache:
+    return TextPrototypeCache(loaded_demo_model, tmp_path_factory.mktemp("text-cache"))
+
+
+def make_bundle(model, catalog: Catalog, text_cache, support: dict) -> Bundle:
+    rng = np.random.default_rng(0)
+    species = catalog.names()[:12]
+    common = species[:6]
+    mu = (0.01 * rng.normal(size=(1, DIM))).astype(np.float32)
+    w = (rng.normal(size=(DIM, 64)) / np.sqrt(DIM)).astype(np.float32)
+    bundle = Bundle(
+        model_id=model.spec, model_fingerprint=model.fingerprint, embedding_dim=DIM,
+        species=species, common=common, head_config=DEFAULT_HEAD,
+        head_state=head_state_from_module(build_head(DIM, len(common))),
+        visual_prototypes=unit(rng.normal(size=(len(species), 64))),
+        text_prototypes=np.zeros((len(species), 64), np.float32),
+        prototypes=np.zeros((len(species), 64), np.float32),
+        whitening_mu=mu, whitening_W=w, temperature=23.8, alpha=0.8, thresholds=Thresholds(),
+        extra={"prototype_support": support}, bundle_id="milvus-test-bundle",
+    )
+    bundle.text_prototypes = bundle.whiten(text_cache.embed(
+        [catalog.get(n).prompt() for n in species]))
+    bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes, 0.8)
+    return bundle
+
+
+@pytest.fixture
+def open_pair(loaded_demo_model, text_cache, tmp_path: Path):
+    opened = []
+
+    def _open(gallery: str, bundle: Bundle):
+        catalog = Catalog.load_default()
+        scorer = HybridScorer(bundle)
+        base = initial_prototypes(catalog, scorer, text_cache)
+        config = ServerConfig(model=loaded_demo_model.spec, data_dir=tmp_path / "data",
+                              gallery=gallery)
+        opener = open_milvus_gallery if gallery.startswith("milvus") else open_gallery
+        g = opener(config, model=loaded_demo_model, catalog=catalog, scorer=scorer,
+                   text_cache=text_cache, base=base)
+        opened.append(g)
+        return g
+
+    yield _open
+    for g in opened:
+        g.close()
+
+
+def item(species: str, vec: np.ndarray) -> NewExemplar:
+    digest = hashlib.sha256(np.asarray(vec, "<f4").tobytes() + species.encode()).hexdigest()
+    return NewExemplar(species=species, embedding=np.asarray(vec, np.float32),
+                       content_sha256=digest, source_uri=f"test://{digest[:12]}")
+
+
+def same_prototypes(a, b) -> None:
+    pa, pb = a.prototypes(), b.prototypes()
+    assert set(pa.names) == set(pb.names)
+    ia, ib = pa.index(), pb.index()
+    for name in pa.names:
+        np.testing.assert_allclose(pa.vectors[ia[name]], pb.vectors[ib[name]], atol=1e-5,
+                                   err_msg=name)
+
+
+def test_milvus_and_faiss_galleries_agree_and_milvus_survives_a_restart(
+        open_pair, loaded_demo_model, text_cache, tmp_path):
+    catalog = Catalog.load_default()
+    names = catalog.names()
+    bundle = make_bundle(loaded_demo_model, catalog, text_cache, support={names[3]: 4})
+    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    faiss_g, milvus_g = open_pair("faiss", bundle), open_pair(lite, bundle)
+    assert milvus_g.dim == faiss_g.dim == 64 and milvus_g.space_id == faiss_g.space_id
+    rng = np.random.default_rng(5)
+    # species: in the bundle with support, in the bundle without, in the catalog only
+    photos = {name: unit(unit(rng.normal(size=DIM)) + 0.05 * rng.normal(size=(4, DIM)))
+              for name in (names[3], names[8], names[40])}
+    ids: dict[str, list[int]] = {"faiss": [], "milvus": []}
+    for name, vecs in photos.items():
+        for vec in vecs:
+            ids["faiss"].append(faiss_g.add_exemplar(item(name, vec), refresh=False).exemplar_id)
+            ids["milvus"].append(milvus_g.add_exemplar(item(name, vec),
+                                                       refresh=False).exemplar_id)
+        faiss_g.refresh([name])
+        milvus_g.refresh([name])
+    new = SpeciesRecord(scientific_name="Milvusia gemina", taxonomy={"genus": "Milvusia"})
+    for g in (faiss_g, milvus_g):
+        g.add_species(new)
+        g.remove([ids["faiss" if g is faiss_g else "milvus"][0]])
+    same_prototypes(faiss_g, milvus_g)
+    assert milvus_g.exemplar_counts() == faiss_g.exemplar_counts() == {
+        names[3]: 3, names[8]: 4, names[40]: 4}
+
+    queries = unit(rng.normal(size=(3, DIM)))
+    queries[0] = photos[names[8]][1]
+    for species in (None, [names[40]]):
+        want = faiss_g.search(queries, 5, species=species)
+        got = milvus_g.search(queries, 5, species=species)
+        for w, g in zip(want, got, strict=True):
+            assert [h.source_uri for h in g] == [h.source_uri for h in w]
+            np.testing.assert_allclose([h.score for h in g], [h.score for h in w], atol=1e-5)
+
+    with pytest.raises(UnknownSpeciesError):
+        milvus_g.add_exemplar(item("Nonexistens species", photos[names[3]][0]))
+    with pytest.raises(UnknownExemplarError):
+        milvus_g.remove([ids["milvus"][1], 12345])
+    assert milvus_g.size == 11  # all or nothing: nothing was removed
+
+    # Restart: everything comes back from Milvus.
+    before = milvus_g.prototypes()
+    version = milvus_g.version
+    milvus_g.close()
+    again = open_pair(lite, bundle)
+    same_prototypes(again, faiss_g)
+    assert again.knows("Milvusia gemina")
+    assert again.version == version
+    assert again.prototypes().names[:len(bundle.species)] == before.names[:len(bundle.species)]
+    rows, total = again.list_exemplars([names[40]], 0, 10, include_thumbnails=False)
+    assert total == 4 and [r.exemplar_id for r in rows] == sorted(r.exemplar_id for r in rows)

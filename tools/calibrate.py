@@ -1,0 +1,350 @@
+"""``biolit-id calibrate``: fit temperatures, routing and rank thresholds on validation data.
+
+Three steps, all on the validation embeddings and all through the service's
+own scorer and routing:
+
+1. Temperature scaling. The head's logits get a temperature (folded into its
+   last layer, so ``serve`` needs no extra code) and the prototype
+   temperature is refitted, both by NLL. ECE is reported before and after.
+2. Routing thresholds (``classifier_high``, ``classifier_low``,
+   ``prototype``) by search: ``--coverage C`` minimises the error rate among
+   answers subject to answering at least C of the photos; ``--max-risk R``
+   answers as many photos as possible with an error rate at most R.
+3. Rank thresholds (genus, family, order, class) for the photos still
+   rejected: per rank, finest first, the lowest taxon mass whose answers
+   reach ``--taxon-precision`` (iNaturalist's common-ancestor rule). A rank
+   with too few rejected photos to judge is left without a threshold, so it
+   never answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from server.bundle import Bundle, BundleError, load_bundle
+from server.catalog import FALLBACK_RANKS, Catalog
+from server.routing import Thresholds
+from tools.datasets import DatasetError, read_embeddings
+from tools.metrics import (
+    ScoredSet,
+    ece,
+    fallback_outcomes,
+    fit_logit_scale,
+    rank_answers,
+    risk_coverage,
+    score_set,
+    taxon_is_right,
+    top1_calibration,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COVERAGE = 0.88
+DEFAULT_TAXON_PRECISION = 0.90
+MIN_TAXON_SUPPORT = 5  # rejected photos a rank needs before its precision means anything
+MIN_TAXON_THRESHOLD = 0.5  # above half the mass the answered taxon is unambiguous
+GRID = 21
+FINE = 201
+
+
+# ------------------------------------------------------------ temperatures
+
+
+def last_linear_key(state: dict[str, np.ndarray]) -> str:
+    """Prefix of the head's output layer (highest-numbered 2-d weight)."""
+    keys = [k[: -len(".weight")] for k, v in state.items()
+            if k.endswith(".weight") and np.asarray(v).ndim == 2]
+    return max(keys, key=lambda k: int(k.split(".")[-1]) if k.split(".")[-1].isdigit() else -1)
+
+
+def scale_head(bundle: Bundle, scale: float) -> Bundle:
+    """softmax(s * logits) == softmax of a head whose last layer is multiplied by s."""
+    key = last_linear_key(bundle.head_state)
+    state = dict(bundle.head_state)
+    state[f"{key}.weight"] = (state[f"{key}.weight"] * scale).astype(np.float32)
+    if f"{key}.bias" in state:
+        state[f"{key}.bias"] = (state[f"{key}.bias"] * scale).astype(np.float32)
+    return replace(bundle, head_state=state)
+
+
+def fit_temperatures(bundle: Bundle, embeddings: np.ndarray, scored: ScoredSet
+                     ) -> tuple[Bundle, dict]:
+    truth = scored.truth
+    report: dict = {}
+    out = bundle
+    if bundle.common and len(scored.head_logits):
+        cidx = {g: i for i, g in enumerate(scored.common_to_global.tolist())}
+        labels = np.array([cidx.get(int(t), -1) for t in truth], dtype=np.int64)
+        scale = fit_logit_scale(scored.head_logits, labels, 1.0)
+        before = top1_calibration(scored.p_common, labels)
+        out = scale_head(out, scale)
+        after = top1_calibration(_softmax(scale * scored.head_logits), labels)
+        report["head"] = {"temperature": 1.0 / scale, "ece_before": before[0],
+                          "ece_after": after[0], "nll_before": before[1], "nll_after": after[1]}
+    sims = bundle.whiten(embeddings).astype(np.float64) @ bundle.prototypes.T.astype(np.float64)
+    temperature = fit_logit_scale(sims, truth, bundle.temperature)
+    before = top1_calibration(scored.p_proto, truth)
+    after = top1_calibration(_softmax(temperature * sims), truth)
+    out = replace(out, temperature=temperature)
+    report["prototype"] = {"temperature_before": bundle.temperature,
+                           "temperature": temperature, "ece_before": before[0],
+                           "ece_after": after[0], "nll_before": before[1], "nll_after": after[1]}
+    return out, report
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------ routing thresholds
+
+
+def _objective(coverage: float, risk: float, target_coverage: float | None,
+               max_risk: float | None) -> tuple:
+    """Sort key, lower is better; feasible settings always beat infeasible ones."""
+    if max_risk is not None:
+        if risk <= max_risk + 1e-12 and coverage > 0:
+            return (0, -coverage, risk)
+        return (1, risk, -coverage)
+    if coverage >= target_coverage - 1e-12:
+        return (0, risk, -coverage)  # equal risk: answering more is strictly better
+    return (1, target_coverage - coverage, risk)
+
+
+def search_thresholds(scored: ScoredSet, target_coverage: float | None = None,
+                      max_risk: float | None = None, base: Thresholds | None = None
+                      ) -> tuple[Thresholds, dict]:
+    """Grid search, then coordinate refinement, over the three routing thresholds.
+
+    Candidates are quantiles of the validation maxima, so the search spends
+    its points where the photos are. Every candidate is routed by
+    ``server.routing.route_hybrid`` itself.
+    """
+    if (target_coverage is None) == (max_risk is None):
+        raise ValueError("give exactly one of target_coverage and max_risk")
+    truth = scored.truth
+    c_max = scored.p_common.max(axis=1) if scored.p_common.shape[1] else np.zeros(len(truth))
+    p_max = scored.p_proto.max(axis=1)
+
+    def candidates(values: np.ndarray, n: int) -> np.ndarray:
+        q = np.quantile(values, np.linspace(0, 1, n)) if len(values) else np.zeros(0)
+        return np.unique(np.clip(np.concatenate([q, [0.0, 0.4, 0.8, 1.0]]), 0.0, 1.0))
+
+    seen: dict[tuple[float, float, float], tuple] = {}
+    zero_shot = (base or Thresholds()).zero_shot  # hybrid routing ignores it: kept
+
+    def evaluate(high: float, low: float, proto: float) -> tuple:
+        key = (float(high), float(min(low, high)), float(proto))
+        if key not in seen:
+            th = Thresholds(classifier_high=key[0], classifier_low=key[1], prototype=key[2],
+                            zero_shot=zero_shot)
+            cov, risk = risk_coverage(scored.reroute(th), truth)
+            seen[key] = (_objective(cov, risk, target_coverage, max_risk), cov, risk)
+        return seen[key]
+
+    c_coarse, p_coarse = candidates(c_max, GRID), candidates(p_max, GRID)
+    best = None
+    for high, low, proto in itertools.product(c_coarse, c_coarse, p_coarse):
+        if low > high:
+            continue
+        result = evaluate(high, low, proto)
+        if best is None or result[0] < best[1][0]:
+            best = ((float(high), float(low), float(proto)), result)
+    c_fine, p_fine = candidates(c_max, FINE), candidates(p_max, FINE)
+    for _ in range(3):  # coordinate refinement on fine candidates
+        improved = False
+        for axis, values in ((0, c_fine), (1, c_fine), (2, p_fine)):
+            for v in values:
+                point = list(best[0])
+                point[axis] = float(v)
+                if point[1] > point[0]:
+                    continue
+                result = evaluate(*point)
+                if result[0] < best[1][0]:
+                    best, improved = (tuple(point), result), True
+        if not improved:
+            break
+    (high, low, proto), (key, cov, risk) = best
+    thresholds = Thresholds(classifier_high=high, classifier_low=low, prototype=proto,
+                            zero_shot=zero_shot)
+    return thresholds, {"coverage": cov, "risk": risk, "target_met": key[0] == 0,
+                        "settings_tried": len(seen)}
+
+
+# ------------------------------------------------------------ rank thresholds
+
+
+def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog,
+                         precision: float = DEFAULT_TAXON_PRECISION,
+                         min_support: int = MIN_TAXON_SUPPORT) -> tuple[dict[str, float], dict]:
+    """Per rank, finest first, on the photos no finer rank has answered.
+
+    The threshold is the lowest taxon mass (>= 0.5) at which the answers at
+    or above it reach ``precision``; photos below it move on to the next
+    coarser rank, as ``server.taxonomy.taxon_fallback`` will do at serving.
+    """
+    rejected = np.flatnonzero(~scored.accepted)
+    answers = rank_answers(scored, rejected, catalog)
+    remaining = list(range(len(rejected)))
+    thresholds: dict[str, float] = {}
+    report: dict = {"rejected": len(rejected), "precision_target": precision, "ranks": {}}
+    for rank in FALLBACK_RANKS:
+        rows, masses, right = [], [], []
+        for j in remaining:
+            answer = next((a for a in answers[j] if a.rank == rank), None)
+            if answer is None:
+                continue
+            rows.append(j)
+            masses.append(answer.confidence)
+            right.append(taxon_is_right(answer, species[int(rejected[j])], catalog))
+        masses_arr, right_arr = np.asarray(masses), np.asarray(right, dtype=bool)
+        eligible = masses_arr >= MIN_TAXON_THRESHOLD
+        info = {"candidates": int(eligible.sum())}
+        if eligible.sum() < min_support:
+            info["disabled"] = f"fewer than {min_support} rejected photos with mass >= " \
+                               f"{MIN_TAXON_THRESHOLD}"
+            report["ranks"][rank] = info
+            continue
+        order = np.argsort(-masses_arr[eligible], kind="stable")
+        m_sorted = masses_arr[eligible][order]
+        cum_precision = np.cumsum(right_arr[eligible][order]) / np.arange(1, len(order) + 1)
+        ok = np.flatnonzero(cum_precision >= precision)
+        # Only cut between distinct masses: ties all pass or all fail together.
+        ok = [k for k in ok if k + 1 == len(m_sorted) or m_sorted[k + 1] < m_sorted[k]]
+        ok = [k for k in ok if k + 1 >= min_support]
+        if not ok:
+            info["disabled"] = f"no threshold reaches precision {precision:.2f}"
+            report["ranks"][rank] = info
+            continue
+        k = max(ok)
+        threshold = float(m_sorted[k])
+        thresholds[rank] = threshold
+        info.update(threshold=threshold, answered=int(k + 1),
+                    precision=float(cum_precision[k]))
+        report["ranks"][rank] = info
+        answered = {rows[i] for i, m in enumerate(masses) if m >= threshold}
+        remaining = [j for j in remaining if j not in answered]
+    return thresholds, report
+
+
+# ------------------------------------------------------------ the command
+
+
+def calibrate(bundle: Bundle, embeddings: np.ndarray, species: list[str], catalog: Catalog,
+              target_coverage: float | None = None, max_risk: float | None = None,
+              taxon_precision: float | str = DEFAULT_TAXON_PRECISION,
+              fit_temperature: bool = True) -> tuple[Bundle, dict]:
+    """The three steps on one validation set; returns the new bundle and a report."""
+    scored_before = score_set(bundle, embeddings, species)
+    cov0, risk0 = risk_coverage(scored_before.routed, scored_before.truth)
+    routed_ece_before = ece(scored_before.routed.confidence[scored_before.accepted],
+                            scored_before.correct[scored_before.accepted])
+    report: dict = {"samples": len(species),
+                    "before": {"coverage": cov0, "risk": risk0, "ece": routed_ece_before,
+                               "thresholds": bundle.thresholds.__dict__}}
+    if fit_temperature:
+        bundle, report["temperature"] = fit_temperatures(bundle, embeddings, scored_before)
+    scored = score_set(bundle, embeddings, species)
+    thresholds, search = search_thresholds(scored, target_coverage, max_risk,
+                                           bundle.thresholds)
+    scored = scored.with_routed(scored.reroute(thresholds))
+    bundle = replace(bundle, thresholds=thresholds)
+    accepted = scored.accepted
+    report["routing"] = {
+        "target": ({"coverage": target_coverage} if target_coverage is not None
+                   else {"max_risk": max_risk}),
+        "thresholds": thresholds.__dict__, **search,
+        "ece": ece(scored.routed.confidence[accepted], scored.correct[accepted]),
+        "accuracy_accepted": 1.0 - search["risk"],
+    }
+    if taxon_precision == "auto":
+        taxon_precision = max(0.5, 1.0 - search["risk"])
+    taxon, taxon_report = fit_taxon_thresholds(scored, species, catalog, float(taxon_precision))
+    bundle = replace(bundle, taxon_thresholds=taxon)
+    outcome = fallback_outcomes(scored, species, catalog, bundle)
+    taxon_report["validation"] = {
+        "fallback_rate": outcome["fallbacks"] / max(len(species), 1),
+        "fallback_accuracy": (outcome["correct"] / outcome["fallbacks"]
+                              if outcome["fallbacks"] else None),
+        "per_rank": outcome["per_rank"],
+    }
+    report["taxon"] = taxon_report
+    return bundle, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--embeddings", type=Path, default=None,
+                        help="validation parquet (default: BUNDLE/split/val.parquet)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--coverage", type=float, default=None,
+                        help=f"answer at least this share of photos (default {DEFAULT_COVERAGE})")
+    target.add_argument("--max-risk", type=float, default=None,
+                        help="highest error rate allowed among answers")
+    parser.add_argument("--taxon-precision", default=str(DEFAULT_TAXON_PRECISION),
+                        help="precision rank-level answers must reach on validation, or 'auto' "
+                             "(= the accepted species answers' precision)")
+    parser.add_argument("--keep-temperature", action="store_true",
+                        help="do not refit the head and prototype temperatures")
+    parser.add_argument("--catalog", type=Path, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.embeddings or Path(args.bundle) / "split" / "val.parquet"
+    try:
+        bundle = load_bundle(args.bundle)
+        data = read_embeddings(path)
+        data.check_model(bundle.model_fingerprint, bundle.embedding_dim, str(path))
+    except (BundleError, DatasetError) as exc:
+        log.error("%s", exc)
+        return 2
+    taxon_precision = args.taxon_precision
+    if taxon_precision != "auto":
+        taxon_precision = float(taxon_precision)
+    coverage = args.coverage
+    if coverage is None and args.max_risk is None:
+        coverage = DEFAULT_COVERAGE
+    catalog = Catalog.load(args.catalog) if args.catalog else Catalog.load_default()
+    bundle, report = calibrate(bundle, data.embeddings, data.species, catalog,
+                               target_coverage=coverage, max_risk=args.max_risk,
+                               taxon_precision=taxon_precision,
+                               fit_temperature=not args.keep_temperature)
+    bundle.metrics = {**bundle.metrics, "calibration": report}
+    bundle.save(Path(args.bundle))
+    _print(report)
+    return 0 if report["routing"]["target_met"] else 3
+
+
+def _print(report: dict) -> None:
+    r = report["routing"]
+    t = r["thresholds"]
+    print(f"calibrated on {report['samples']} validation photos")
+    if "temperature" in report:
+        for part, v in report["temperature"].items():
+            print(f"  {part:9s} ECE {v['ece_before']:.3f} -> {v['ece_after']:.3f} after "
+                  f"temperature scaling (NLL {v['nll_before']:.3f} -> {v['nll_after']:.3f})")
+    b = report["before"]
+    print(f"  routing   ECE {b['ece']:.3f} -> {r['ece']:.3f}; coverage {b['coverage']:.3f} -> "
+          f"{r['coverage']:.3f}; error among answers {b['risk']:.3f} -> {r['risk']:.3f}")
+    print(f"  thresholds classifier_high={t['classifier_high']:.4f} "
+          f"classifier_low={t['classifier_low']:.4f} prototype={t['prototype']:.4f}")
+    if not r["target_met"]:
+        print(f"  WARNING: target {r['target']} not reachable on this data; closest kept")
+    for rank, info in report["taxon"]["ranks"].items():
+        if "threshold" in info:
+            print(f"  {rank:7s} mass >= {info['threshold']:.3f} "
+                  f"({info['answered']} answers, precision {info['precision']:.2f})")
+        else:
+            print(f"  {rank:7s} no fallback: {info['disabled']}")
+    v = report["taxon"]["validation"]
+    if v["fallback_accuracy"] is not None:
+        print(f"  rank fallback on {v['fallback_rate']:.1%} of photos, "
+              f"right {v['fallback_accuracy']:.1%}")

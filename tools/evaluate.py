@@ -1,0 +1,188 @@
+"""``biolit-id evaluate``: a bundle on held-out embeddings -> metrics.json and an HTML report.
+
+Accuracies follow the seed's convention (REFERENCE.md, "Published
+results"): ``accuracy_common``, ``accuracy_rare`` and ``accuracy_global``
+count only the answers given (rejections excluded), with ``coverage`` saying
+how many were given; ``accuracy_all`` counts a rejection as wrong. Rank-level
+answers (genus... class instead of "don't know") are reported separately:
+how often they happen and how often the taxon is right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from server.bundle import Bundle, BundleError, load_bundle
+from server.catalog import Catalog
+from server.routing import SEED_METHOD_NAMES, Method
+from tools.datasets import DatasetError, EmbeddingSet, fingerprint, read_embeddings
+from tools.metrics import (
+    ScoredSet,
+    ece,
+    fallback_outcomes,
+    reliability_bins,
+    risk_coverage_curve,
+    score_set,
+    top1_calibration,
+)
+
+log = logging.getLogger(__name__)
+
+TOP_CONFUSIONS = 15
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num) / float(den) if den else None
+
+
+def compute_metrics(bundle: Bundle, data: EmbeddingSet, scored: ScoredSet,
+                    catalog: Catalog) -> dict:
+    truth, routed = scored.truth, scored.routed
+    accepted, correct = scored.accepted, scored.correct
+    common = set(bundle.common)
+    is_common = np.array([s in common for s in data.species], dtype=bool)
+    known = truth >= 0
+    is_rare = known & ~is_common
+    n = len(truth)
+
+    outcome = fallback_outcomes(scored, data.species, catalog, bundle)
+    per_method = {}
+    for method in (Method.CLASSIFIER, Method.CLASSIFIER_LOW, Method.PROTOTYPE, Method.REJECTED):
+        mask = routed.method == int(method)
+        per_method[SEED_METHOD_NAMES[method]] = {
+            "count": int(mask.sum()),
+            "correct": int((mask & correct).sum()),
+            "accuracy": _ratio((mask & correct).sum(), mask.sum()),
+        }
+    # As the service reports it: a rejection answered at a higher rank is method TAXON.
+    per_method[SEED_METHOD_NAMES[Method.REJECTED]]["count"] -= outcome["fallbacks"]
+    per_method[SEED_METHOD_NAMES[Method.TAXON]] = {
+        "count": outcome["fallbacks"], "correct": outcome["correct"],
+        "accuracy": _ratio(outcome["correct"], outcome["fallbacks"]),
+    }
+
+    c2g = scored.common_to_global
+    cidx = {g: i for i, g in enumerate(c2g.tolist())}
+    head_labels = np.array([cidx.get(int(t), -1) for t in truth], dtype=np.int64)
+    head_ece = top1_calibration(scored.p_common, head_labels)[0] if len(c2g) else None
+    proto_ece = top1_calibration(scored.p_proto, truth)[0]
+    head_top1 = (_ratio((scored.p_common.argmax(1) == head_labels)[head_labels >= 0].sum(),
+                        (head_labels >= 0).sum()) if len(c2g) else None)
+
+    train_counts = (bundle.extra.get("train_counts") or {})
+    per_species = []
+    for name in sorted(set(data.species)):
+        mask = np.array([s == name for s in data.species])
+        per_species.append({
+            "species": name,
+            "common": name in common,
+            "known": name in bundle.species,
+            "train_count": int(train_counts.get(name, 0)),
+            "test_count": int(mask.sum()),
+            "coverage": float(accepted[mask].mean()),
+            "accuracy_all": float(correct[mask].mean()),
+            "accuracy_accepted": _ratio(correct[mask].sum(), accepted[mask].sum()),
+        })
+    wrong = accepted & ~correct
+    confusions = Counter(
+        (data.species[i], scored.names[int(routed.species[i])]) for i in np.flatnonzero(wrong)
+    )
+    curve_risk = risk_coverage_curve(scored)[1]
+    recorded = (bundle.extra.get("split") or {}).get("test_fingerprint")
+    test_fp = fingerprint(data)
+    return {
+        "samples": n,
+        "species_in_test": len(set(data.species)),
+        "unknown_species_samples": int((~known).sum()),
+        "coverage": float(accepted.mean()) if n else 0.0,
+        "accuracy_global": _ratio(correct.sum(), accepted.sum()),
+        "accuracy_common": _ratio((correct & is_common).sum(), (accepted & is_common).sum()),
+        "accuracy_rare": _ratio((correct & is_rare).sum(), (accepted & is_rare).sum()),
+        "accuracy_all": _ratio(correct.sum(), n),
+        "accuracy_all_common": _ratio((correct & is_common).sum(), is_common.sum()),
+        "accuracy_all_rare": _ratio((correct & is_rare).sum(), is_rare.sum()),
+        "coverage_common": _ratio((accepted & is_common).sum(), is_common.sum()),
+        "coverage_rare": _ratio((accepted & is_rare).sum(), is_rare.sum()),
+        "ece": ece(routed.confidence[accepted], correct[accepted]),
+        # Area under the risk-coverage curve: one number to compare bundles across coverages.
+        "aurc": float(curve_risk.mean()) if len(curve_risk) else None,
+        "ece_head": head_ece,
+        "ece_prototype": proto_ece,
+        "head_top1_accuracy_common": head_top1,
+        "prototype_top1_accuracy": _ratio((scored.p_proto.argmax(1) == truth)[known].sum(),
+                                          known.sum()),
+        "per_method": per_method,
+        "rejected": int((~accepted).sum()),
+        "taxon_fallback_count": outcome["fallbacks"],
+        "taxon_fallback_rate": _ratio(outcome["fallbacks"], n),
+        "taxon_fallback_share_of_rejected": _ratio(outcome["fallbacks"], outcome["rejected"]),
+        "taxon_fallback_accuracy": _ratio(outcome["correct"], outcome["fallbacks"]),
+        "taxon_fallback_per_rank": outcome["per_rank"],
+        "answered_any_rank": _ratio(accepted.sum() + outcome["fallbacks"], n),
+        "reliability": reliability_bins(routed.confidence[accepted], correct[accepted]),
+        "top_confusions": [
+            {"true": t, "predicted": p, "count": c}
+            for (t, p), c in confusions.most_common(TOP_CONFUSIONS)
+        ],
+        "per_species": per_species,
+        "thresholds": {**bundle.thresholds.__dict__, "taxon": bundle.taxon_thresholds},
+        "bundle_id": bundle.bundle_id,
+        "test_fingerprint": test_fp,
+        "test_is_bundle_split": (recorded == test_fp) if recorded else None,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--embeddings", type=Path, default=None,
+                        help="test parquet (default: BUNDLE/split/test.parquet)")
+    parser.add_argument("--out", type=Path, required=True, help="report folder")
+    parser.add_argument("--catalog", type=Path, default=None)
+    parser.add_argument("--record", action="store_true",
+                        help="also store the headline metrics in the bundle's manifest")
+
+
+HEADLINE = ("coverage", "accuracy_global", "accuracy_common", "accuracy_rare", "accuracy_all",
+            "ece", "taxon_fallback_rate", "taxon_fallback_accuracy")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tools.report import write_report
+
+    path = args.embeddings or Path(args.bundle) / "split" / "test.parquet"
+    try:
+        bundle = load_bundle(args.bundle)
+        data = read_embeddings(path)
+        data.check_model(bundle.model_fingerprint, bundle.embedding_dim, str(path))
+    except (BundleError, DatasetError) as exc:
+        log.error("%s", exc)
+        return 2
+    if bundle.training_fingerprint and fingerprint(data) == bundle.training_fingerprint:
+        log.error("%s is the bundle's training data: evaluating on it measures nothing", path)
+        return 2
+    catalog = Catalog.load(args.catalog) if args.catalog else Catalog.load_default()
+    scored = score_set(bundle, data.embeddings, data.species)
+    metrics = compute_metrics(bundle, data, scored, catalog)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), "utf-8")
+    coverage, risk = risk_coverage_curve(scored)
+    write_report(out, metrics, {"coverage": coverage, "risk": risk}, bundle)
+    if args.record:
+        bundle.metrics = {**bundle.metrics, "test": {k: metrics[k] for k in HEADLINE}}
+        bundle.save(Path(args.bundle))
+    print(f"evaluated {metrics['samples']} photos -> {out / 'metrics.json'}, "
+          f"{out / 'report.html'}")
+    for key in HEADLINE:
+        value = metrics[key]
+        print(f"  {key:24s} {'n/a' if value is None else f'{value:.4f}'}")
+    counts = ", ".join(f"{k} {v['count']}" for k, v in metrics["per_method"].items())
+    print(f"  methods: {counts}")
+    return 0
+

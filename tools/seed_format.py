@@ -1,0 +1,58 @@
+"""The BioLit seed's file conventions, in one place.
+
+The seed's users have scripts and spreadsheets built on its CSV
+(``REFERENCE.md``, "Output CSV"): column names, method spellings, the ``?``
+for a rejection and the French rank names must stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+from server.routing import SEED_METHOD_NAMES, Method
+
+# REFERENCE.md, "Output CSV", in this order.
+SEED_COLUMNS: tuple[str, ...] = (
+    "image",
+    "espece_pred",
+    "confiance",
+    "methode",
+    "top1_common",
+    "conf_common",
+    "top2_common",
+    "top3_common",
+    "top1_proto",
+    "conf_proto",
+    "top2_proto",
+    "top3_proto",
+)
+
+# The seed's rank names (v6 taxonomy columns) -> catalog ranks, finest first.
+SEED_RANKS: dict[str, str] = {
+    "genre": "genus",
+    "famille": "family",
+    "ordre": "order",
+    "classe": "class",
+    "embranchement": "phylum",
+}
+
+REJECTED_SPECIES = "?"
+ERRORS_COLUMNS: tuple[str, ...] = ("image", "error")
+CONFIDENCE_DECIMALS = 4
+
+
+def taxonomy_columns() -> list[str]:
+    """``pred_genre, conf_genre, pred_genre_2, conf_genre_2, ...`` (REFERENCE.md)."""
+    columns = []
+    for rank in SEED_RANKS:
+        columns += [f"pred_{rank}", f"conf_{rank}", f"pred_{rank}_2", f"conf_{rank}_2"]
+    return columns
+
+
+def method_name(method: Method) -> str:
+    return SEED_METHOD_NAMES[Method(method)]
+
+
+def confidence_text(value: float | None) -> str:
+    """Rounded like the seed's CSV; empty when the component did not run."""
+    if value is None:
+        return ""
+    return f"{round(float(value), CONFIDENCE_DECIMALS):.{CONFIDENCE_DECIMALS}f}"

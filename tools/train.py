@@ -1,0 +1,393 @@
+"""``biolit-id train``: embeddings -> a bundle (head, prototypes, whitening, temperature).
+
+The seed's recipe (REFERENCE.md), made reproducible: PCA whitening fitted on
+the training split, similarity-weighted visual prototypes for every species,
+Proto-CLIP fusion with the catalog's text prompts, a prototype temperature
+learned on validation, and the MLP head for the common species early-stopped
+on validation. One change from the seed, kept because it measured better
+(synthetic long-tail set; README): the head also sees the rare species'
+photos, trained towards a uniform output (``--rare-negatives``, outlier
+exposure), so a rare species stops getting confident common answers through
+routing rule 1. ``--rare-negatives 0`` is the seed's head.
+
+Without ``--val`` a seeded stratified 70/15/15 split is made; the test part
+is written next to the bundle and recorded in its manifest so ``evaluate``
+can never be fed training photos by accident.
+
+Routing thresholds stay at the seed's values; ``biolit-id calibrate`` fits them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from server.catalog import Catalog
+from server.model_loader import DEFAULT_MODEL
+from server.prototype_math import class_prototypes
+from server.routing import Thresholds
+from tools.datasets import (
+    DatasetError,
+    EmbeddingSet,
+    fingerprint,
+    read_embeddings,
+    stratified_split,
+    write_embeddings,
+)
+from tools.metrics import fit_logit_scale, top1_calibration
+
+log = logging.getLogger(__name__)
+
+SPLIT_DIR = "split"
+FRACTIONS = (0.70, 0.15, 0.15)
+DEFAULT_PCA_DIM = 256
+WHITENING_EPS = 1e-6
+INITIAL_TEMPERATURE = 10.0
+
+
+# ------------------------------------------------------------ pieces
+
+
+def fit_whitening(x: np.ndarray, dim: int = DEFAULT_PCA_DIM, eps: float = WHITENING_EPS
+                  ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """PCA whitening ``w = (v - mu) @ W``, ``W = eigvecs / sqrt(eigvals + eps)``.
+
+    Keeps ``min(dim, rank)`` directions: with fewer photos than dimensions
+    the rest of the spectrum is numerically zero and whitening it would only
+    amplify noise.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mu = x.mean(axis=0, keepdims=True)
+    centred = x - mu
+    cov = centred.T @ centred / max(len(x) - 1, 1)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = np.maximum(eigvals[order], 0.0), eigvecs[:, order]
+    # Deterministic sign per direction, so identical data gives identical W everywhere.
+    signs = np.sign(eigvecs[np.abs(eigvecs).argmax(axis=0), np.arange(eigvecs.shape[1])])
+    eigvecs = eigvecs * np.where(signs == 0, 1.0, signs)
+    rank = int((eigvals > eigvals[0] * 1e-9).sum()) if eigvals[0] > 0 else 0
+    k = max(1, min(dim, rank))
+    w = eigvecs[:, :k] / np.sqrt(eigvals[:k] + eps)
+    info = {"requested_dim": dim, "output_dim": k, "rank": rank, "eps": eps,
+            "explained_variance": float(eigvals[:k].sum() / max(eigvals.sum(), 1e-300))}
+    return mu.astype(np.float32), w.astype(np.float32), info
+
+
+def choose_common(counts: dict[str, int], top_n: int | None, min_count: int | None
+                  ) -> set[str]:
+    """The head's species: the N most frequent (ties by name) or those with >= min_count."""
+    if min_count is not None:
+        return {s for s, c in counts.items() if c >= min_count}
+    ranked = sorted(counts, key=lambda s: (-counts[s], s))
+    return set(ranked[: top_n if top_n is not None else 50])
+
+
+def class_balanced_weights(counts: np.ndarray, beta: float = 0.999) -> np.ndarray:
+    """Cui et al. 2019 'effective number' weights, mean 1 over classes."""
+    effective = (1.0 - np.power(beta, counts)) / (1.0 - beta)
+    w = 1.0 / np.maximum(effective, 1e-12)
+    return w * len(w) / w.sum()
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    epochs: int = 200
+    patience: int = 15
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    balanced: bool = False
+    # Weight of the "rare photos are none of the common species" loss (0 = seed's head);
+    # 0.5 measured better on the synthetic long-tail set (README, "Training").
+    rare_negatives: float = 0.5
+    threads: int = 1
+
+
+def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+               y_val: np.ndarray, num_classes: int, config: dict, seed: int,
+               settings: HeadSettings = HeadSettings(), x_negative: np.ndarray | None = None,
+               progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """AdamW + cross-entropy, early-stopped on val accuracy (then val loss).
+
+    ``x_negative`` (photos of species outside the head) are pushed towards a
+    uniform output when ``settings.rare_negatives`` > 0, so a rare species
+    does not get a confident common answer by routing rule 1.
+
+    Runs on ``settings.threads`` intra-op threads (default 1): this small MLP
+    gains nothing from more, loses a lot when the cores are shared, and one
+    thread makes the float reductions — hence the bundle — identical on
+    every machine.
+    """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, settings.threads))
+    try:
+        return _train_head(x_train, y_train, x_val, y_val, num_classes, config, seed, settings,
+                           x_negative, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_head(x_train, y_train, x_val, y_val, num_classes, config, seed, settings,
+                x_negative, progress):
+    import torch
+    from tqdm import tqdm
+
+    from server.head import build_head, head_state_from_module
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    net = build_head(x_train.shape[1], num_classes, config)
+    weight = None
+    if settings.balanced:
+        counts = np.bincount(y_train, minlength=num_classes).astype(np.float64)
+        weight = torch.from_numpy(class_balanced_weights(counts)).float()
+    if settings.rare_negatives > 0 and x_negative is not None and len(x_negative):
+        x_train = np.concatenate([x_train, x_negative])
+        y_train = np.concatenate([y_train, np.full(len(x_negative), -1)])
+    xt = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
+    yt = torch.from_numpy(y_train.astype(np.int64))
+    xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32))
+    yv = torch.from_numpy(y_val.astype(np.int64))
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    has_val = len(yv) > 0
+    best = (-1.0, np.inf)
+    best_state, best_epoch, stale = None, 0, 0
+    history = []
+    bar = tqdm(range(settings.epochs), desc="training head", unit="epoch", disable=not progress)
+    for epoch in bar:
+        net.train()
+        order = torch.randperm(len(yt), generator=generator)
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            opt.zero_grad()
+            logits, y = net(xt[idx]), yt[idx]
+            pos = y >= 0
+            loss = loss_fn(logits[pos], y[pos]) if pos.any() else logits.sum() * 0
+            if not pos.all():
+                uniform_ce = -torch.log_softmax(logits[~pos], dim=1).mean(dim=1).mean()
+                loss = loss + settings.rare_negatives * uniform_ce
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            xe, ye = (xv, yv) if has_val else (xt[yt >= 0], yt[yt >= 0])
+            logits = net(xe)
+            val_loss = float(torch.nn.functional.cross_entropy(logits, ye))
+            val_acc = float((logits.argmax(1) == ye).float().mean())
+        history.append((val_acc, val_loss))
+        bar.set_postfix(acc=f"{val_acc:.3f}", loss=f"{val_loss:.3f}")
+        if val_acc > best[0] or (val_acc == best[0] and val_loss < best[1]):
+            best, best_epoch, stale = (val_acc, val_loss), epoch, 0
+            best_state = head_state_from_module(net)
+        else:
+            stale += 1
+            if has_val and stale >= settings.patience:
+                break
+    bar.close()
+    info = {"best_epoch": best_epoch + 1, "epochs_run": len(history),
+            "early_stopped_on": "val" if has_val else "train",
+            "val_accuracy": best[0], "val_loss": best[1], **asdict(settings)}
+    return best_state, info
+
+
+def text_prompts(species: list[str], catalog: Catalog) -> list[str]:
+    """BioCLIP-style caption from the catalog; a bare name for species it lacks."""
+    prompts = []
+    for name in species:
+        record = catalog.get(name)
+        prompts.append(record.prompt() if record else f"a photo of {name}.")
+    return prompts
+
+
+# ------------------------------------------------------------ the command
+
+
+def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalog,
+                 alpha: float = 0.8, common_n: int | None = 50, min_count: int | None = None,
+                 seed: int = 0, pca_dim: int = DEFAULT_PCA_DIM, proto_iterations: int = 2,
+                 head: HeadSettings = HeadSettings(), progress: bool = True) -> Bundle:
+    """Everything but the split bookkeeping: data in, an in-memory bundle out."""
+    np.random.seed(seed)
+    counts = train.counts()
+    species = sorted(counts)
+    index = {s: i for i, s in enumerate(species)}
+    common_set = choose_common(counts, common_n, min_count)
+    common = [s for s in species if s in common_set]
+    y_train = np.array([index[s] for s in train.species], dtype=np.int64)
+    y_val = np.array([index.get(s, -1) for s in val.species], dtype=np.int64)
+    unknown_val = sorted({s for s in val.species if s not in index})
+    if unknown_val:
+        log.warning("%d validation species have no training photos and are ignored: %s",
+                    len(unknown_val), ", ".join(unknown_val[:10]))
+
+    mu, w, whitening_info = fit_whitening(train.embeddings, pca_dim)
+    bundle = Bundle(
+        model_id=loaded.spec, model_fingerprint=loaded.fingerprint,
+        embedding_dim=loaded.embedding_dim, species=species, common=common,
+        head_config=dict(DEFAULT_HEAD), head_state={},
+        visual_prototypes=np.zeros((0, 0), np.float32),
+        text_prototypes=np.zeros((0, 0), np.float32), prototypes=np.zeros((0, 0), np.float32),
+        whitening_mu=mu, whitening_W=w, temperature=INITIAL_TEMPERATURE, alpha=alpha,
+        thresholds=Thresholds(),
+        preprocessing=dict(train.meta.get("preprocessing") or {
+            "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
+            "resize": "squash"}),
+    )
+    log.info("whitening: %d-d -> %d-d (rank %d)", loaded.embedding_dim,
+             whitening_info["output_dim"], whitening_info["rank"])
+
+    prompts = text_prompts(species, catalog)
+    bundle.text_prototypes = bundle.whiten(loaded.encode_text(prompts))
+    bundle.visual_prototypes = class_prototypes(
+        bundle.whiten(train.embeddings), y_train, len(species), proto_iterations
+    )
+    bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes, alpha)
+
+    # Prototype temperature by gradient on validation (falls back to train if val is empty).
+    calib_x, calib_y, calib_on = val.embeddings[y_val >= 0], y_val[y_val >= 0], "val"
+    if len(calib_y) == 0:
+        log.warning("no validation photo of a known species: temperature fitted on train")
+        calib_x, calib_y, calib_on = train.embeddings, y_train, "train"
+    sims = bundle.whiten(calib_x).astype(np.float64) @ bundle.prototypes.T.astype(np.float64)
+    bundle.temperature = fit_logit_scale(sims, calib_y, INITIAL_TEMPERATURE)
+    ece_t1, nll_t1 = top1_calibration(_softmax(sims), calib_y)
+    ece_t, nll_t = top1_calibration(_softmax(bundle.temperature * sims), calib_y)
+    proto_acc = float((sims.argmax(1) == calib_y).mean()) if len(calib_y) else 0.0
+
+    head_info: dict = {}
+    if common:
+        cidx = {s: i for i, s in enumerate(common)}
+        tr = np.array([s in cidx for s in train.species])
+        va = np.array([s in cidx for s in val.species])
+        bundle.head_state, head_info = train_head(
+            train.embeddings[tr], np.array([cidx[s] for s in np.asarray(train.species)[tr]]),
+            val.embeddings[va], np.array([cidx[s] for s in np.asarray(val.species)[va]],
+                                         dtype=np.int64),
+            len(common), bundle.head_config, seed, head, x_negative=train.embeddings[~tr],
+            progress=progress,
+        )
+    bundle.metrics = {
+        "validation": {
+            "prototype_accuracy": proto_acc,
+            "prototype_temperature_fitted_on": calib_on,
+            "prototype_ece_at_T1": ece_t1, "prototype_nll_at_T1": nll_t1,
+            "prototype_ece": ece_t, "prototype_nll": nll_t,
+            "head_accuracy": head_info.get("val_accuracy"),
+        }
+    }
+    bundle.extra = {
+        "training": {"seed": seed, "alpha": alpha, "common_rule": (
+            {"min_count": min_count} if min_count is not None else {"top_n": common_n}),
+            "prototype_iterations": proto_iterations, "head": head_info,
+            "whitening": whitening_info},
+        "train_counts": {s: counts[s] for s in species},
+        "catalog_version": catalog.version,
+        "prompts": dict(zip(species, prompts, strict=True)),
+    }
+    bundle.training_fingerprint = fingerprint(train)
+    return bundle
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embeddings", type=Path, required=True, help="training parquet")
+    parser.add_argument("--val", type=Path, default=None,
+                        help="validation parquet (default: seeded stratified 70/15/15 split)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model that made the embeddings (text prompts use it too)")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument("--alpha", type=float, default=0.8,
+                        help="visual weight in the prototype fusion (1.0 = visual only)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--common", type=int, default=None,
+                       help="the N most frequent species get the MLP head (default 50)")
+    group.add_argument("--min-count", type=int, default=None,
+                       help="species with at least this many training photos get the head")
+    parser.add_argument("--catalog", type=Path, default=None,
+                        help="species catalog JSON for prompts (default: the built-in one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pca-dim", type=int, default=DEFAULT_PCA_DIM)
+    parser.add_argument("--prototype-iterations", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--balanced", action="store_true",
+                        help="class-balanced loss for the head (effective-number weights)")
+    parser.add_argument("--rare-negatives", type=float, default=HeadSettings.rare_negatives,
+                        metavar="WEIGHT",
+                        help="train the head to output uniform on rare species' photos, with "
+                             "this loss weight (default %(default)s; 0 = the seed's head)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the head")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.model_loader import load_model
+
+    out = Path(args.out)
+    try:
+        data = read_embeddings(args.embeddings)
+        loaded = load_model(args.model)
+        data.check_model(loaded.fingerprint, loaded.embedding_dim, str(args.embeddings))
+        if args.val is not None:
+            train, val = data, read_embeddings(args.val)
+            val.check_model(loaded.fingerprint, loaded.embedding_dim, str(args.val))
+            split_info = {"mode": "given", "val_file": str(args.val),
+                          "val_fingerprint": fingerprint(val)}
+        else:
+            rows = stratified_split(data.species, FRACTIONS, args.seed)
+            train, val, test = (data.subset(r) for r in rows)
+            split_dir = out / SPLIT_DIR
+            for name, part in (("train", train), ("val", val), ("test", test)):
+                write_embeddings(split_dir / f"{name}.parquet", part)
+            split_info = {
+                "mode": "stratified", "seed": args.seed, "fractions": list(FRACTIONS),
+                "source": str(args.embeddings), "source_fingerprint": fingerprint(data),
+                "counts": {"train": len(train), "val": len(val), "test": len(test)},
+                "files": {n: f"{SPLIT_DIR}/{n}.parquet" for n in ("train", "val", "test")},
+                "val_fingerprint": fingerprint(val), "test_fingerprint": fingerprint(test),
+                "test_rows": rows[2].tolist(),
+            }
+    except DatasetError as exc:
+        log.error("%s", exc)
+        return 2
+    if len(train) == 0:
+        log.error("no training photos")
+        return 2
+    catalog = Catalog.load(args.catalog) if args.catalog else Catalog.load_default()
+    bundle = build_bundle(
+        train, val, loaded, catalog, alpha=args.alpha,
+        common_n=args.common if args.common is not None else 50, min_count=args.min_count,
+        seed=args.seed, pca_dim=args.pca_dim, proto_iterations=args.prototype_iterations,
+        head=HeadSettings(epochs=args.epochs, patience=args.patience,
+                          batch_size=args.batch_size, lr=args.lr,
+                          weight_decay=args.weight_decay, balanced=args.balanced,
+                          rare_negatives=args.rare_negatives, threads=args.threads),
+        progress=not args.no_progress,
+    )
+    bundle.extra["split"] = split_info
+    bundle.save(out)
+    v = bundle.metrics["validation"]
+    head_acc = v["head_accuracy"]
+    print(f"wrote bundle {out} ({len(bundle.species)} species, {len(bundle.common)} common, "
+          f"whitening {bundle.prototype_dim}-d, T={bundle.temperature:.2f})")
+    print(f"validation: prototype accuracy {v['prototype_accuracy']:.3f}"
+          + (f", head accuracy {head_acc:.3f}" if head_acc is not None else "")
+          + "; next: biolit-id calibrate --bundle " + str(out))
+    return 0
