@@ -68,7 +68,7 @@ import numpy as np
 from tqdm import tqdm
 
 from index.faiss_index import IndexSpec, VectorIndex
-from index.prototypes import ZERO_SHOT_ALPHA, PrototypeBuilder
+from index.prototypes import PrototypeBuilder, prototype_builder
 from index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
 from index.store import ExemplarRow, GalleryStore, NewExemplar
 from server.catalog import Catalog, SpeciesRecord
@@ -126,50 +126,28 @@ class RemoveOutcome:
     version: int
 
 
-class Gallery:
-    backend = "faiss"
+class GalleryBase:
+    """What every gallery backend shares: the live PrototypeSet and the read API over it.
 
-    def __init__(
-        self,
-        directory: Path,
-        *,
-        catalog: Catalog,
-        model_fingerprint: str,
-        embedding_dim: int,
-        builder: PrototypeBuilder,
-        project: Callable[[np.ndarray], np.ndarray],
-        space_id: str,
-        index_spec: IndexSpec | None = None,
-        snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
-    ) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+    A backend keeps ``_counts`` (photos per species) and ``_version`` current
+    under ``_write_lock`` and implements ``search`` and ``_refresh_locked``.
+    The scorer reads ``prototypes()`` without a lock: writers publish a new
+    immutable PrototypeSet (copy-on-write, ``_updated_prototypes``).
+    """
+
+    backend = ""
+
+    def __init__(self, *, catalog: Catalog, builder: PrototypeBuilder,
+                 project: Callable[[np.ndarray], np.ndarray], space_id: str) -> None:
         self.catalog = catalog
         self.builder = builder
         self.project = lambda raw: np.ascontiguousarray(project(raw), dtype=np.float32)
         self.space_id = space_id
-        self.index_spec = index_spec or IndexSpec()
-        self.snapshot_every = snapshot_every
         self.dim = int(builder.base_vectors.shape[1])
-        self.store = GalleryStore(self.directory / STORE_FILE, model_fingerprint, embedding_dim)
         self._write_lock = threading.Lock()
-        self._snapshot_lock = threading.Lock()
-        self._snapshot_thread: threading.Thread | None = None
         self._closed = False
-        self._version = self.store.version()
-        self._snapshot_version = -1
-        # How the index was opened: "snapshot", "snapshot+replay" or "rebuild" (logs, tests).
-        self.recovery = ""
-        self._load_runtime_species()
-        self._counts = self.store.counts()
-        self._publish(self._initial_prototypes())
-        self.index, dirty = self._open_index()
-        self.index.drop_prototypes()
-        self.index.set_prototypes(np.arange(len(self._protos.names)), self._protos.vectors)
-        if dirty:
-            self.snapshot()
-
-    # ------------------------------------------------------------ read API
+        self._counts: dict[str, int] = {}
+        self._version = 0
 
     @property
     def version(self) -> int:
@@ -197,6 +175,97 @@ class Gallery:
     def search(self, embeddings: np.ndarray, k: int, species: Sequence[str] | None = None,
                include_thumbnails: bool = False,
                exclude: Sequence[int] = ()) -> list[list[SimilarHit]]:
+        raise NotImplementedError
+
+    def refresh(self, species: Sequence[str]) -> None:
+        """Recompute these species' prototypes from the stored photos and publish them."""
+        if not species:
+            return
+        with self._write_lock:
+            self._refresh_locked(species)
+
+    def _refresh_locked(self, species: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GalleryError("the gallery is closed (server shutting down)")
+
+    def _publish(self, protos: PrototypeSet) -> None:
+        self._row_of = protos.index()
+        self._protos = protos
+
+    def _updated_prototypes(self, updates: Sequence[tuple[str, np.ndarray]]
+                            ) -> tuple[PrototypeSet, list[int]]:
+        """The current set with these (species, vector) rows replaced or appended, and
+        their rows; a species given twice keeps its last vector. Not yet published."""
+        protos = self._protos
+        names = list(protos.names)
+        vectors = protos.vectors.copy()
+        row_of = dict(self._row_of)
+        appended: list[np.ndarray] = []
+        rows: list[int] = []
+        for name, vec in updates:
+            row = row_of.get(name)
+            if row is None:
+                row = row_of[name] = len(names)
+                names.append(name)
+                appended.append(np.asarray(vec, np.float32))
+            elif row < len(vectors):
+                vectors[row] = vec
+            else:
+                appended[row - len(vectors)] = np.asarray(vec, np.float32)
+            rows.append(row)
+        if appended:
+            vectors = np.vstack([vectors, *[v[None, :] for v in appended]])
+        # Same names object when none was added: HybridScorer caches its mapping on it.
+        new_names = protos.names if len(names) == len(protos.names) else tuple(names)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        return PrototypeSet(new_names, vectors, version=self._version), rows
+
+
+class Gallery(GalleryBase):
+    backend = "faiss"
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        catalog: Catalog,
+        model_fingerprint: str,
+        embedding_dim: int,
+        builder: PrototypeBuilder,
+        project: Callable[[np.ndarray], np.ndarray],
+        space_id: str,
+        index_spec: IndexSpec | None = None,
+        snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+    ) -> None:
+        super().__init__(catalog=catalog, builder=builder, project=project, space_id=space_id)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.index_spec = index_spec or IndexSpec()
+        self.snapshot_every = snapshot_every
+        self.store = GalleryStore(self.directory / STORE_FILE, model_fingerprint, embedding_dim)
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_thread: threading.Thread | None = None
+        self._version = self.store.version()
+        self._snapshot_version = -1
+        # How the index was opened: "snapshot", "snapshot+replay" or "rebuild" (logs, tests).
+        self.recovery = ""
+        self._load_runtime_species()
+        self._counts = self.store.counts()
+        self._publish(self._initial_prototypes())
+        self.index, dirty = self._open_index()
+        self.index.drop_prototypes()
+        self.index.set_prototypes(np.arange(len(self._protos.names)), self._protos.vectors)
+        if dirty:
+            self.snapshot()
+
+    # ------------------------------------------------------------ read API
+
+    def search(self, embeddings: np.ndarray, k: int, species: Sequence[str] | None = None,
+               include_thumbnails: bool = False,
+               exclude: Sequence[int] = ()) -> list[list[SimilarHit]]:
         """Nearest exemplars of raw embeddings [B, D], optionally among some species."""
         queries = self.project(np.atleast_2d(embeddings))
         only = None
@@ -215,7 +284,7 @@ class Gallery:
                 row = rows.get(int(vid))
                 if row is None:  # padding, excluded, or removed since the search
                     continue
-                hits.append(_hit(row, float(score)))
+                hits.append(similar_hit(row, float(score)))
                 if len(hits) == k:
                     break
             results.append(hits)
@@ -263,13 +332,6 @@ class Gallery:
             self._maybe_snapshot()
         return AddOutcome(exemplar_id, created, item.species)
 
-    def refresh(self, species: Sequence[str]) -> None:
-        """Recompute these species' prototypes from the store and publish them."""
-        if not species:
-            return
-        with self._write_lock:
-            self._refresh_locked(species)
-
     def remove(self, ids: Sequence[int]) -> RemoveOutcome:
         """All or nothing: any unknown id raises UnknownExemplarError, nothing removed."""
         self._check_open()
@@ -304,37 +366,14 @@ class Gallery:
 
     # ------------------------------------------------------------ internals
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise GalleryError("the gallery is closed (server shutting down)")
-
-    def _publish(self, protos: PrototypeSet) -> None:
-        self._row_of = protos.index()
-        self._protos = protos
-
     def _refresh_locked(self, species: Sequence[str]) -> None:
-        protos = self._protos
-        names = list(protos.names)
-        vectors = protos.vectors.copy()
-        appended: list[np.ndarray] = []
-        rows: list[int] = []
+        updates = []
         for name in dict.fromkeys(species):
             _, raw = self.store.embeddings_for(name)
-            vec = self.builder.fused(name, self.project(raw))
-            row = self._row_of.get(name)
-            if row is None:
-                row = len(names)
-                names.append(name)
-                appended.append(vec)
-            else:
-                vectors[row] = vec
-            rows.append(row)
-        if appended:
-            vectors = np.vstack([vectors, *[v[None, :] for v in appended]])
-        new_names = protos.names if len(names) == len(protos.names) else tuple(names)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.index.set_prototypes(rows, vectors[rows])
-        self._publish(PrototypeSet(new_names, vectors, version=self._version))
+            updates.append((name, self.builder.fused(name, self.project(raw))))
+        protos, rows = self._updated_prototypes(updates)
+        self.index.set_prototypes(rows, protos.vectors[rows])
+        self._publish(protos)
 
     def _load_runtime_species(self) -> None:
         for text in self.store.runtime_species():
@@ -509,7 +548,7 @@ class Gallery:
         self.store.close()
 
 
-def _hit(row: ExemplarRow, score: float) -> SimilarHit:
+def similar_hit(row: ExemplarRow, score: float) -> SimilarHit:
     return SimilarHit(
         exemplar_id=row.exemplar_id,
         species=row.species,
@@ -539,28 +578,8 @@ def open_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
             "(optionally faiss:flat | faiss:ivf-flat,nlist=N,nprobe=N | faiss:ivf-pq | faiss:auto)"
         )
     spec = IndexSpec.parse(options or "flat")
-
-    def text_for(names: list[str]) -> np.ndarray:
-        prompts = [catalog.get(n).prompt() for n in names]
-        return scorer.to_prototype_space(text_cache.embed(prompts))
-
-    bundle = scorer.bundle
-    if bundle is not None:
-        support = (bundle.extra.get("prototype_support") or bundle.extra.get("train_counts")
-                   or {})
-        builder = PrototypeBuilder(
-            base_names=base.names, base_vectors=base.vectors, text_for=text_for,
-            alpha=float(bundle.alpha), visual_prior=bundle.visual_prototypes,
-            text_base=bundle.text_prototypes,
-            prior_weights={str(k): float(v) for k, v in support.items()},
-        )
-        space_id = f"bundle:{bundle.bundle_id}"
-    else:
-        builder = PrototypeBuilder(
-            base_names=base.names, base_vectors=base.vectors, text_for=text_for,
-            alpha=ZERO_SHOT_ALPHA, text_base=base.vectors,
-        )
-        space_id = f"raw:{model.fingerprint}"
+    builder, space_id = prototype_builder(model=model, catalog=catalog, scorer=scorer,
+                                          text_cache=text_cache, base=base)
     return Gallery(
         Path(config.data_dir) / "gallery",
         catalog=catalog,

@@ -51,11 +51,13 @@ import numpy as np
 
 from index.gallery import (
     AddOutcome,
+    GalleryBase,
     GalleryError,
     RemoveOutcome,
     SpeciesExistsError,
     UnknownExemplarError,
     UnknownSpeciesError,
+    similar_hit,
 )
 from index.milvus_index import (
     EXEMPLAR_META_FIELDS,
@@ -68,7 +70,7 @@ from index.milvus_index import (
     ids_digest,
     parse_target,
 )
-from index.prototypes import ZERO_SHOT_ALPHA, PrototypeBuilder
+from index.prototypes import PrototypeBuilder, prototype_builder
 from index.store import ExemplarRow, NewExemplar
 from server.catalog import Catalog, SpeciesRecord
 from server.pipeline import SimilarHit
@@ -80,7 +82,7 @@ SKEW_MARGIN_NS = 30 * 10**9  # incremental polls re-read this much before the ne
 MAX_REFRESH_ATTEMPTS = 5
 
 
-class MilvusGallery:
+class MilvusGallery(GalleryBase):
     backend = "milvus"
 
     def __init__(
@@ -95,24 +97,16 @@ class MilvusGallery:
         space_id: str,
         index: MilvusIndex | None = None,
     ) -> None:
+        super().__init__(catalog=catalog, builder=builder, project=project, space_id=space_id)
         self.target = target
-        self.catalog = catalog
-        self.builder = builder
-        self.project = lambda raw: np.ascontiguousarray(project(raw), dtype=np.float32)
-        self.space_id = space_id
-        self.dim = int(builder.base_vectors.shape[1])
         self.raw_dim = int(embedding_dim)
         self.index = index or MilvusIndex(
             target, dim=self.dim, raw_dim=embedding_dim,
             meta={"model_fingerprint": model_fingerprint, "space_id": space_id},
         )
-        self._write_lock = threading.Lock()
-        self._closed = False
         self._stamps: dict[str, int] = {}
         self._records: dict[str, str] = {}  # runtime species: catalog record JSON
         self._created: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
-        self._version = 0
         self.recovery = "milvus"
         self.syncs = 0  # polls that installed changes (logs, tests)
         base = PrototypeSet(tuple(builder.base_names),
@@ -132,27 +126,6 @@ class MilvusGallery:
 
     # ------------------------------------------------------------ read API
 
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def size(self) -> int:
-        return sum(self._counts.values())
-
-    def exemplar_counts(self) -> dict[str, int]:
-        return dict(self._counts)
-
-    def prototypes(self) -> PrototypeSet:
-        return self._protos
-
-    def knows(self, name: str) -> bool:
-        return name in self.catalog or name in self._row_of
-
-    def similar_search(self, embeddings: np.ndarray, n: int,
-                       include_thumbnails: bool = False) -> list[list[SimilarHit]]:
-        return self.search(embeddings, n, include_thumbnails=include_thumbnails)
-
     def search(self, embeddings: np.ndarray, k: int, species: Sequence[str] | None = None,
                include_thumbnails: bool = False,
                exclude: Sequence[int] = ()) -> list[list[SimilarHit]]:
@@ -168,21 +141,12 @@ class MilvusGallery:
                 exclude=list(exclude), output_fields=fields)
         except MilvusGalleryError as exc:
             raise GalleryError(str(exc)) from exc
-        results = []
-        for row_scores, row_ids, row_entities in zip(scores, ids, entities, strict=True):
-            hits = [
-                SimilarHit(
-                    exemplar_id=int(vid), species=e.get("species", ""),
-                    score=float(np.clip(score, -1.0, 1.0)), source_uri=e.get("source_uri", ""),
-                    thumbnail=decode_thumbnail(e.get("thumbnail", "")),
-                    license=e.get("license", ""), contributor=e.get("contributor", ""),
-                    observation_id=e.get("observation_id", ""),
-                )
-                for score, vid, e in zip(row_scores, row_ids, row_entities, strict=False)
-                if vid >= 0
-            ]
-            results.append(hits)
-        return results
+        return [
+            [similar_hit(_row({**e, "id": vid}), float(score))
+             for score, vid, e in zip(row_scores, row_ids, row_entities, strict=False)
+             if vid >= 0]
+            for row_scores, row_ids, row_entities in zip(scores, ids, entities, strict=True)
+        ]
 
     def embedding_of(self, exemplar_id: int) -> np.ndarray:
         found = self.index.get([exemplar_id], ["raw"]).get(int(exemplar_id))
@@ -238,12 +202,6 @@ class MilvusGallery:
             if refresh:
                 self._refresh_locked([item.species])
         return AddOutcome(eid, True, item.species)
-
-    def refresh(self, species: Sequence[str]) -> None:
-        if not species:
-            return
-        with self._write_lock:
-            self._refresh_locked(species)
 
     def remove(self, ids: Sequence[int]) -> RemoveOutcome:
         self._check_open()
@@ -335,20 +293,12 @@ class MilvusGallery:
 
     # ------------------------------------------------------------ internals
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise GalleryError("the gallery is closed (server shutting down)")
-
     @staticmethod
     def _write(fn, arg) -> None:
         try:
             fn(arg)
         except MilvusGalleryError as exc:
             raise GalleryError(str(exc)) from exc
-
-    def _publish(self, protos: PrototypeSet) -> None:
-        self._row_of = protos.index()
-        self._protos = protos
 
     def _next_version(self) -> int:
         return max(time.time_ns(), self._version + 1)
@@ -376,11 +326,7 @@ class MilvusGallery:
 
     def _apply(self, rows: Sequence[SpeciesRow], initial: bool = False) -> None:
         """Install species rows (write lock held): catalog, prototypes, counts, stamps."""
-        protos = self._protos
-        names = list(protos.names)
-        vectors = protos.vectors.copy()
-        row_of = dict(self._row_of)
-        appended: list[np.ndarray] = []
+        updates: list[tuple[str, np.ndarray]] = []
         counts = dict(self._counts)
         for r in sorted(rows, key=lambda r: (r.created_at, r.species)):
             if r.record_json and r.species not in self.catalog:
@@ -394,7 +340,7 @@ class MilvusGallery:
                 counts[r.species] = r.count
             else:
                 counts.pop(r.species, None)
-            if r.species not in self.catalog and r.species not in row_of:
+            if r.species not in self.catalog and r.species not in self._row_of:
                 log.warning("gallery: %d photos of %r, which is in neither catalog nor bundle; "
                             "they are searchable but give no prototype", r.count, r.species)
                 continue
@@ -402,21 +348,9 @@ class MilvusGallery:
                 vec = r.vector
             else:  # no photos: the base prototype, fresh from this replica's bundle/catalog
                 vec = self.builder.without_photos([r.species])[0]
-            row = row_of.get(r.species)
-            if row is None:
-                row_of[r.species] = len(names)
-                names.append(r.species)
-                appended.append(np.asarray(vec, np.float32))
-            elif row < len(vectors):
-                vectors[row] = vec
-            else:
-                appended[row - len(vectors)] = np.asarray(vec, np.float32)
-        if appended:
-            vectors = np.vstack([vectors, *[v[None, :] for v in appended]])
+            updates.append((r.species, vec))
         self._counts = counts
-        new_names = protos.names if len(names) == len(protos.names) else tuple(names)
-        self._publish(PrototypeSet(new_names, np.ascontiguousarray(vectors, np.float32),
-                                   version=self._version))
+        self._publish(self._updated_prototypes(updates)[0])
         if initial:
             log.debug("installed %d species rows from Milvus", len(rows))
 
@@ -446,32 +380,6 @@ def _row(r: dict) -> ExemplarRow:
 
 
 # -------------------------------------------------------------------- factory
-
-
-def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
-                      base: PrototypeSet) -> tuple[PrototypeBuilder, str]:
-    """(builder, space id) exactly as the FAISS gallery builds them (same prototypes)."""
-
-    def text_for(names: list[str]) -> np.ndarray:
-        prompts = [catalog.get(n).prompt() for n in names]
-        return scorer.to_prototype_space(text_cache.embed(prompts))
-
-    bundle = scorer.bundle
-    if bundle is not None:
-        support = (bundle.extra.get("prototype_support") or bundle.extra.get("train_counts")
-                   or {})
-        builder = PrototypeBuilder(
-            base_names=base.names, base_vectors=base.vectors, text_for=text_for,
-            alpha=float(bundle.alpha), visual_prior=bundle.visual_prototypes,
-            text_base=bundle.text_prototypes,
-            prior_weights={str(k): float(v) for k, v in support.items()},
-        )
-        return builder, f"bundle:{bundle.bundle_id}"
-    builder = PrototypeBuilder(
-        base_names=base.names, base_vectors=base.vectors, text_for=text_for,
-        alpha=ZERO_SHOT_ALPHA, text_base=base.vectors,
-    )
-    return builder, f"raw:{model.fingerprint}"
 
 
 def open_milvus_gallery(config, *, model, catalog: Catalog, scorer, text_cache,

@@ -21,9 +21,10 @@ prototypes from ("10-50 images"), so that a couple of curator photos nudge a
 trained prototype while a dozen or more take over.
 
 Fused prototype (Proto-CLIP, arXiv:2307.03073): ``normalize(alpha * visual +
-(1 - alpha) * text)`` with the bundle's alpha, or ``ZERO_SHOT_ALPHA`` = 0.8
-(the seed's value) without a bundle. A species without photos keeps its base
-prototype: the bundle's fused one, or its text prototype.
+(1 - alpha) * text)`` with the scorer's alpha: the bundle's, or
+``server.scoring.ZERO_SHOT_ALPHA`` = 0.8 (the seed's value) without a bundle.
+A species without photos keeps its base prototype: the bundle's fused one, or
+its text prototype.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.bundle import fuse_prototypes
+from server.catalog import Catalog
 from server.prototype_math import weighted_prototype  # the trainer's: same prototypes
+from server.scoring import PrototypeSet
 
-__all__ = ["PrototypeBuilder", "combine_with_prior", "weighted_prototype"]
+__all__ = ["PrototypeBuilder", "combine_with_prior", "prototype_builder", "weighted_prototype"]
 
 DEFAULT_PRIOR_WEIGHT = 10.0
-ZERO_SHOT_ALPHA = 0.8
 
 
 def _normalize(v: np.ndarray) -> np.ndarray:
@@ -111,3 +113,32 @@ class PrototypeBuilder:
         else:
             text = self.text_for([name])[0]
         return fuse_prototypes(visual[None, :], np.asarray(text)[None, :], self.alpha)[0]
+
+
+def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
+                      base: PrototypeSet) -> tuple[PrototypeBuilder, str]:
+    """(builder, space id) for the loaded scorer; every gallery backend builds them here.
+
+    One recipe, so that the FAISS and Milvus galleries compute identical
+    prototypes. The space id names the space the vectors live in (the bundle's
+    whitened space, or the model's raw one): a snapshot or collection made for
+    another space must not be reused.
+    """
+
+    def text_for(names: list[str]) -> np.ndarray:
+        prompts = [catalog.get(n).prompt() for n in names]
+        return scorer.to_prototype_space(text_cache.embed(prompts))
+
+    alpha = float(scorer.alpha)
+    bundle = scorer.bundle
+    if bundle is None:
+        builder = PrototypeBuilder(base_names=base.names, base_vectors=base.vectors,
+                                   text_for=text_for, alpha=alpha, text_base=base.vectors)
+        return builder, f"raw:{model.fingerprint}"
+    support = bundle.extra.get("prototype_support") or bundle.extra.get("train_counts") or {}
+    builder = PrototypeBuilder(
+        base_names=base.names, base_vectors=base.vectors, text_for=text_for, alpha=alpha,
+        visual_prior=bundle.visual_prototypes, text_base=bundle.text_prototypes,
+        prior_weights={str(k): float(v) for k, v in support.items()},
+    )
+    return builder, f"bundle:{bundle.bundle_id}"

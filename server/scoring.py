@@ -25,6 +25,11 @@ from server.routing import (
     route_zero_shot,
 )
 
+ZERO_SHOT_ALPHA = 0.8
+"""The seed's alpha. Zero-shot has no trained visual prototypes: the gallery uses it
+to fuse the visual prototypes of species that got reference photos,
+``normalize(alpha * visual + (1 - alpha) * text)``, as a bundle uses its own alpha."""
+
 
 @dataclass(frozen=True)
 class PrototypeSet:
@@ -71,7 +76,7 @@ class ZeroShotScorer:
         self.thresholds = thresholds or Thresholds()
         self.logit_scale = logit_scale
         self.temperature = logit_scale
-        self.alpha = 0.0
+        self.alpha = ZERO_SHOT_ALPHA  # used by the gallery for species with photos
         self.bundle: Bundle | None = None
 
     def to_prototype_space(self, embeddings: np.ndarray) -> np.ndarray:

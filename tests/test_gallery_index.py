@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gallery_helpers import open_test_gallery, whitened_bundle
 
 from index.faiss_index import PROTOTYPE_ID_BASE, IndexSpec, IndexSpecError, RWLock, VectorIndex
 from index.gallery import (
@@ -16,23 +17,13 @@ from index.gallery import (
     SpeciesExistsError,
     UnknownExemplarError,
     UnknownSpeciesError,
-    open_gallery,
 )
-from index.prototypes import (
-    DEFAULT_PRIOR_WEIGHT,
-    ZERO_SHOT_ALPHA,
-    combine_with_prior,
-    weighted_prototype,
-)
+from index.prototypes import DEFAULT_PRIOR_WEIGHT, combine_with_prior, weighted_prototype
 from index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
 from index.store import GalleryStore, NewExemplar, StoreError
-from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from server.bundle import Bundle, fuse_prototypes
 from server.catalog import Catalog, SpeciesRecord
-from server.config import ServerConfig
-from server.head import build_head, head_state_from_module
-from server.routing import Thresholds
-from server.scoring import HybridScorer, ZeroShotScorer
-from server.state import initial_prototypes
+from server.scoring import ZERO_SHOT_ALPHA, HybridScorer
 from server.text_prototypes import TextPrototypeCache
 
 DIM = 512
@@ -69,13 +60,8 @@ def open_at(loaded_demo_model, text_cache):
     opened = []
 
     def _open(directory: Path, spec: str = "flat", bundle: Bundle | None = None, **extra):
-        catalog = Catalog.load_default()
-        scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
-        base = initial_prototypes(catalog, scorer, text_cache)
-        config = ServerConfig(model=loaded_demo_model.spec, data_dir=directory,
-                              gallery=f"faiss:{spec}", extra=extra)
-        gallery = open_gallery(config, model=loaded_demo_model, catalog=catalog, scorer=scorer,
-                               text_cache=text_cache, base=base)
+        gallery = open_test_gallery(f"faiss:{spec}", directory, loaded_demo_model, text_cache,
+                                    bundle, **extra)
         opened.append(gallery)
         return gallery
 
@@ -347,34 +333,12 @@ def test_gallery_ivf_index_from_configuration(tmp_path: Path, open_at) -> None:
     assert again.recovery == "snapshot" and again.size == 239
 
 
-def make_bundle(model, catalog: Catalog, text_cache: TextPrototypeCache, dim_out: int = 64,
-                support: dict | None = None) -> Bundle:
-    rng = np.random.default_rng(0)
-    species = catalog.names()[:12]
-    common = species[:6]
-    mu = (0.01 * rng.normal(size=(1, DIM))).astype(np.float32)
-    w = (rng.normal(size=(DIM, dim_out)) / np.sqrt(DIM)).astype(np.float32)
-    bundle = Bundle(
-        model_id=model.spec, model_fingerprint=model.fingerprint, embedding_dim=DIM,
-        species=species, common=common, head_config=DEFAULT_HEAD,
-        head_state=head_state_from_module(build_head(DIM, len(common))),
-        visual_prototypes=unit(rng.normal(size=(len(species), dim_out))),
-        text_prototypes=np.zeros((len(species), dim_out), np.float32),
-        prototypes=np.zeros((len(species), dim_out), np.float32),
-        whitening_mu=mu, whitening_W=w, temperature=23.8, alpha=0.8, thresholds=Thresholds(),
-        extra={"train_counts": support or {}}, bundle_id="test-bundle",
-    )
-    text = text_cache.embed([catalog.get(n).prompt() for n in species])
-    bundle.text_prototypes = bundle.whiten(text)
-    bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes, 0.8)
-    return bundle
-
-
 def test_gallery_in_a_bundles_whitened_space(tmp_path: Path, open_at, loaded_demo_model,
                                              text_cache) -> None:
     catalog = Catalog.load_default()
     trained = catalog.names()[7]
-    bundle = make_bundle(loaded_demo_model, catalog, text_cache, support={trained: 4})
+    bundle = whitened_bundle(loaded_demo_model, catalog, text_cache,
+                             extra={"train_counts": {trained: 4}}, bundle_id="test-bundle")
     gallery = open_at(tmp_path, bundle=bundle)
     assert gallery.dim == 64 and gallery.space_id == "bundle:test-bundle"
     photos = family(30, 3)

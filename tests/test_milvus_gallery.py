@@ -12,17 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gallery_helpers import open_test_gallery, whitened_bundle
 
-from index.gallery import UnknownExemplarError, UnknownSpeciesError, open_gallery
-from index.milvus_gallery import open_milvus_gallery
+from index.gallery import UnknownExemplarError, UnknownSpeciesError
 from index.store import NewExemplar
-from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from server.bundle import Bundle
 from server.catalog import Catalog, SpeciesRecord
-from server.config import ServerConfig
-from server.head import build_head, head_state_from_module
-from server.routing import Thresholds
-from server.scoring import HybridScorer
-from server.state import initial_prototypes
 from server.text_prototypes import TextPrototypeCache
 
 DIM = 512
@@ -38,41 +33,12 @@ def text_cache(loaded_demo_model, tmp_path_factory) -> TextPrototypeCache:
     return TextPrototypeCache(loaded_demo_model, tmp_path_factory.mktemp("text-cache"))
 
 
-def make_bundle(model, catalog: Catalog, text_cache, support: dict) -> Bundle:
-    rng = np.random.default_rng(0)
-    species = catalog.names()[:12]
-    common = species[:6]
-    mu = (0.01 * rng.normal(size=(1, DIM))).astype(np.float32)
-    w = (rng.normal(size=(DIM, 64)) / np.sqrt(DIM)).astype(np.float32)
-    bundle = Bundle(
-        model_id=model.spec, model_fingerprint=model.fingerprint, embedding_dim=DIM,
-        species=species, common=common, head_config=DEFAULT_HEAD,
-        head_state=head_state_from_module(build_head(DIM, len(common))),
-        visual_prototypes=unit(rng.normal(size=(len(species), 64))),
-        text_prototypes=np.zeros((len(species), 64), np.float32),
-        prototypes=np.zeros((len(species), 64), np.float32),
-        whitening_mu=mu, whitening_W=w, temperature=23.8, alpha=0.8, thresholds=Thresholds(),
-        extra={"prototype_support": support}, bundle_id="milvus-test-bundle",
-    )
-    bundle.text_prototypes = bundle.whiten(text_cache.embed(
-        [catalog.get(n).prompt() for n in species]))
-    bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes, 0.8)
-    return bundle
-
-
 @pytest.fixture
 def open_pair(loaded_demo_model, text_cache, tmp_path: Path):
     opened = []
 
     def _open(gallery: str, bundle: Bundle):
-        catalog = Catalog.load_default()
-        scorer = HybridScorer(bundle)
-        base = initial_prototypes(catalog, scorer, text_cache)
-        config = ServerConfig(model=loaded_demo_model.spec, data_dir=tmp_path / "data",
-                              gallery=gallery)
-        opener = open_milvus_gallery if gallery.startswith("milvus") else open_gallery
-        g = opener(config, model=loaded_demo_model, catalog=catalog, scorer=scorer,
-                   text_cache=text_cache, base=base)
+        g = open_test_gallery(gallery, tmp_path / "data", loaded_demo_model, text_cache, bundle)
         opened.append(g)
         return g
 
@@ -100,7 +66,9 @@ def test_milvus_and_faiss_galleries_agree_and_milvus_survives_a_restart(
         open_pair, loaded_demo_model, text_cache, tmp_path):
     catalog = Catalog.load_default()
     names = catalog.names()
-    bundle = make_bundle(loaded_demo_model, catalog, text_cache, support={names[3]: 4})
+    bundle = whitened_bundle(loaded_demo_model, catalog, text_cache,
+                             extra={"prototype_support": {names[3]: 4}},
+                             bundle_id="milvus-test-bundle")
     lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
     faiss_g, milvus_g = open_pair("faiss", bundle), open_pair(lite, bundle)
     assert milvus_g.dim == faiss_g.dim == 64 and milvus_g.space_id == faiss_g.space_id

@@ -27,15 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import Bundle, BundleError, load_bundle
+from server.bundle import Bundle, BundleError
 from server.catalog import FALLBACK_RANKS, Catalog
 from server.routing import Thresholds
-from tools.datasets import DatasetError, read_embeddings
+from tools.datasets import DatasetError
 from tools.metrics import (
     ScoredSet,
     ece,
     fallback_outcomes,
     fit_logit_scale,
+    load_labelled_split,
     rank_answers,
     risk_coverage,
     score_set,
@@ -298,11 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = args.embeddings or Path(args.bundle) / "split" / "val.parquet"
     try:
-        bundle = load_bundle(args.bundle)
-        data = read_embeddings(path)
-        data.check_model(bundle.model_fingerprint, bundle.embedding_dim, str(path))
+        bundle, data, _ = load_labelled_split(args.bundle, args.embeddings, "val")
     except (BundleError, DatasetError) as exc:
         log.error("%s", exc)
         return 2

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import Bundle, BundleError, load_bundle
+from server.bundle import Bundle, BundleError
 from server.catalog import Catalog
 from server.routing import SEED_METHOD_NAMES, Method
-from tools.datasets import DatasetError, EmbeddingSet, fingerprint, read_embeddings
+from tools.datasets import DatasetError, EmbeddingSet, fingerprint
 from tools.metrics import (
     ScoredSet,
     ece,
     fallback_outcomes,
+    load_labelled_split,
     reliability_bins,
     risk_coverage_curve,
     score_set,
@@ -155,11 +156,8 @@ HEADLINE = ("coverage", "accuracy_global", "accuracy_common", "accuracy_rare", "
 def run(args: argparse.Namespace) -> int:
     from tools.report import write_report
 
-    path = args.embeddings or Path(args.bundle) / "split" / "test.parquet"
     try:
-        bundle = load_bundle(args.bundle)
-        data = read_embeddings(path)
-        data.check_model(bundle.model_fingerprint, bundle.embedding_dim, str(path))
+        bundle, data, path = load_labelled_split(args.bundle, args.embeddings, "test")
     except (BundleError, DatasetError) as exc:
         log.error("%s", exc)
         return 2

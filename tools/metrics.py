@@ -10,16 +10,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from server.bundle import Bundle
+from server.bundle import Bundle, load_bundle
 from server.catalog import Catalog
 from server.routing import Method, Routed, Thresholds, route_hybrid
 from server.scoring import HybridScorer, PrototypeSet, Scores
 from server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
+from tools.datasets import EmbeddingSet, read_embeddings
 
 ECE_BINS = 15
+
+
+def load_labelled_split(bundle_dir: Path, embeddings: Path | None,
+                        split: str) -> tuple[Bundle, EmbeddingSet, Path]:
+    """The bundle and a labelled set made with its model, and the set's path.
+
+    ``embeddings`` defaults to the bundle's own split, ``BUNDLE/split/SPLIT.parquet``.
+    Raises BundleError or DatasetError (unreadable, or embeddings of another model).
+    """
+    path = embeddings or Path(bundle_dir) / "split" / f"{split}.parquet"
+    bundle = load_bundle(bundle_dir)
+    data = read_embeddings(path)
+    data.check_model(bundle.model_fingerprint, bundle.embedding_dim, str(path))
+    return bundle, data, path
 
 
 @dataclass
