@@ -44,7 +44,7 @@ the store does not arbitrate between curators.
 Files (``--data-dir``/gallery/): ``gallery.sqlite3`` (+ its WAL), the
 source of truth, and ``index.snapshot``, disposable. Configuration:
 ``--gallery faiss`` (exact, default) or ``faiss:KIND[,key=value...]`` with
-KIND ``flat | ivf-flat | ivf-pq | auto`` and keys ``nlist``, ``nprobe``,
+KIND ``flat | ivf-flat | ivf-sq8 | ivf-pq | auto`` and keys ``nlist``, ``nprobe``,
 ``pq_m``, ``auto_threshold`` (see ``faiss_index.py``); changing it rebuilds
 the index at the next start. ``ServerConfig.extra["gallery_snapshot_every"]``
 sets the background snapshot period (writes).
@@ -575,7 +575,8 @@ def open_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
     if backend != "faiss":
         raise GalleryConfigError(
             f"gallery backend {backend!r} is not available here; use faiss "
-            "(optionally faiss:flat | faiss:ivf-flat,nlist=N,nprobe=N | faiss:ivf-pq | faiss:auto)"
+            "(optionally faiss:flat | faiss:ivf-flat,nlist=N,nprobe=N | faiss:ivf-sq8 | "
+            "faiss:ivf-pq | faiss:auto)"
         )
     spec = IndexSpec.parse(options or "flat")
     builder, space_id = prototype_builder(model=model, catalog=catalog, scorer=scorer,

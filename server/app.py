@@ -44,9 +44,10 @@ class RunningServer:
         self.server.stop(grace).wait()
         if self.metrics is not None:
             self.metrics.close()
-        closer = getattr(self.state.gallery, "close", None)
-        if closer is not None:
-            closer()
+        for part in (self.state.batcher, self.state.gallery):
+            closer = getattr(part, "close", None)
+            if closer is not None:
+                closer()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -29,10 +29,10 @@ command=${1:-}
 shift || true
 case "$command" in
     serve)
-        ensure_env ""
+        ensure_env "onnx,openvino"  # --runtime auto picks the fastest that passes the gate
         exec "$VENV/bin/biolit-id" serve "$@" ;;
     smoke)
-        ensure_env ""
+        ensure_env "onnx,openvino"
         [ -d data/demo-model ] || "$VENV/bin/biolit-id" demo-model data/demo-model
         exec "$VENV/bin/biolit-id" serve --model local-dir:data/demo-model "$@" ;;
     test)

@@ -65,15 +65,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from index.faiss_index import IndexSpecError
+    from index.gallery import GalleryConfigError, GalleryError
+    from index.store import StoreError
     from server.app import serve_forever
     from server.auth import SecurityConfigError
     from server.bundle import BundleError
+    from server.catalog_store import CatalogStoreError
     from server.runtimes import RuntimeUnavailableError
 
+    # Set-up errors a user can fix: one clear line, no traceback.
     try:
         serve_forever(config_from_args(args))
-    except (ModelUnavailableError, BundleError, SecurityConfigError,
-            RuntimeUnavailableError) as exc:
+    except (ModelUnavailableError, BundleError, SecurityConfigError, RuntimeUnavailableError,
+            CatalogStoreError, StoreError, GalleryConfigError, GalleryError,
+            IndexSpecError) as exc:
         print(f"biolit-id serve: {exc}", file=sys.stderr)
         return 1
     return 0
