@@ -36,8 +36,8 @@ from index.gallery import (
     UnknownSpeciesError,
 )
 from index.store import ExemplarRow, NewExemplar
-from server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from server.catalog import MAX_NAME_LENGTH, SpeciesRecord, UnknownTaxonError
+from server.errors import EMBED_ERRORS, message_of, status_for
 from server.messages import PB_TO_RANK, similar_message
 from server.pipeline import InvalidRequestError
 from server.preprocess import (
@@ -48,12 +48,6 @@ from server.preprocess import (
     to_array,
 )
 
-# The model's queue is busy or gone: the photo was not processed (retry the call).
-EMBED_ERRORS = {
-    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    BatcherClosedError: grpc.StatusCode.UNAVAILABLE,
-}
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_K = 10
@@ -179,14 +173,14 @@ class CurationServicer:
                     outcome = gallery.add_exemplar(item, refresh=False)
                 except (InvalidRequestError, ImageDecodeError) as exc:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"message {position}: {_text(exc)}; the {position} "
+                                  f"message {position}: {message_of(exc)}; the {position} "
                                   "message(s) before it are stored")
                 except UnknownSpeciesError as exc:
                     context.abort(grpc.StatusCode.NOT_FOUND, f"message {position}: {exc}")
                 except GalleryError as exc:
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"message {position}: {exc}")
                 except tuple(EMBED_ERRORS) as exc:
-                    context.abort(_embed_code(exc), f"message {position}: {_text(exc)}")
+                    context.abort(status_for(exc), f"message {position}: {message_of(exc)}")
                 ids.append(outcome.exemplar_id)
                 if outcome.created and outcome.species not in touched:
                     touched.append(outcome.species)
@@ -259,9 +253,9 @@ class CurationServicer:
         except UnknownExemplarError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except (InvalidRequestError, ImageDecodeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _text(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message_of(exc))
         except tuple(EMBED_ERRORS) as exc:
-            context.abort(_embed_code(exc), _text(exc))
+            context.abort(status_for(exc), message_of(exc))
         if species is not None and not species:
             return pb.SearchSimilarResponse()
         hits = gallery.search(query[None, :], request.k or DEFAULT_K, species,
@@ -349,10 +343,3 @@ def _species_record(request: pb.AddSpeciesRequest) -> SpeciesRecord:
         added_at_runtime=True,
     )
 
-
-def _embed_code(exc: Exception) -> grpc.StatusCode:
-    return next(code for cls, code in EMBED_ERRORS.items() if isinstance(exc, cls))
-
-
-def _text(exc: Exception) -> str:
-    return str(exc.args[0]) if exc.args else str(exc)

@@ -10,25 +10,16 @@ import grpc
 
 from biolit.v1 import identification_pb2 as pb
 from biolit.v1 import identification_pb2_grpc as pb_grpc
-from server.batcher import (
-    DeadlineExceededError,
-    QueueFullError,
-    deadline_scope,
-    grpc_deadline,
-    read_ahead,
-)
+from server.batcher import deadline_scope, grpc_deadline, read_ahead
 from server.catalog import Catalog, UnknownTaxonError
 from server.curation import CurationServicer
+from server.errors import HANDLED_ERRORS, message_of, status_for
 from server.limits import check_request, deadline_passed
 from server.messages import identify_response, species_message
 from server.pipeline import Identification, InvalidRequestError
-from server.preprocess import ImageDecodeError
 from server.state import ServiceState
 
 log = logging.getLogger(__name__)
-
-# Errors a client caused: INVALID_ARGUMENT with the error's own message.
-CLIENT_ERRORS = (InvalidRequestError, ImageDecodeError, UnknownTaxonError)
 
 
 class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServicer):
@@ -74,12 +65,8 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         try:
             with self._call_scope(grpc_deadline(context), bool(request.image)):
                 result = self._identify_one(request)
-        except CLIENT_ERRORS as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(exc))
-        except QueueFullError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _message(exc))
-        except DeadlineExceededError as exc:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _message(exc))
+        except HANDLED_ERRORS as exc:
+            context.abort(status_for(exc), message_of(exc))
         return self._respond(request, result)
 
     def IdentifyStream(self, request_iterator: Iterator[pb.IdentifyRequest],
@@ -103,16 +90,10 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         """One stream item; its errors are reported in its response, not the stream's."""
         try:
             return self._respond(request, self._identify_one(request))
-        except (*CLIENT_ERRORS, QueueFullError, DeadlineExceededError) as exc:
-            if isinstance(exc, QueueFullError):
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            elif isinstance(exc, DeadlineExceededError):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-            else:
-                code = grpc.StatusCode.INVALID_ARGUMENT
+        except HANDLED_ERRORS as exc:
             return pb.IdentifyResponse(
                 request_id=request.request_id,
-                error=pb.ItemError(code=code.value[0], message=_message(exc)),
+                error=pb.ItemError(code=status_for(exc).value[0], message=message_of(exc)),
             )
 
     # -------------------------------------------------------------- catalog
@@ -194,6 +175,3 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
             gallery_backend=cfg.gallery.split(":", 1)[0],
         )
 
-
-def _message(exc: Exception) -> str:
-    return str(exc.args[0]) if exc.args else str(exc)

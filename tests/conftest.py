@@ -74,6 +74,15 @@ def make_server(tmp_path: Path, demo_model_spec: str) -> Iterator[Callable[..., 
         running.stop(0.5)
 
 
+def code_of(call) -> grpc.StatusCode:
+    """The status a gRPC call ends with (OK when it returns)."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
 def stub_for(running: RunningServer) -> pb_grpc.SpeciesIdentifierStub:
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     return pb_grpc.SpeciesIdentifierStub(channel)

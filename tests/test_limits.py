@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from biolit.v1 import identification_pb2 as pb
-from conftest import photo_bytes, stub_for
+from conftest import code_of, photo_bytes, stub_for
 from server.limits import (
     MAX_EMBEDDING_VALUES,
     MAX_LIST_LENGTH,
@@ -29,14 +29,6 @@ def assert_serving(running) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def code_of(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def rpc_error(call) -> grpc.RpcError:

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from biolit.v1 import identification_pb2 as pb
 from biolit.v1 import identification_pb2_grpc as pb_grpc
-from conftest import photo_bytes
+from conftest import code_of, photo_bytes
 from server.app import RunningServer, start_server
 from server.auth import (
     ApiKeyFileError,
@@ -47,14 +47,6 @@ curate   {CURATE_KEY}
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
-
-
-def code_of(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 @pytest.fixture(scope="module")
