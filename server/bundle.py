@@ -123,7 +123,12 @@ class Bundle:
         }
 
     def save(self, directory: Path) -> Path:
-        """Write atomically: a crash leaves the old bundle or the new, never half."""
+        """Write each file atomically (temp, fsync, rename).
+
+        A crash between the two renames leaves new weights beside the old
+        manifest; ``load_bundle`` then refuses the pair (bundle_id differs)
+        rather than serving a mix.
+        """
         from safetensors.numpy import save_file
 
         directory = Path(directory)
@@ -188,6 +193,7 @@ def load_bundle(
             raise BundleError(f"{weights_path} lacks tensor {key!r}")
         if tensors[key].shape[0] != len(species):
             raise BundleError(f"{key} has {tensors[key].shape[0]} rows for {len(species)} species")
+    _check_consistent(directory, species, manifest.get("common", []), tensors, dim)
     th = manifest.get("thresholds", {})
     known = {"visual_prototypes", "text_prototypes", "prototypes", "whitening_mu", "whitening_W"}
     return Bundle(
@@ -231,6 +237,28 @@ _MANIFEST_KEYS = frozenset(
         "training_data_fingerprint", "metrics", "created_at", "tool_version", "bundle_id",
     )
 )
+
+
+def _check_consistent(directory: Path, species: list[str], common: list[str],
+                      tensors: dict[str, np.ndarray], dim: int) -> None:
+    """Refuse at load what would otherwise fail on the first Identify."""
+    unknown = sorted(set(common) - set(species))
+    if unknown:
+        raise BundleError(f"bundle {directory}: head classes missing from its species: {unknown}")
+    width = tensors["prototypes"].shape[1]
+    for key in ("visual_prototypes", "text_prototypes"):
+        if tensors[key].shape[1] != width:
+            raise BundleError(f"bundle {directory}: {key} is {tensors[key].shape[1]}-d, "
+                              f"prototypes are {width}-d")
+    mu, w = tensors.get("whitening_mu"), tensors.get("whitening_W")
+    if (mu is None) != (w is None):
+        raise BundleError(f"bundle {directory}: whitening_mu and whitening_W go together")
+    if w is not None and (w.shape != (dim, width) or mu.shape != (1, dim)):
+        raise BundleError(f"bundle {directory}: whitening maps {tuple(w.shape)} / "
+                          f"{tuple(mu.shape)}, expected ({dim}, {width}) / (1, {dim})")
+    if w is None and width != dim:
+        raise BundleError(f"bundle {directory}: {width}-d prototypes need a whitening "
+                          f"from the {dim}-d embeddings")
 
 
 def fuse_prototypes(visual: np.ndarray, text: np.ndarray, alpha: float) -> np.ndarray:

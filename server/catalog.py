@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -188,12 +188,6 @@ class Catalog:
         i = self._index.get(name)
         return None if i is None else self._records[i]
 
-    def index_of(self, name: str) -> int:
-        return self._index[name]
-
-    def record_at(self, index: int) -> SpeciesRecord:
-        return self._records[index]
-
     def species_under(self, taxon: str) -> list[str]:
         """Catalog species that are ``taxon`` or lie under it, at any rank."""
         if taxon in self._index:
@@ -202,11 +196,3 @@ class Catalog:
         if not found:
             raise UnknownTaxonError(taxon)
         return found
-
-    def with_replaced(self, name: str, **changes) -> SpeciesRecord:
-        record = self.get(name)
-        if record is None:
-            raise KeyError(name)
-        updated = replace(record, **changes)
-        self.update(updated)
-        return updated

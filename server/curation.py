@@ -36,6 +36,7 @@ from index.gallery import (
     UnknownSpeciesError,
 )
 from index.store import ExemplarRow, NewExemplar
+from server.batcher import grpc_deadline
 from server.catalog import MAX_NAME_LENGTH, SpeciesRecord, UnknownTaxonError
 from server.errors import EMBED_ERRORS, message_of, status_for
 from server.messages import PB_TO_RANK, similar_message
@@ -95,7 +96,8 @@ def exemplar_message(row: ExemplarRow) -> pb.Exemplar:
 
 
 class CurationServicer:
-    """Needs ``self.state`` (ServiceState) and ``self._species(name)`` from the servicer."""
+    """Needs ``self.state``, ``self._species(name)`` and ``self._call_scope`` (the
+    deadline the batcher honours) from the servicer."""
 
     # -------------------------------------------------------------- helpers
 
@@ -166,7 +168,8 @@ class CurationServicer:
         try:
             for position, request in enumerate(request_iterator):
                 try:
-                    item = self._new_exemplar(request, gallery)
+                    with self._call_scope(grpc_deadline(context), bool(request.image)):
+                        item = self._new_exemplar(request, gallery)
                     if isinstance(item, int):
                         ids.append(item)
                         continue
@@ -247,7 +250,8 @@ class CurationServicer:
                 query = gallery.embedding_of(request.exemplar_id)
                 exclude = [request.exemplar_id]  # "more like this one", not itself
             elif request.image:
-                query = ident.embed_images([request.image])[0][0]
+                with self._call_scope(grpc_deadline(context), True):
+                    query = ident.embed_images([request.image])[0][0]
             else:
                 query = ident.check_embedding(request.embedding)
         except UnknownExemplarError as exc:

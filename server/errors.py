@@ -19,6 +19,7 @@ CLIENT_ERRORS = (InvalidRequestError, ImageDecodeError, UnknownTaxonError)
 # the photo was not processed and the call can be retried.
 EMBED_ERRORS: dict[type[Exception], grpc.StatusCode] = {
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherClosedError: grpc.StatusCode.UNAVAILABLE,
 }
@@ -33,4 +34,6 @@ def status_for(exc: Exception) -> grpc.StatusCode:
 
 def message_of(exc: Exception) -> str:
     """The error's own sentence (KeyError's str() would add quotes)."""
+    if isinstance(exc, MemoryError):
+        return "the server is out of memory for this photo; retry later"
     return str(exc.args[0]) if exc.args else str(exc)

@@ -15,7 +15,8 @@ from server.bundle import DEFAULT_HEAD
 
 
 def build_head(input_dim: int, num_classes: int, config: dict | None = None) -> nn.Sequential:
-    """Sequential whose state keys match the seed's (``net.0``, ``net.1``, ``net.4``...)."""
+    """Sequential whose state keys are the seed's without its ``net.`` prefix (``0.*``,
+    ``1.*``, ``4.*``, ``7.*``), so the seed's weights load strictly."""
     config = config or DEFAULT_HEAD
     hidden = list(config.get("hidden", DEFAULT_HEAD["hidden"]))
     dropout = list(config.get("dropout", [0.0] * len(hidden)))
@@ -29,7 +30,8 @@ def build_head(input_dim: int, num_classes: int, config: dict | None = None) -> 
 
 
 class Head:
-    """Inference wrapper: embeddings in, softmax over the common species out."""
+    """Inference wrapper: embeddings in, logits over the common species out (the
+    scorer applies the softmax, masked when a request restricts the species)."""
 
     def __init__(self, state: dict[str, np.ndarray], input_dim: int, num_classes: int,
                  config: dict | None = None) -> None:

@@ -86,7 +86,7 @@ def identify_response(result: Identification, versions: pb.Versions,
 
 
 def species_message(record: SpeciesRecord, in_classifier: bool, has_prototype: bool,
-                    exemplar_count: int = 0) -> pb.Species:
+                    has_visual_prototype: bool, exemplar_count: int = 0) -> pb.Species:
     return pb.Species(
         scientific_name=record.scientific_name,
         rank=RANK_TO_PB.get(record.rank, pb.RANK_SPECIES),
@@ -95,6 +95,7 @@ def species_message(record: SpeciesRecord, in_classifier: bool, has_prototype: b
         in_classifier=in_classifier,
         has_prototype=has_prototype,
         has_text_prototype=True,
+        has_visual_prototype=has_visual_prototype,
         exemplar_count=exemplar_count,
         added_at_runtime=record.added_at_runtime,
         gbif_match_type=record.gbif.match_type,

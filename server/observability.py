@@ -168,7 +168,7 @@ def _code_name(context: grpc.ServicerContext, failed: bool) -> str:
     if failed:
         return "UNKNOWN"  # an unhandled exception: gRPC answers UNKNOWN
     remaining = context.time_remaining()
-    if remaining is not None and remaining < 0:
+    if remaining is not None and remaining <= 0:  # gRPC clamps it at 0
         return "DEADLINE_EXCEEDED"  # finished, but after the client gave up
     return "OK"
 

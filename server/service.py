@@ -91,24 +91,29 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         try:
             return self._respond(request, self._identify_one(request))
         except HANDLED_ERRORS as exc:
-            return pb.IdentifyResponse(
-                request_id=request.request_id,
-                error=pb.ItemError(code=status_for(exc).value[0], message=message_of(exc)),
-            )
+            code, message = status_for(exc), message_of(exc)
+        except Exception:  # a bug must cost one item, not the whole stream
+            log.exception("IdentifyStream item %r failed", request.request_id)
+            code, message = grpc.StatusCode.INTERNAL, "internal error on this item"
+        return pb.IdentifyResponse(
+            request_id=request.request_id,
+            error=pb.ItemError(code=code.value[0], message=message),
+        )
 
     # -------------------------------------------------------------- catalog
 
-    def _species(self, name: str) -> pb.Species:
+    def _species(self, name: str, counts: dict[str, int] | None = None) -> pb.Species:
         state = self.state
-        record = state.catalog.get(name)
-        protos = state.identifier.prototypes()
-        in_head = bool(state.bundle and name in state.bundle.common)
-        counts = getattr(state.gallery, "exemplar_counts", dict)()
+        bundle = state.bundle
+        if counts is None:
+            counts = state.gallery.exemplar_counts() if state.gallery is not None else {}
+        exemplars = counts.get(name, 0)
         return species_message(
-            record,
-            in_classifier=in_head,
-            has_prototype=name in protos.names,
-            exemplar_count=counts.get(name, 0),
+            state.catalog.get(name),
+            in_classifier=bool(bundle and name in bundle.common),
+            has_prototype=name in state.identifier.prototypes().names,
+            has_visual_prototype=bool(bundle and name in bundle.species) or exemplars > 0,
+            exemplar_count=exemplars,
         )
 
     def ListSpecies(self, request: pb.ListSpeciesRequest, context: grpc.ServicerContext):
@@ -120,7 +125,9 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
             except UnknownTaxonError:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"unknown taxon {request.taxon!r}")
             names = [n for n in names if n in wanted]
-        return pb.ListSpeciesResponse(species=[self._species(n) for n in names])
+        gallery = self.state.gallery
+        counts = gallery.exemplar_counts() if gallery is not None else {}
+        return pb.ListSpeciesResponse(species=[self._species(n, counts) for n in names])
 
     def GetSpecies(self, request: pb.GetSpeciesRequest, context: grpc.ServicerContext):
         if request.scientific_name not in self.state.catalog:

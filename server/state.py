@@ -37,7 +37,6 @@ class ServiceState:
     scorer: HybridScorer | ZeroShotScorer
     bundle: Bundle | None
     identifier: Identifier
-    base_prototypes: PrototypeSet
     gallery: object | None = None
     batcher: MicroBatcher | None = None
     started_at: float = field(default_factory=time.time)
@@ -49,13 +48,8 @@ class ServiceState:
             bundle_id=self.bundle.bundle_id if self.bundle else "",
             service_version=SERVICE_VERSION,
             gallery_version=getattr(self.gallery, "version", 0),
+            model_fingerprint=self.model.fingerprint,
         )
-
-    def text_prototypes_for(self, names: list[str]) -> np.ndarray:
-        """Text prototypes in the scoring space (whitened when a bundle is loaded)."""
-        prompts = [self.catalog.get(n).prompt() for n in names]
-        raw = self.text_cache.embed(prompts)
-        return self.scorer.to_prototype_space(raw)
 
 
 def policy_for(model: LoadedModel, config: ServerConfig) -> ImagePolicy:
@@ -128,7 +122,6 @@ def build_state(config: ServerConfig) -> ServiceState:
         scorer=scorer,
         bundle=bundle,
         identifier=identifier,
-        base_prototypes=protos,
         gallery=gallery,
         batcher=batcher,
     )

@@ -8,6 +8,7 @@ different model never reads another model's vectors.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from server.model_loader import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def _key(prompt: str) -> str:
@@ -30,9 +33,14 @@ class TextPrototypeCache:
         self._lock = threading.Lock()
         self._vectors: dict[str, np.ndarray] = {}
         if self._path is not None and self._path.is_file():
-            with np.load(self._path) as data:
-                for key, vec in zip(data["keys"], data["vectors"], strict=True):
-                    self._vectors[str(key)] = vec
+            try:
+                with np.load(self._path) as data:
+                    for key, vec in zip(data["keys"], data["vectors"], strict=True):
+                        self._vectors[str(key)] = vec
+            except Exception as exc:  # a cache is never worth refusing to start
+                log.warning("text prototype cache %s unreadable (%s): recomputing",
+                            self._path, exc)
+                self._vectors.clear()
         self.computed = 0  # prompts embedded since start (tests check the cache works)
 
     def embed(self, prompts: list[str]) -> np.ndarray:
@@ -53,7 +61,10 @@ class TextPrototypeCache:
         if self._path is None:
             return
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_suffix(".tmp.npz")
+        # One temp name per process and thread: serve and offline tools may share it.
+        tmp = self._path.with_name(
+            f"{self._path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.npz"
+        )
         keys = np.array(sorted(self._vectors))
         np.savez(tmp, keys=keys, vectors=np.stack([self._vectors[k] for k in keys]))
         os.replace(tmp, self._path)

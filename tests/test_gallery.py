@@ -67,6 +67,7 @@ def test_new_species_from_five_photos(make_server) -> None:
         taxonomy=pb.Taxonomy(lineage=[pb.Taxon(rank=pb.RANK_GENUS, name="Nudibranchus")]),
     ))
     assert created.added_at_runtime and created.has_prototype and created.exemplar_count == 0
+    assert not created.has_visual_prototype  # text only until it has photos
     # Identifiable at once from its text prompt: it is scored among all species.
     query = species_photo(1, 99)
     before = stub.Identify(pb.IdentifyRequest(image=query, top_k=1000))
@@ -94,7 +95,7 @@ def test_new_species_from_five_photos(make_server) -> None:
     restricted = stub.Identify(pb.IdentifyRequest(image=query, restrict_to=["Nudibranchus"]))
     assert restricted.decision.species == NEW_SPECIES
     info = stub.GetSpecies(pb.GetSpeciesRequest(scientific_name=NEW_SPECIES))
-    assert info.exemplar_count == 5
+    assert info.exemplar_count == 5 and info.has_visual_prototype
     assert stub.GetServiceInfo(pb.GetServiceInfoRequest()).gallery_size == 8
 
 

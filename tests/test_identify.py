@@ -59,6 +59,7 @@ def test_identify_each_format(stub, fmt: str) -> None:
     assert_valid_decision(resp)
     assert resp.request_id == "r1"
     assert resp.versions.catalog_version
+    assert len(resp.versions.model_fingerprint) == 16
     assert resp.timing.embed_ms > 0 and resp.timing.decode_ms > 0
 
 
@@ -85,6 +86,7 @@ def test_list_species_has_100_with_complete_taxonomy(stub) -> None:
         assert all(t.name for t in s.taxonomy.lineage)
         assert s.has_text_prototype and s.has_prototype
         assert not s.in_classifier  # no trained head in zero-shot mode
+        assert not s.has_visual_prototype  # no bundle, no reference photos yet
     crabs = stub.ListSpecies(pb.ListSpeciesRequest(taxon="Decapoda")).species
     assert "Carcinus maenas" in {s.scientific_name for s in crabs}
     assert len(crabs) < 100

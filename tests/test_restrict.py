@@ -116,7 +116,9 @@ def check_inside(resp: pb.IdentifyResponse, allowed: set[str]) -> None:
 
 def test_zero_shot_never_answers_outside_the_set(zero_shot) -> None:
     names = CATALOG.names()
-    protos = zero_shot.state.text_prototypes_for(names)
+    current = zero_shot.state.identifier.prototypes()  # zero-shot: the text prototypes
+    assert list(current.names) == names
+    protos = current.vectors
     embeddings = queries(protos, n_random=60, seed=1)
     stub = stub_for(zero_shot)
     answered = 0

@@ -102,6 +102,22 @@ def test_corrupted_weights_are_refused(bundle_dir, tmp_path):
         load_bundle(broken)
 
 
+def test_inconsistent_bundles_are_refused_at_load(bundle_dir, tmp_path):
+    """What would fail on the first Identify must fail when the server starts."""
+    good = load_bundle(bundle_dir)
+    odd_head = load_bundle(bundle_dir)
+    odd_head.common = [*odd_head.common[:-1], "Nessiteras rhombopteryx"]
+    odd_head.save(tmp_path / "odd-head")
+    with pytest.raises(BundleError, match="head classes missing"):
+        load_bundle(tmp_path / "odd-head")
+    narrow = load_bundle(bundle_dir)
+    narrow.whitening_W = narrow.whitening_W[:, :-1]
+    narrow.save(tmp_path / "narrow")
+    with pytest.raises(BundleError, match="whitening maps"):
+        load_bundle(tmp_path / "narrow")
+    assert load_bundle(bundle_dir).common == good.common
+
+
 def test_mismatched_model_or_dimension_is_refused(bundle_dir, make_server):
     with pytest.raises(BundleError, match="fingerprint"):
         load_bundle(bundle_dir, expect_fingerprint="0123456789abcdef")

@@ -145,18 +145,20 @@ class SimilarExemplar(_message.Message):
     def __init__(self, exemplar_id: _Optional[int] = ..., species: _Optional[str] = ..., score: _Optional[float] = ..., source_uri: _Optional[str] = ..., thumbnail: _Optional[bytes] = ..., license: _Optional[str] = ..., contributor: _Optional[str] = ..., observation_id: _Optional[str] = ...) -> None: ...
 
 class Versions(_message.Message):
-    __slots__ = ("model_id", "catalog_version", "bundle_id", "service_version", "gallery_version")
+    __slots__ = ("model_id", "catalog_version", "bundle_id", "service_version", "gallery_version", "model_fingerprint")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
     GALLERY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     catalog_version: str
     bundle_id: str
     service_version: str
     gallery_version: int
-    def __init__(self, model_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., service_version: _Optional[str] = ..., gallery_version: _Optional[int] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, model_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., service_version: _Optional[str] = ..., gallery_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("decode_ms", "embed_ms", "score_ms", "search_ms", "queue_ms", "total_ms")
@@ -213,7 +215,7 @@ class ListSpeciesRequest(_message.Message):
     def __init__(self, taxon: _Optional[str] = ...) -> None: ...
 
 class Species(_message.Message):
-    __slots__ = ("scientific_name", "rank", "taxonomy", "description", "in_classifier", "has_prototype", "has_text_prototype", "exemplar_count", "added_at_runtime", "gbif_match_type", "gbif_status", "gbif_usage_key")
+    __slots__ = ("scientific_name", "rank", "taxonomy", "description", "in_classifier", "has_prototype", "has_text_prototype", "exemplar_count", "added_at_runtime", "gbif_match_type", "gbif_status", "gbif_usage_key", "has_visual_prototype")
     SCIENTIFIC_NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TAXONOMY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +228,7 @@ class Species(_message.Message):
     GBIF_MATCH_TYPE_FIELD_NUMBER: _ClassVar[int]
     GBIF_STATUS_FIELD_NUMBER: _ClassVar[int]
     GBIF_USAGE_KEY_FIELD_NUMBER: _ClassVar[int]
+    HAS_VISUAL_PROTOTYPE_FIELD_NUMBER: _ClassVar[int]
     scientific_name: str
     rank: Rank
     taxonomy: Taxonomy
@@ -238,7 +241,8 @@ class Species(_message.Message):
     gbif_match_type: str
     gbif_status: str
     gbif_usage_key: int
-    def __init__(self, scientific_name: _Optional[str] = ..., rank: _Optional[_Union[Rank, str]] = ..., taxonomy: _Optional[_Union[Taxonomy, _Mapping]] = ..., description: _Optional[str] = ..., in_classifier: _Optional[bool] = ..., has_prototype: _Optional[bool] = ..., has_text_prototype: _Optional[bool] = ..., exemplar_count: _Optional[int] = ..., added_at_runtime: _Optional[bool] = ..., gbif_match_type: _Optional[str] = ..., gbif_status: _Optional[str] = ..., gbif_usage_key: _Optional[int] = ...) -> None: ...
+    has_visual_prototype: bool
+    def __init__(self, scientific_name: _Optional[str] = ..., rank: _Optional[_Union[Rank, str]] = ..., taxonomy: _Optional[_Union[Taxonomy, _Mapping]] = ..., description: _Optional[str] = ..., in_classifier: _Optional[bool] = ..., has_prototype: _Optional[bool] = ..., has_text_prototype: _Optional[bool] = ..., exemplar_count: _Optional[int] = ..., added_at_runtime: _Optional[bool] = ..., gbif_match_type: _Optional[str] = ..., gbif_status: _Optional[str] = ..., gbif_usage_key: _Optional[int] = ..., has_visual_prototype: _Optional[bool] = ...) -> None: ...
 
 class ListSpeciesResponse(_message.Message):
     __slots__ = ("species",)
