@@ -263,10 +263,22 @@ def exemplar_id_for(species: str, content_sha256: str) -> int:
     return (int.from_bytes(digest[:8], "big") & MAX_ID) or 1
 
 
-def ids_digest(ids: Sequence[int]) -> str:
-    """Which exemplars a prototype was computed from (order-free)."""
+def ids_digest(ids: Sequence[int], source: str = "") -> str:
+    """Which exemplars a prototype was computed from (order-free), and with what.
+
+    64 hex characters (the column's width): 48 of the ids' SHA-256, then 16 of
+    ``source``'s (``PrototypeBuilder.source``: the bundle), so that a replica
+    can tell a row computed from other photos from one computed by another
+    bundle (``digest_source``).
+    """
     arr = np.sort(np.asarray(list(ids), dtype="<i8"))
-    return hashlib.sha256(arr.tobytes()).hexdigest()
+    return (hashlib.sha256(arr.tobytes()).hexdigest()[:48]
+            + hashlib.sha256(source.encode("utf-8")).hexdigest()[:16])
+
+
+def digest_source(digest: str) -> str:
+    """The ``source`` part of an ``ids_digest``."""
+    return digest[48:]
 
 
 def expr_in(field_name: str, values: Sequence) -> str:
@@ -605,6 +617,35 @@ class MilvusIndex:
         order = np.argsort(np.asarray(ids, np.int64), kind="stable")
         return (np.asarray(ids, np.int64)[order],
                 np.asarray(raws, dtype=np.float32).reshape(len(ids), self.raw_dim)[order])
+
+    def find_content(self, species: str, content_sha256: str) -> int | None:
+        """The id of this photo of this species, whatever its id (imported ids are not
+        ``exemplar_id_for``'s); the smallest when several."""
+        expr = (f"species == {json.dumps(species)} and "
+                f"content_sha256 == {json.dumps(content_sha256)}")
+        try:
+            rows = self.client.query(self.name, filter=expr, output_fields=["id"], limit=16,
+                                     consistency_level=self._cl)
+        except Exception as exc:
+            raise MilvusGalleryError(f"Milvus query failed: {exc}") from exc
+        return min((int(r["id"]) for r in rows), default=None)
+
+    def species_without_rows(self, known: Sequence[str]) -> list[str]:
+        """Species with exemplars but not in ``known`` (the species rows): one query
+        when there are none, as there should be; one more per name found."""
+        names, found = list(known), []
+        while True:
+            expr = f"species not in {json.dumps(names)}" if names else "id >= 0"
+            try:
+                rows = self.client.query(self.name, filter=expr, output_fields=["species"],
+                                         limit=1000, consistency_level=self._cl)
+            except Exception as exc:
+                raise MilvusGalleryError(f"Milvus query failed: {exc}") from exc
+            new = list(dict.fromkeys(r["species"] for r in rows))
+            if not new:
+                return found
+            found += new
+            names += new
 
     def ids_for(self, species: str) -> np.ndarray:
         ids = [int(r["id"]) for rows in self.iter_rows([], expr_in("species", [species]))

@@ -29,6 +29,7 @@ its text prototype.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ from server.catalog import Catalog
 from server.prototype_math import weighted_prototype  # the trainer's: same prototypes
 from server.scoring import PrototypeSet
 
-__all__ = ["PrototypeBuilder", "combine_with_prior", "prototype_builder", "weighted_prototype"]
+__all__ = ["PrototypeBuilder", "combine_with_prior", "prototype_builder", "space_id_for",
+           "weighted_prototype"]
 
 DEFAULT_PRIOR_WEIGHT = 10.0
 
@@ -67,6 +69,10 @@ class PrototypeBuilder:
     ``text_base``: the bundle's visual and text prototypes, row-aligned with
     ``base_names`` (None without a bundle). ``text_for``: text prototypes in
     the scoring space for any catalog species (new species included).
+    ``source``: what the fused prototypes are computed from ("bundle:<id>" or
+    "zero-shot:<model>"). The space id only says where vectors live, and a
+    recalibrated bundle keeps its space; a gallery that stores prototypes
+    (Milvus) tags them with ``source`` so another bundle recomputes them.
     """
 
     base_names: tuple[str, ...]
@@ -76,6 +82,7 @@ class PrototypeBuilder:
     visual_prior: np.ndarray | None = None
     text_base: np.ndarray | None = None
     prior_weights: dict[str, float] | None = None
+    source: str = ""
 
     def __post_init__(self) -> None:
         self._base_index = {n: i for i, n in enumerate(self.base_names)}
@@ -121,8 +128,8 @@ def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
 
     One recipe, so that the FAISS and Milvus galleries compute identical
     prototypes. The space id names the space the vectors live in (the bundle's
-    whitened space, or the model's raw one): a snapshot or collection made for
-    another space must not be reused.
+    whitened space, or the model's raw one, see ``space_id_for``): a snapshot
+    or collection made for another space must not be reused.
     """
 
     def text_for(names: list[str]) -> np.ndarray:
@@ -133,12 +140,32 @@ def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
     bundle = scorer.bundle
     if bundle is None:
         builder = PrototypeBuilder(base_names=base.names, base_vectors=base.vectors,
-                                   text_for=text_for, alpha=alpha, text_base=base.vectors)
-        return builder, f"raw:{model.fingerprint}"
+                                   text_for=text_for, alpha=alpha, text_base=base.vectors,
+                                   source=f"zero-shot:{model.fingerprint}")
+        return builder, space_id_for(model.fingerprint, None)
     support = bundle.extra.get("prototype_support") or bundle.extra.get("train_counts") or {}
     builder = PrototypeBuilder(
         base_names=base.names, base_vectors=base.vectors, text_for=text_for, alpha=alpha,
         visual_prior=bundle.visual_prototypes, text_base=bundle.text_prototypes,
         prior_weights={str(k): float(v) for k, v in support.items()},
+        source=f"bundle:{bundle.bundle_id}",
     )
-    return builder, f"bundle:{bundle.bundle_id}"
+    return builder, space_id_for(model.fingerprint, bundle)
+
+
+def space_id_for(model_fingerprint: str, bundle) -> str:
+    """``raw:<model>``, or ``whitened:<digest>`` of the bundle's whitening.
+
+    Not the bundle id: that digests the whole weights file, which
+    ``biolit-id calibrate`` rewrites (it rescales the head) while the
+    whitening, hence every stored vector, stays valid. A bundle without
+    whitening scores in the raw space (unit embeddings), like zero-shot.
+    """
+    if bundle is None or bundle.whitening_W is None:
+        return f"raw:{model_fingerprint}"
+    h = hashlib.sha256(model_fingerprint.encode("utf-8") + b"\0")
+    for tensor in (bundle.whitening_mu, bundle.whitening_W):
+        arr = np.ascontiguousarray(tensor, dtype="<f4")
+        h.update(repr(arr.shape).encode("ascii"))
+        h.update(arr.tobytes())
+    return f"whitened:{h.hexdigest()[:16]}"

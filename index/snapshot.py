@@ -31,7 +31,7 @@ class SnapshotError(ValueError):
 @dataclass(frozen=True)
 class SnapshotMeta:
     version: int  # gallery (event) version the index contains
-    space_id: str  # "raw:<model fingerprint>" or "bundle:<bundle id>"
+    space_id: str  # "raw:<model fingerprint>" or "whitened:<whitening digest>"
     index_kind: str  # IndexSpec.describe() of the concrete index
     dim: int
     exemplar_count: int
