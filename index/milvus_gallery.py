@@ -28,11 +28,18 @@ Concurrent writers on one species: each writer recomputes from the
 exemplars it reads, upserts, then re-reads the species' exemplar ids; if
 they differ from what it computed from (another replica added or removed
 meanwhile) it recomputes. The last upsert is therefore always computed from
-the exemplar set as it stands, without locks across replicas. A replica
-killed between writing an exemplar and its prototype row leaves the others
-with the old prototype for that species until the next change to it: the
-client got no acknowledgement and retries, and the retry (same photo, same
-id, idempotent) rewrites the row.
+the exemplar set as it stands, without locks across replicas.
+
+Repair (``reconcile``): a replica killed between writing an exemplar and its
+species row (or an interrupted ``gallery import``) leaves a row computed
+from other photos, and the client's retry does not mend it (it finds the
+photo stored and refreshes nothing). So at start and in every full sweep
+each species row's ``ids_digest`` is compared with the digest of the
+exemplar ids Milvus holds for it, species with photos but no row are looked
+for, and those species are recomputed and rewritten. The digest also names
+the prototypes' source (the bundle id): rows written with another bundle,
+in the same whitened space (a recalibration), are recomputed at start, and
+meanwhile installed from this replica's own computation, never trusted.
 
 Consistency: reads and searches use the collection's consistency level
 (``Strong`` by default), so an acknowledged add is searchable at once from
@@ -66,6 +73,7 @@ from index.milvus_index import (
     MilvusTarget,
     SpeciesRow,
     decode_thumbnail,
+    digest_source,
     exemplar_id_for,
     ids_digest,
     parse_target,
@@ -102,8 +110,10 @@ class MilvusGallery(GalleryBase):
         self.raw_dim = int(embedding_dim)
         self.index = index or MilvusIndex(
             target, dim=self.dim, raw_dim=embedding_dim,
-            meta={"model_fingerprint": model_fingerprint, "space_id": space_id},
+            meta={"model_fingerprint": model_fingerprint, "space_id": space_id,
+                  "legacy_space_id": builder.source},
         )
+        self._source = digest_source(ids_digest([], builder.source))
         self._stamps: dict[str, int] = {}
         self._records: dict[str, str] = {}  # runtime species: catalog record JSON
         self._created: dict[str, float] = {}
@@ -112,8 +122,10 @@ class MilvusGallery(GalleryBase):
         base = PrototypeSet(tuple(builder.base_names),
                             np.ascontiguousarray(builder.base_vectors, np.float32), version=0)
         self._publish(base)
+        rows = self.index.species_rows(with_vectors=True)
         with self._write_lock:
-            self._apply(self.index.species_rows(with_vectors=True), initial=True)
+            self._apply(rows, initial=True)
+        self.reconcile(rows)
         self._last_sweep = time.monotonic()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -166,11 +178,12 @@ class MilvusGallery(GalleryBase):
     def find(self, species: str, content_sha256: str) -> int | None:
         eid = exemplar_id_for(species, content_sha256)
         found = self.index.get([eid], ["species", "content_sha256"]).get(eid)
-        if found is None:
-            return None
-        if found["species"] != species or found["content_sha256"] != content_sha256:
-            return None  # a 62-bit collision: add_exemplar refuses it with a clear error
-        return eid
+        if found is not None and (found["species"], found["content_sha256"]) == (
+                species, content_sha256):
+            return eid
+        # Imported from a FAISS gallery (ids kept), or a 62-bit collision, which
+        # add_exemplar refuses with a clear error.
+        return self.index.find_content(species, content_sha256)
 
     # ----------------------------------------------------------- write API
 
@@ -182,10 +195,13 @@ class MilvusGallery(GalleryBase):
             if not self.knows(item.species):
                 raise UnknownSpeciesError(item.species)
             found = self.index.get([eid], ["species", "content_sha256"]).get(eid)
+            if found is not None and (found["species"], found["content_sha256"]) == (
+                    item.species, item.content_sha256):
+                return AddOutcome(eid, False, item.species)
+            imported = self.index.find_content(item.species, item.content_sha256)
+            if imported is not None:  # stored under its FAISS id by `gallery import`
+                return AddOutcome(imported, False, item.species)
             if found is not None:
-                if (found["species"], found["content_sha256"]) == (item.species,
-                                                                   item.content_sha256):
-                    return AddOutcome(eid, False, item.species)
                 raise GalleryError(
                     f"exemplar id {eid} already belongs to another photo (a 62-bit hash "
                     "collision, about 1 in 10^11 per pair); re-encode the photo to add it")
@@ -262,20 +278,44 @@ class MilvusGallery(GalleryBase):
     # ------------------------------------------------------------- syncing
 
     def sync_now(self, full: bool = False) -> int:
-        """Install prototype rows other replicas changed; returns how many changed."""
+        """Install prototype rows other replicas changed; returns how many changed.
+
+        ``full``: read every row, not only recent stamps, and ``reconcile`` them.
+        """
         since = None if full or not self._version else self._version - SKEW_MARGIN_NS
         before = dict(self._stamps)
         rows = self.index.species_rows(since_version=since)
         changed = [r.species for r in rows if before.get(r.species) != r.version]
-        if not changed:
-            return 0
-        rows = self.index.species_rows(names=changed, with_vectors=True)
-        with self._write_lock:
-            # A write of our own since the read above wins: skip what it changed.
-            fresh = [r for r in rows if self._stamps.get(r.species) == before.get(r.species)]
-            self._apply(fresh)
-        self.syncs += 1
-        return len(fresh)
+        fresh: list[SpeciesRow] = []
+        if changed:
+            got = self.index.species_rows(names=changed, with_vectors=True)
+            with self._write_lock:
+                # A write of our own since the read above wins: skip what it changed.
+                fresh = [r for r in got if self._stamps.get(r.species) == before.get(r.species)]
+                self._apply(fresh)
+            self.syncs += 1
+        repaired = self.reconcile(rows) if full else []
+        return len(fresh) + len(repaired)
+
+    def reconcile(self, rows: Sequence[SpeciesRow] | None = None) -> list[str]:
+        """Recompute species whose row disagrees with their photos in Milvus; their names.
+
+        ``rows``: the species rows just read (all of them), else read here.
+        See the module docstring (Repair) for why; O(gallery ids) reads.
+        """
+        rows = self.index.species_rows() if rows is None else rows
+        stale = [r.species for r in rows
+                 if r.ids_digest != self._digest(self.index.ids_for(r.species))]
+        stale += self.index.species_without_rows([r.species for r in rows])
+        unknown = [n for n in stale if not self.knows(n)]  # _apply warns about these
+        stale = [n for n in stale if n not in unknown]
+        if stale:
+            log.info("gallery: %d species prototype(s) did not match their photos or bundle "
+                     "(an interrupted write, or a new bundle); recomputing %s", len(stale),
+                     stale[:10])
+            with self._write_lock:
+                self._refresh_locked(stale)
+        return stale
 
     def _poll_loop(self) -> None:
         failures = 0
@@ -300,6 +340,9 @@ class MilvusGallery(GalleryBase):
         except MilvusGalleryError as exc:
             raise GalleryError(str(exc)) from exc
 
+    def _digest(self, ids: Sequence[int]) -> str:
+        return ids_digest(ids, self.builder.source)
+
     def _next_version(self) -> int:
         return max(time.time_ns(), self._version + 1)
 
@@ -310,13 +353,13 @@ class MilvusGallery(GalleryBase):
             for _attempt in range(MAX_REFRESH_ATTEMPTS):
                 ids, raw = self.index.embeddings_for(name)
                 vec = self.builder.fused(name, self.project(raw))
-                digest = ids_digest(ids)
+                digest = self._digest(ids)
                 row = SpeciesRow(name, vec, self._next_version(), len(ids), digest,
                                  self._records.get(name, ""),
                                  self._created.setdefault(name, time.time()))
                 self._write(self.index.upsert_species, row)
                 self._version = max(self._version, row.version)
-                if ids_digest(self.index.ids_for(name)) == digest:
+                if self._digest(self.index.ids_for(name)) == digest:
                     break  # nobody changed the species while we computed
             else:
                 log.warning("species %r kept changing during %d prototype refreshes; the "
@@ -344,8 +387,12 @@ class MilvusGallery(GalleryBase):
                 log.warning("gallery: %d photos of %r, which is in neither catalog nor bundle; "
                             "they are searchable but give no prototype", r.count, r.species)
                 continue
-            if r.count and len(r.vector) == self.dim:
+            if r.count and len(r.vector) == self.dim and (
+                    digest_source(r.ids_digest) == self._source):
                 vec = r.vector
+            elif r.count:  # written with another bundle (rolling upgrade): ours, from photos
+                _, raw = self.index.embeddings_for(r.species)
+                vec = self.builder.fused(r.species, self.project(raw))
             else:  # no photos: the base prototype, fresh from this replica's bundle/catalog
                 vec = self.builder.without_photos([r.species])[0]
             updates.append((r.species, vec))

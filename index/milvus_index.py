@@ -425,16 +425,18 @@ class MilvusIndex:
 
     def _check_meta(self, wanted: dict) -> dict:
         wanted = dict(wanted, dim=self.dim, raw_dim=self.raw_dim, schema=SCHEMA_VERSION)
+        legacy = wanted.pop("legacy_space_id", None)
         rows = self.client.get(self.species_name, ids=[META_KEY],
                                output_fields=["record_json"])
         if not rows:
-            self._upsert_species([{
-                "species": META_KEY, "vector": _unit_e0(self.dim), "version": 0, "count": 0,
-                "ids_digest": "", "record_json": json.dumps(wanted, sort_keys=True),
-                "created_at": 0.0,
-            }])
+            self._write_meta(wanted)
             return wanted
         have = json.loads(rows[0]["record_json"])
+        relabel = bool(legacy) and have.get("space_id") == legacy
+        if relabel:
+            # Labelled "bundle:<id>" before space ids named the whitening: this very
+            # bundle, so the same space; relabel instead of refusing it.
+            have = dict(have, space_id=wanted["space_id"])
         for key in ("model_fingerprint", "space_id", "dim", "raw_dim"):
             if key in wanted and have.get(key) != wanted[key]:
                 raise MilvusConfigError(
@@ -442,7 +444,16 @@ class MilvusIndex:
                     f"{have.get(key)!r}; this server has {wanted[key]!r}. Its vectors would "
                     "score garbage: use another collection, or move the photos with "
                     "`biolit-id gallery export` then `gallery import` (re-projects them).")
+        if relabel:
+            self._write_meta(have)
         return have
+
+    def _write_meta(self, meta: dict) -> None:
+        self._upsert_species([{
+            "species": META_KEY, "vector": _unit_e0(self.dim), "version": 0, "count": 0,
+            "ids_digest": "", "record_json": json.dumps(meta, sort_keys=True),
+            "created_at": 0.0,
+        }])
 
     # -------------------------------------------------------------- writes
 

@@ -3,11 +3,12 @@
 Layout: ``MAGIC`` (8 bytes), header length (4 bytes, little endian), a JSON
 header (gallery version contained, vector space, index kind, sizes, SHA-256
 of the payload), then the serialised FAISS index. Writing goes to a
-temporary file that is fsynced, renamed over the old snapshot, and the
-directory fsynced: a crash leaves the old snapshot or the new one, never a
-torn file. A snapshot is only an accelerator: anything unexpected (another
-space, another index kind, a bad checksum) makes the gallery rebuild the
-index from the store instead.
+temporary file of the writer's own (pid and thread in its name) that is
+fsynced, renamed over the old snapshot, and the directory fsynced: a crash
+leaves the old snapshot or the new one, never a torn file. A snapshot is
+only an accelerator: anything unexpected (another space, another index
+kind, a bad checksum) makes the gallery rebuild the index from the store
+instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,15 +45,21 @@ def write_snapshot(path: Path, meta: SnapshotMeta, payload: np.ndarray) -> None:
     data = np.ascontiguousarray(payload, dtype=np.uint8).tobytes()
     header = dict(asdict(meta), payload_sha256=hashlib.sha256(data).hexdigest())
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<I", len(header_bytes)))
-        f.write(header_bytes)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # One temporary file per writer: two processes on one data dir (a server and
+    # `infer-csv`) or two threads must never interleave their bytes in one file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<I", len(header_bytes)))
+            f.write(header_bytes)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -18,10 +19,15 @@ from index.gallery import (
     UnknownExemplarError,
     UnknownSpeciesError,
 )
-from index.prototypes import DEFAULT_PRIOR_WEIGHT, combine_with_prior, weighted_prototype
+from index.prototypes import (
+    DEFAULT_PRIOR_WEIGHT,
+    combine_with_prior,
+    space_id_for,
+    weighted_prototype,
+)
 from index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
 from index.store import GalleryStore, NewExemplar, StoreError
-from server.bundle import Bundle, fuse_prototypes
+from server.bundle import Bundle, fuse_prototypes, load_bundle
 from server.catalog import Catalog, SpeciesRecord
 from server.scoring import ZERO_SHOT_ALPHA, HybridScorer
 from server.text_prototypes import TextPrototypeCache
@@ -208,6 +214,38 @@ def test_snapshot_round_trip_and_corruption(tmp_path: Path) -> None:
     assert read_snapshot(tmp_path / "absent") is None
 
 
+def test_snapshot_writers_never_share_a_temporary_file(tmp_path: Path) -> None:
+    """A server and `infer-csv` on one data dir, or two threads, each write their own."""
+    path = tmp_path / "index.snapshot"
+    others = {tmp_path / "index.snapshot.tmp": b"another writer, half way",
+              tmp_path / "index.snapshot.1.2.tmp": b"another process, half way"}
+    for other, data in others.items():
+        other.write_bytes(data)
+    payloads = [np.full(200_000, i, dtype=np.uint8) for i in range(4)]
+    failures: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            for version in range(5):
+                meta = SnapshotMeta(version=version, space_id="raw:x", index_kind="flat", dim=4,
+                                    exemplar_count=i)
+                write_snapshot(path, meta, payloads[i])
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    meta, data = read_snapshot(path)
+    assert np.array_equal(data, payloads[meta.exemplar_count])
+    for other, data in others.items():
+        assert other.read_bytes() == data  # left alone
+    assert sorted(tmp_path.glob("*.tmp")) == sorted(others)
+
+
 # ----------------------------------------------------------------------- store
 
 
@@ -268,6 +306,39 @@ def test_gallery_recovers_from_snapshot_replay_and_rebuild(tmp_path: Path, open_
     rebuilt = open_at(tmp_path)
     assert rebuilt.recovery == "rebuild" and rebuilt.size == 5
     assert np.array_equal(rebuilt.prototypes().vectors, expected.vectors)
+
+
+def test_space_id_follows_the_whitening_not_the_weights_file(
+        tmp_path: Path, open_at, loaded_demo_model, text_cache) -> None:
+    from tools.calibrate import scale_head
+
+    catalog = Catalog.load_default()
+    made = whitened_bundle(loaded_demo_model, catalog, text_cache, extra={}, bundle_id="")
+    bundle = load_bundle(made.save(tmp_path / "bundle"))
+    recalibrated = load_bundle(scale_head(bundle, 1.7).save(tmp_path / "recalibrated"))
+    assert recalibrated.bundle_id != bundle.bundle_id  # calibrate rewrote the weights file
+    fingerprint = loaded_demo_model.fingerprint
+    assert space_id_for(fingerprint, recalibrated) == space_id_for(fingerprint, bundle)
+    assert space_id_for(fingerprint, bundle).startswith("whitened:")
+    rng = np.random.default_rng(1)
+    other_w = dataclasses.replace(bundle, whitening_W=rng.normal(
+        size=bundle.whitening_W.shape).astype(np.float32))
+    other_mu = dataclasses.replace(bundle, whitening_mu=bundle.whitening_mu + 0.01)
+    ids = {space_id_for(fingerprint, b) for b in (bundle, other_w, other_mu)}
+    ids.add(space_id_for("another-model", bundle))
+    assert len(ids) == 4
+    unwhitened = dataclasses.replace(bundle, whitening_mu=None, whitening_W=None)
+    assert space_id_for(fingerprint, unwhitened) == space_id_for(fingerprint, None)
+
+    # The FAISS snapshot outlives a recalibration; the prototypes follow the new bundle.
+    gallery = open_at(tmp_path / "data", bundle=bundle)
+    gallery.add_exemplar(item("Carcinus maenas", family(12, 1)[0]))
+    gallery.close()
+    again = open_at(tmp_path / "data", bundle=recalibrated)
+    assert again.recovery == "snapshot" and again.size == 1
+    again.close()
+    moved = open_at(tmp_path / "data", bundle=other_w)
+    assert moved.recovery == "rebuild" and moved.size == 1
 
 
 def test_gallery_zero_shot_prototypes_follow_adds_and_removes(tmp_path: Path, open_at) -> None:
@@ -342,7 +413,8 @@ def test_gallery_in_a_bundles_whitened_space(tmp_path: Path, open_at, loaded_dem
     bundle = whitened_bundle(loaded_demo_model, catalog, text_cache,
                              extra={"train_counts": {trained: 4}}, bundle_id="test-bundle")
     gallery = open_at(tmp_path, bundle=bundle)
-    assert gallery.dim == 64 and gallery.space_id == "bundle:test-bundle"
+    assert gallery.dim == 64
+    assert gallery.space_id == space_id_for(loaded_demo_model.fingerprint, bundle)
     photos = family(30, 3)
     whitened = bundle.whiten(photos)
     for name, weight in ((catalog.names()[2], DEFAULT_PRIOR_WEIGHT), (trained, 4.0)):

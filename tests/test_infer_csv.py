@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import csv
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+from synthetic_bundle import unit, write_bundle
 
 from biolit.v1 import identification_pb2 as pb
 from conftest import SEED_DIR, photo_bytes, stub_for
 from server.catalog import Catalog
-from server.routing import SEED_METHOD_NAMES, Method
+from server.routing import SEED_METHOD_NAMES, Method, Thresholds
 from tools.cli import main as cli
 from tools.import_seed import import_seed
-from tools.infer_csv import errors_path
+from tools.infer_csv import TAXON_COLUMNS, errors_path
 from tools.seed_format import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
 
 SEED_METHODS = {"classifier_top50", "classifier_top50_low", "prototypical_rare", "rejected"}
@@ -64,7 +67,7 @@ def test_hybrid_csv_matches_the_service(photo_dir: Path, seed_bundle: Path, demo
                   "--recursive", "--taxonomy", "--batch-size", "3")
     assert code == 0
     header, rows = _read(out)
-    assert header == [*SEED_COLUMNS, *taxonomy_columns()]
+    assert header == [*SEED_COLUMNS, *taxonomy_columns(), *TAXON_COLUMNS]
     assert header[12:16] == ["pred_genre", "conf_genre", "pred_genre_2", "conf_genre_2"]
     assert [r["image"] for r in rows] == ["a.jpg", "b.png", "c.webp", "sub/d.jpg"]
 
@@ -155,3 +158,69 @@ def test_bundle_for_another_model_is_refused(photo_dir: Path, seed_bundle: Path,
     out = tmp_path / "r.csv"
     assert _infer(photo_dir, out, f"local-dir:{other}", "--bundle", str(seed_bundle)) == 1
     assert "fingerprint" in capsys.readouterr().out
+
+
+def test_an_answer_above_species_level_keeps_the_seed_columns_meaning(
+        photo_dir: Path, loaded_demo_model, demo_model_spec: str, tmp_path: Path) -> None:
+    """Two near-identical limpet prototypes around a.jpg's embedding: the species mass
+    splits, the genus passes its threshold: the service answers METHOD_TAXON Patella."""
+    from server.config import ServerConfig
+    from server.embedder import TorchEmbedder
+    from server.preprocess import preprocess
+    from server.state import policy_for
+
+    pixels = preprocess((photo_dir / "a.jpg").read_bytes(),
+                        policy_for(loaded_demo_model, ServerConfig()))
+    photo = TorchEmbedder(loaded_demo_model).embed(pixels[None])[0]
+    species = ["Patella vulgata", "Patella caerulea", "Carcinus maenas", "Fucus serratus"]
+    rng = np.random.default_rng(0)
+    protos = unit(rng.normal(size=(len(species), photo.size)))
+    protos[:2] = unit(photo + 0.02 * rng.normal(size=(2, photo.size)))
+    bundle = write_bundle(tmp_path / "bundle", loaded_demo_model, species, protos,
+                          thresholds=Thresholds(prototype=0.6),
+                          taxon_thresholds={"genus": 0.8, "family": 0.8})
+
+    out = tmp_path / "taxa.csv"
+    assert _infer(photo_dir, out, demo_model_spec, "--bundle", str(bundle), "--taxonomy") == 0
+    header, rows = _read(out)
+    assert header == [*SEED_COLUMNS, *taxonomy_columns(), *TAXON_COLUMNS]
+    for row in rows:
+        assert row["methode"] in SEED_METHODS
+        assert (row["espece_pred"] == "?") == (row["methode"] == "rejected")
+        assert (row["taxon_pred"] != "") == (row["taxon_rank"] != "")
+        if row["taxon_pred"]:
+            assert row["methode"] == "rejected"
+    a = next(r for r in rows if r["image"] == "a.jpg")
+    assert (a["espece_pred"], a["methode"]) == ("?", "rejected")
+    assert (a["taxon_pred"], a["taxon_rank"]) == ("Patella", "genre")
+    assert a["pred_genre"] == "Patella" and float(a["conf_genre"]) >= 0.8
+    assert a["top1_proto"] in species[:2] and float(a["conf_proto"]) < 0.6
+    assert a["confiance"] == a["conf_proto"]  # the seed's rejection: max of the maxima
+
+    out = tmp_path / "plain.csv"  # without --taxonomy: exactly the seed's columns
+    assert _infer(photo_dir, out, demo_model_spec, "--bundle", str(bundle)) == 0
+    header, rows = _read(out)
+    assert header == list(SEED_COLUMNS)
+    plain = next(r for r in rows if r["image"] == "a.jpg")
+    assert plain == {k: a[k] for k in SEED_COLUMNS}
+
+
+def test_the_gallery_is_closed_and_one_of_another_model_is_refused(
+        photo_dir: Path, demo_model_spec: str, tmp_path: Path, capsys) -> None:
+    from tools.demo_model import write_demo_model
+
+    def batchers() -> int:
+        return sum(t.name == "embed-batcher" and t.is_alive() for t in threading.enumerate())
+
+    running = batchers()
+    assert _infer(photo_dir, tmp_path / "zs.csv", demo_model_spec) == 0
+    assert batchers() == running  # the state's batcher thread is stopped
+    store = tmp_path / "data" / "gallery" / "gallery.sqlite3"
+    assert store.is_file() and not store.with_name(store.name + "-wal").exists()  # closed
+
+    other = write_demo_model(tmp_path / "other-model", seed=1)
+    capsys.readouterr()
+    assert _infer(photo_dir, tmp_path / "other.csv", f"local-dir:{other}") == 1
+    printed = capsys.readouterr().out
+    assert f"cannot read the gallery in {tmp_path / 'data'}" in printed
+    assert "another model" in printed

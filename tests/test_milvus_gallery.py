@@ -7,6 +7,7 @@ Milvus one must come back identical after a restart (its state is in Milvus).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import pytest
 from gallery_helpers import open_test_gallery, whitened_bundle
 
 from index.gallery import UnknownExemplarError, UnknownSpeciesError
+from index.milvus_index import exemplar_id_for
 from index.store import NewExemplar
-from server.bundle import Bundle
+from server.bundle import Bundle, fuse_prototypes
 from server.catalog import Catalog, SpeciesRecord
 from server.text_prototypes import TextPrototypeCache
 
@@ -118,3 +120,89 @@ def test_milvus_and_faiss_galleries_agree_and_milvus_survives_a_restart(
     assert again.prototypes().names[:len(bundle.species)] == before.names[:len(bundle.species)]
     rows, total = again.list_exemplars([names[40]], 0, 10, include_thumbnails=False)
     assert total == 4 and [r.exemplar_id for r in rows] == sorted(r.exemplar_id for r in rows)
+
+
+def crash_write(g, species: str, vec: np.ndarray) -> NewExemplar:
+    """What a replica killed between upserting a photo and its species row leaves behind."""
+    new = item(species, vec)
+    eid = exemplar_id_for(species, new.content_sha256)
+    g.index.insert([g.index.exemplar_row(eid, species, g.project(vec[None, :])[0], vec,
+                                         content_sha256=new.content_sha256, added_at=0.0)])
+    return new
+
+
+def test_a_photo_stored_without_its_species_row_reaches_the_prototype(
+        open_pair, loaded_demo_model, text_cache, tmp_path):
+    catalog = Catalog.load_default()
+    names = catalog.names()
+    bundle = whitened_bundle(loaded_demo_model, catalog, text_cache, extra={},
+                             bundle_id="crash-test-bundle")
+    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    faiss_g, milvus_g = open_pair("faiss", bundle), open_pair(lite, bundle)
+    rng = np.random.default_rng(11)
+    photos = unit(rng.normal(size=(5, DIM)))
+    a, b = names[3], names[40]  # b: no photo, hence no species row, before the crash
+    for vec in photos[:2]:
+        faiss_g.add_exemplar(item(a, vec))
+        milvus_g.add_exemplar(item(a, vec))
+    for species, vec in ((a, photos[2]), (b, photos[3])):
+        retried = crash_write(milvus_g, species, vec)
+        faiss_g.add_exemplar(item(species, vec))
+        # The client's retry finds its photo stored, so nothing refreshes the prototype.
+        assert milvus_g.find(species, retried.content_sha256) is not None
+    stale, want = milvus_g.prototypes(), faiss_g.prototypes()
+    assert not np.allclose(stale.vectors[stale.index()[a]], want.vectors[want.index()[a]],
+                           atol=1e-3)
+
+    milvus_g.close()
+    again = open_pair(lite, bundle)  # any replica's start repairs the shared rows
+    same_prototypes(again, faiss_g)
+    assert again.exemplar_counts() == faiss_g.exemplar_counts() == {a: 3, b: 1}
+
+    crash_write(again, a, photos[4])  # and a running replica's full sweep
+    faiss_g.add_exemplar(item(a, photos[4]))
+    assert again.sync_now() == 0  # incremental polls only read changed rows
+    assert again.sync_now(full=True) == 1
+    same_prototypes(again, faiss_g)
+    assert again.exemplar_counts()[a] == 4
+
+
+def test_a_new_bundle_in_the_same_space_keeps_the_collection_and_recomputes(
+        open_pair, loaded_demo_model, text_cache, tmp_path):
+    catalog = Catalog.load_default()
+    names = catalog.names()
+    before = whitened_bundle(loaded_demo_model, catalog, text_cache, extra={},
+                             bundle_id="before")
+    rng = np.random.default_rng(12)
+    visual = unit(before.visual_prototypes + rng.normal(size=before.visual_prototypes.shape))
+    after = dataclasses.replace(  # same whitening, other prototypes and weights file
+        before, bundle_id="after", visual_prototypes=visual,
+        prototypes=fuse_prototypes(visual, before.text_prototypes, before.alpha))
+    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    first = open_pair(lite, before)
+    photos = unit(rng.normal(size=(3, DIM)))
+    for vec in photos:
+        first.add_exemplar(item(names[3], vec))  # a bundle species: its prior counts
+    first.close()
+
+    again, faiss_g = open_pair(lite, after), open_pair("faiss", after)
+    assert again.space_id == first.space_id == faiss_g.space_id
+    for vec in photos:
+        faiss_g.add_exemplar(item(names[3], vec))
+    same_prototypes(again, faiss_g)
+
+
+def test_a_photo_imported_with_its_faiss_id_is_found_again(open_pair, loaded_demo_model,
+                                                           text_cache, tmp_path):
+    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    g = open_pair(lite, whitened_bundle(loaded_demo_model, Catalog.load_default(), text_cache,
+                                        extra={}, bundle_id="import-test"))
+    name = g.prototypes().names[2]
+    photo = item(name, unit(np.random.default_rng(13).normal(size=DIM)))
+    assert g.import_rows([{"id": 7, "species": name, "embedding": photo.embedding,
+                           "content_sha256": photo.content_sha256}]) == 1
+    g.refresh([name])
+    assert g.find(name, photo.content_sha256) == 7
+    again = g.add_exemplar(photo)
+    assert (again.exemplar_id, again.created) == (7, False)
+    assert g.index.count() == 1 and g.exemplar_counts() == {name: 1}

@@ -220,6 +220,21 @@ def test_a_collection_refuses_another_model_or_space(tmp_path):
         open_index(path, meta={"model_fingerprint": "m2", "space_id": "raw:m1"})
 
 
+def test_a_collection_labelled_with_the_old_bundle_space_id_is_relabelled(tmp_path):
+    path = tmp_path / "legacy.db"
+    open_index(path, meta={"model_fingerprint": "m1", "space_id": "bundle:b1"}).close()
+    with pytest.raises(MilvusConfigError, match="space_id"):  # another bundle: refused
+        open_index(path, meta={"model_fingerprint": "m1", "space_id": "whitened:w2",
+                               "legacy_space_id": "bundle:b2"})
+    index = open_index(path, meta={"model_fingerprint": "m1", "space_id": "whitened:w1",
+                                   "legacy_space_id": "bundle:b1"})
+    assert index.meta["space_id"] == "whitened:w1"
+    index.close()
+    index = open_index(path, meta={"model_fingerprint": "m1", "space_id": "whitened:w1"})
+    assert index.meta["space_id"] == "whitened:w1"
+    index.close()
+
+
 @pytest.mark.parametrize("text, message", [
     ("milvus-lite:", "needs a path"),
     ("milvus://host:19530", "HOST:PORT/COLLECTION"),

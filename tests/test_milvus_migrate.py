@@ -84,6 +84,11 @@ def test_faiss_gallery_moves_into_milvus_with_ids_metadata_and_answers(
         np.testing.assert_allclose(dst_protos.vectors[dst_protos.index()[name]],
                                    src_protos.vectors[src_protos.index()[name]], atol=1e-5)
     assert dst.state.gallery.exemplar_counts() == src.state.gallery.exemplar_counts()
+    # Re-sending migrated photos (bytes, an embedding) finds them under their FAISS ids.
+    again = dst_stub.AddExemplars(iter([requests[1], requests[5]]))
+    assert list(again.exemplar_ids) == [added.exemplar_ids[1], added.exemplar_ids[5]]
+    assert list(again.species_updated) == []
+    assert sorted(map(key, all_exemplars(dst_stub))) == sorted(map(key, before))
 
     # And back out of Milvus: the same rows, embeddings bit-exact.
     back = tmp_path / "back.parquet"

@@ -89,6 +89,28 @@ def test_embed_resumes_from_cache_and_lists_unreadable_photos(pipeline, demo_mod
     assert all(e["error"] for e in errors)
 
 
+def test_embed_cache_keeps_runtimes_and_precisions_apart(pipeline, demo_model_spec, capsys):
+    root = pipeline["root"]
+    lines = pipeline["manifest"].read_text("utf-8").splitlines()
+    manifest = root / "data" / "manifest_four.csv"
+    manifest.write_text("\n".join(lines[:5]) + "\n", "utf-8")
+    cache = root / ".emb.parquet.cache"  # the fp32 run's, which holds these four photos
+
+    def embed(out: str, precision: str) -> str:
+        capsys.readouterr()
+        assert main(["embed", "--manifest", str(manifest), "--model", demo_model_spec,
+                     "--out", str(root / out), "--cache-dir", str(cache),
+                     "--precision", precision, "--no-progress"]) == 0
+        return capsys.readouterr().out
+
+    assert "4 embedded, 0 from cache" in embed("bf16.parquet", "bf16")
+    assert "0 embedded, 4 from cache" in embed("bf16_again.parquet", "bf16")
+    assert "0 embedded, 4 from cache" in embed("fp32.parquet", "fp32")
+    bf16, fp32 = (read_embeddings(root / f).embeddings for f in ("bf16.parquet", "fp32.parquet"))
+    assert not np.array_equal(bf16, fp32)  # what a shared cache would have mixed up
+    np.testing.assert_array_equal(read_embeddings(root / "bf16_again.parquet").embeddings, bf16)
+
+
 def test_embed_folder_mode_labels_by_subfolder(tmp_path, demo_model_spec):
     rng = np.random.default_rng(0)
     for c, name in enumerate(["Patella vulgata", "Carcinus maenas"]):

@@ -7,7 +7,8 @@ training sees exactly the vectors serving will see.
 
 Embedding a few thousand photos on a CPU takes a while, so the work is
 resumable: every vector is cached under the sha256 of the file's bytes (plus
-the model fingerprint and preprocessing), flushed to small parquet parts as
+the model fingerprint, preprocessing, runtime and precision: an int8 or bf16
+vector is not an fp32 one), flushed to small parquet parts as
 it goes. A rerun after a crash, or after adding photos, embeds only what is
 new. Unreadable photos are listed in ``OUT.errors.csv`` and skipped.
 """
@@ -133,10 +134,13 @@ class EmbeddingCache:
         self._pending.clear()
 
 
-def cache_key_space(fingerprint: str, policy: ImagePolicy) -> str:
-    """Vectors are only reusable for the same model and the same pixels."""
+def cache_key_space(fingerprint: str, policy: ImagePolicy, runtime: str = "torch",
+                    precision: str = "fp32") -> str:
+    """Vectors are only reusable for the same model, the same pixels and the same
+    arithmetic (runtime and precision)."""
     pre = json.dumps([policy.image_size, policy.mean, policy.std, policy.fast_decode])
-    return f"{fingerprint}-{hashlib.sha256(pre.encode()).hexdigest()[:8]}"
+    digest = hashlib.sha256(pre.encode()).hexdigest()[:8]
+    return f"{fingerprint}-{digest}-{runtime}-{precision}"
 
 
 def embed_items(items: list[Item], embedder, policy: ImagePolicy, cache: EmbeddingCache,
@@ -245,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
                          fast_decode=args.fast_decode)
     out = Path(args.out)
     cache_root = args.cache_dir or out.with_name(f".{out.name}.cache")
-    cache = EmbeddingCache(Path(cache_root) / cache_key_space(loaded.fingerprint, policy))
     embedder = make_embedder(loaded, args.runtime, args.precision)
+    space = cache_key_space(loaded.fingerprint, policy, embedder.runtime, embedder.precision)
+    cache = EmbeddingCache(Path(cache_root) / space)
     result = embed_items(items, embedder, policy, cache, args.batch_size, args.workers,
                          progress=not args.no_progress)
     keep = [i for i, v in enumerate(result["vectors"]) if v is not None]

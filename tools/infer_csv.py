@@ -2,10 +2,20 @@
 
 The seed's users feed its CSV (``REFERENCE.md``, "Output CSV") to their own
 scripts, so the columns, method names and ``?`` for a rejection are kept
-exactly; the per-rank taxonomy columns of the seed's v6 follow with
-``--taxonomy``. The photos go through the very ``Identifier`` the gRPC
-service uses (built by ``server.state.build_state``, no port opened), so a
-row says what the service would have answered for that photo.
+exactly, with the seed's meaning: an answer above species level (the
+service's ``taxon`` method, which the seed did not have) is written as the
+seed would: ``?``, ``rejected``, the rejection's confidence. With
+``--taxonomy`` the seed v6's per-rank columns follow, then ``taxon_pred``
+and ``taxon_rank`` (the taxon answered, its seed rank name; empty for
+species answers and rejections). The photos go through the very
+``Identifier`` the gRPC service uses (built by ``server.state.build_state``,
+no port opened), so a row says what the service would have answered.
+
+``--data-dir`` is the service's data folder (default ``./data``), on
+purpose: its catalog additions and its gallery's curator photos shape the
+prototypes, hence the answers. The gallery is only read, and closed at the
+end; its snapshot is written through a temporary file of this process's
+own, so running next to a server on the same folder is safe.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 TOP_K = 3  # the seed's CSV shows three alternatives per component
 # Not accepted as a species: the seed's acceptance rate counts species answers.
 NOT_ACCEPTED = frozenset({method_name(Method.REJECTED), method_name(Method.TAXON)})
+TAXON_COLUMNS = ("taxon_pred", "taxon_rank")  # after every seed column, with --taxonomy
+SEED_RANK_NAME = {rank: seed for seed, rank in SEED_RANKS.items()}
 
 
 def find_images(root: Path, ext: str | None = None, recursive: bool = False) -> list[Path]:
@@ -92,7 +104,7 @@ class CsvIdentifier:
 
     @property
     def columns(self) -> list[str]:
-        return [*SEED_COLUMNS, *(taxonomy_columns() if self.taxonomy else [])]
+        return [*SEED_COLUMNS, *([*taxonomy_columns(), *TAXON_COLUMNS] if self.taxonomy else [])]
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -120,20 +132,25 @@ class CsvIdentifier:
         return BatchResult(rows, errors)
 
     def _row(self, image: str, result) -> dict[str, str]:
-        if result.species:
-            answer = result.species
-        elif result.method == Method.TAXON:
-            answer = result.taxon  # rejected as a species, but sure of the genus (or above)
-        else:
-            answer = REJECTED_SPECIES
+        confidence = result.confidence
+        if result.method == Method.TAXON:
+            # The seed's rejection: its confidence is max(max p_common, max p_proto)
+            # (REFERENCE.md rule 4; the zero-shot one is max p_proto), the top candidates'.
+            confidence = max((s for _, s in [*result.classifier_candidates[:1],
+                                             *result.prototype_candidates[:1]]),
+                             default=0.0)
         row = {
             "image": image,
-            "espece_pred": answer,
-            "confiance": confidence_text(result.confidence),
-            "methode": method_name(result.method),
+            "espece_pred": result.species or REJECTED_SPECIES,
+            "confiance": confidence_text(confidence),
+            "methode": method_name(result.method if result.species else Method.REJECTED),
         }
         _candidates(row, "common", result.classifier_candidates)
         _candidates(row, "proto", result.prototype_candidates)
+        if self.taxonomy:
+            above = result.method == Method.TAXON
+            row["taxon_pred"] = result.taxon if above else ""
+            row["taxon_rank"] = SEED_RANK_NAME.get(result.rank, result.rank) if above else ""
         return row
 
     def _add_taxonomy(self, rows: list[dict[str, str]], embeddings: np.ndarray) -> None:
@@ -192,7 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="photos per model call")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--data-dir", type=Path, default=defaults.data_dir,
-                        help="cache folder shared with `serve` (default: %(default)s)")
+                        help="the service's data folder: its added species and gallery photos "
+                             "shape the answers; caches (default: %(default)s)")
     parser.add_argument("--runtime", choices=("torch", "onnx", "openvino"),
                         default=defaults.runtime)
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"),
@@ -202,8 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from index.gallery import GalleryError
+    from index.store import StoreError
     from server.bundle import BundleError
     from server.model_loader import ModelUnavailableError
     from server.state import build_state
@@ -228,9 +246,24 @@ def run(args: argparse.Namespace) -> int:
     except (ModelUnavailableError, BundleError) as exc:
         print(f"infer-csv: {exc}")
         return 1
+    except (StoreError, GalleryError) as exc:
+        print(f"infer-csv: cannot read the gallery in {args.data_dir}: {exc}")
+        return 1
+    try:
+        return _write_csv(args, state, paths)
+    except (StoreError, GalleryError) as exc:
+        print(f"infer-csv: the gallery in {args.data_dir} failed: {exc}")
+        return 1
+    finally:
+        state.batcher.close()
+        state.gallery.close()
+
+
+def _write_csv(args: argparse.Namespace, state, paths: list[Path]) -> int:
+    from tqdm import tqdm
+
     if state.bundle is None:
         log.warning("no --bundle: zero-shot answers from the catalog's text prototypes")
-
     worker = CsvIdentifier(state, taxonomy=args.taxonomy, workers=args.workers)
     methods: Counter = Counter()
     identified = failed = 0
