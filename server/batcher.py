@@ -60,6 +60,7 @@ class _Scope:
     deadline: float | None
     batcher: MicroBatcher | None = None
     pending: bool = False  # announced to ``batcher``, not submitted yet
+    queue_seconds: float = 0.0  # time this request's photos waited for their batch
 
 
 _SCOPE: ContextVar[_Scope | None] = ContextVar("biolit_request_scope", default=None)
@@ -73,6 +74,12 @@ def deadline_scope(deadline: float | None) -> Iterator[None]:
         yield
     finally:
         _SCOPE.reset(token)
+
+
+def current_queue_ms() -> float:
+    """How long the current request's photos waited for the model, in ms."""
+    scope = _SCOPE.get()
+    return scope.queue_seconds * 1e3 if scope is not None else 0.0
 
 
 def current_deadline() -> float | None:
@@ -225,10 +232,14 @@ class MicroBatcher:
         if deadline is None:
             deadline = current_deadline()
         future = self.submit_async(pixels, deadline)
-        if deadline is None:
-            return future.result()
         try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            out = future.result(
+                timeout=None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
+            scope = _SCOPE.get()
+            if scope is not None:
+                scope.queue_seconds += getattr(future, "queue_seconds", 0.0)
+            return out
         except FutureTimeout:
             if future.cancel():  # still queued: it will never be computed
                 raise DeadlineExceededError(
@@ -319,6 +330,7 @@ class MicroBatcher:
         for item in batch:
             n = len(item.pixels)
             stats.queue_seconds += (started - item.enqueued) * n
+            item.future.queue_seconds = started - item.enqueued  # read by submit()
             item.future.set_result(out[offset : offset + n])
             offset += n
 

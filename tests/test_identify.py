@@ -61,6 +61,7 @@ def test_identify_each_format(stub, fmt: str) -> None:
     assert resp.versions.catalog_version
     assert len(resp.versions.model_fingerprint) == 16
     assert resp.timing.embed_ms > 0 and resp.timing.decode_ms > 0
+    assert 0 < resp.timing.queue_ms < resp.timing.total_ms  # the wait for a model batch
 
 
 def test_zero_shot_accepts_a_confident_match(stub, loaded_demo_model) -> None:
