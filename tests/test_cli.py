@@ -79,6 +79,16 @@ def test_identify_command_reports_bad_photo(served, tmp_path: Path, capsys) -> N
     bad.write_text("not a photo")
     assert main(["identify", str(bad), "--server", f"127.0.0.1:{port}"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    missing = tmp_path / "missing.jpg"
+    assert main(["identify", str(missing), "--server", f"127.0.0.1:{port}"]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_one_contact_sheet_per_photo(tmp_path: Path) -> None:
+    from tools.identify_client import sheet_path
+
+    assert sheet_path(tmp_path / "out.png", Path("a.jpg"), 1) == tmp_path / "out.png"
+    assert sheet_path(tmp_path / "out.png", Path("x/a.jpg"), 2) == tmp_path / "out-a.png"
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(served) -> None:

@@ -59,9 +59,16 @@ def format_table(photo: Path, resp: pb.IdentifyResponse) -> str:
     for s in resp.similar:
         lines.append(f"  similar     #{s.exemplar_id} {s.species} ({s.score:.3f}) {s.source_uri}")
     t = resp.timing
-    lines.append(f"  timing      decode {t.decode_ms:.1f} ms, embed {t.embed_ms:.1f} ms, "
-                 f"score {t.score_ms:.1f} ms")
+    lines.append(f"  timing      decode {t.decode_ms:.1f} ms, queue {t.queue_ms:.1f} ms, "
+                 f"embed {t.embed_ms:.1f} ms, score {t.score_ms:.1f} ms")
     return "\n".join(lines)
+
+
+def sheet_path(sheet: Path, photo: Path, n_photos: int) -> Path:
+    """``out.png`` for one photo; ``out-<photo>.png`` each when there are several."""
+    if n_photos == 1:
+        return sheet
+    return sheet.with_name(f"{sheet.stem}-{photo.stem}{sheet.suffix or '.png'}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,8 +77,14 @@ def run(args: argparse.Namespace) -> int:
     with open_channel(args.server, args.tls_ca) as channel:
         stub = pb_grpc.SpeciesIdentifierStub(channel)
         for photo in args.photos:
+            try:
+                data = photo.read_bytes()
+            except OSError as exc:
+                print(f"{photo}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+                status = 1
+                continue
             request = pb.IdentifyRequest(
-                image=photo.read_bytes(),
+                image=data,
                 top_k=args.top_k,
                 num_similar=args.similar,
                 restrict_to=args.restrict_to,
@@ -93,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             if args.sheet:
                 from tools.contact_sheet import render_contact_sheet
 
-                render_contact_sheet(photo.read_bytes(), resp, args.sheet)
-                print(f"  sheet       {args.sheet}")
+                sheet = sheet_path(args.sheet, photo, len(args.photos))
+                render_contact_sheet(data, resp, sheet)
+                print(f"  sheet       {sheet}")
     return status
