@@ -37,7 +37,10 @@ import numpy as np
 
 from server.bundle import fuse_prototypes
 from server.catalog import Catalog
-from server.prototype_math import weighted_prototype  # the trainer's: same prototypes
+from server.prototype_math import (  # the trainer's: same prototypes
+    l2_normalize64,
+    weighted_prototype,
+)
 from server.scoring import PrototypeSet
 
 __all__ = ["PrototypeBuilder", "combine_with_prior", "prototype_builder", "space_id_for",
@@ -46,18 +49,13 @@ __all__ = ["PrototypeBuilder", "combine_with_prior", "prototype_builder", "space
 DEFAULT_PRIOR_WEIGHT = 10.0
 
 
-def _normalize(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return v / max(float(np.linalg.norm(v)), 1e-12)
-
-
 def combine_with_prior(prior: np.ndarray | None, prior_weight: float,
                        estimate: np.ndarray, n: int) -> np.ndarray:
     """Count-weighted mean of a trained prototype and the photos' estimate (unit)."""
     if prior is None or prior_weight <= 0:
         return np.asarray(estimate, dtype=np.float32)
-    mixed = prior_weight * _normalize(prior) + n * _normalize(estimate)
-    return _normalize(mixed).astype(np.float32)
+    mixed = prior_weight * l2_normalize64(prior) + n * l2_normalize64(estimate)
+    return l2_normalize64(mixed).astype(np.float32)
 
 
 @dataclass

@@ -364,16 +364,6 @@ class GalleryStore:
             last = int(ids[-1])
             yield ids, vecs
 
-    def iter_species_embeddings(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        """(species, ids, raw embeddings) per species, ids ascending within each."""
-        conn = self._reader()
-        names = [r[0] for r in conn.execute(
-            "SELECT DISTINCT species FROM exemplars ORDER BY species"
-        )]
-        for name in names:
-            ids, vecs = self.embeddings_for(name)
-            yield name, ids, vecs
-
     def _unpack(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
         if not rows:
             return np.zeros(0, np.int64), np.zeros((0, self.embedding_dim), np.float32)

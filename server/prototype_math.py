@@ -16,7 +16,10 @@ import numpy as np
 DEFAULT_SHARPNESS = 10.0  # softmax scale on cosines: 0.1 less similar -> weight x e^-1
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize64(x: np.ndarray) -> np.ndarray:
+    """Unit rows in float64: prototypes are averaged and re-normalised several times, and
+    ``server.embedder.l2_normalize`` would round each step to float32."""
+    x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -29,14 +32,14 @@ def weighted_prototype(
     ``softmax(sharpness * cos(row, prototype))``. ``iterations=0`` is the
     plain normalised mean; one row is its own prototype.
     """
-    x = _normalize(np.asarray(vectors, dtype=np.float64))
+    x = l2_normalize64(vectors)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError("weighted_prototype needs a non-empty [N, D] array")
-    proto = _normalize(x.mean(axis=0))
+    proto = l2_normalize64(x.mean(axis=0))
     for _ in range(max(0, iterations)):
         sims = x @ proto
         weights = np.exp(sharpness * (sims - sims.max()))
-        proto = _normalize((weights / weights.sum()) @ x)
+        proto = l2_normalize64((weights / weights.sum()) @ x)
     return proto.astype(np.float32)
 
 

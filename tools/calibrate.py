@@ -30,6 +30,7 @@ import numpy as np
 from server.bundle import Bundle, BundleError
 from server.catalog import FALLBACK_RANKS, Catalog
 from server.routing import Thresholds
+from server.scoring import masked_softmax
 from tools.datasets import DatasetError
 from tools.metrics import (
     ScoredSet,
@@ -85,24 +86,18 @@ def fit_temperatures(bundle: Bundle, embeddings: np.ndarray, scored: ScoredSet
         scale = fit_logit_scale(scored.head_logits, labels, 1.0)
         before = top1_calibration(scored.p_common, labels)
         out = scale_head(out, scale)
-        after = top1_calibration(_softmax(scale * scored.head_logits), labels)
+        after = top1_calibration(masked_softmax(scale * scored.head_logits, None), labels)
         report["head"] = {"temperature": 1.0 / scale, "ece_before": before[0],
                           "ece_after": after[0], "nll_before": before[1], "nll_after": after[1]}
     sims = bundle.whiten(embeddings).astype(np.float64) @ bundle.prototypes.T.astype(np.float64)
     temperature = fit_logit_scale(sims, truth, bundle.temperature)
     before = top1_calibration(scored.p_proto, truth)
-    after = top1_calibration(_softmax(temperature * sims), truth)
+    after = top1_calibration(masked_softmax(temperature * sims, None), truth)
     out = replace(out, temperature=temperature)
     report["prototype"] = {"temperature_before": bundle.temperature,
                            "temperature": temperature, "ece_before": before[0],
                            "ece_after": after[0], "nll_before": before[1], "nll_after": after[1]}
     return out, report
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ------------------------------------------------------------ routing thresholds

@@ -18,6 +18,13 @@ from pathlib import Path
 import numpy as np
 
 META_KEY = b"biolit.embeddings"
+# Photo types the offline tools pick up from a folder (embed, infer-csv).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+def errors_path(output: Path) -> Path:
+    """``results.csv`` -> ``results.errors.csv``: unreadable photos listed beside the output."""
+    return output.with_name(output.stem + ".errors.csv")
 
 
 class DatasetError(ValueError):

@@ -29,11 +29,10 @@ import numpy as np
 
 from server.model_loader import DEFAULT_MODEL
 from server.preprocess import ImageDecodeError, ImagePolicy, preprocess
-from tools.datasets import EmbeddingSet, write_embeddings
+from tools.datasets import IMAGE_SUFFIXES, EmbeddingSet, errors_path, write_embeddings
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 FLUSH_EVERY = 512  # new vectors per cache part: a crash loses at most this many
 
 
@@ -200,10 +199,6 @@ def _hash_or_load(item: Item, policy: ImagePolicy, cache: EmbeddingCache):
         return key, None, str(exc), None
     except Exception as exc:  # never fatal: a photo that crashes PIL is listed, not raised
         return key, None, f"{type(exc).__name__}: {exc}", None
-
-
-def errors_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".errors.csv")
 
 
 def write_errors(path: Path, errors: list[tuple[Item, str]]) -> None:

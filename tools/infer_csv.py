@@ -33,8 +33,9 @@ import numpy as np
 
 from server.config import ServerConfig
 from server.model_loader import DEFAULT_MODEL
-from server.routing import Method, Routed
-from server.scoring import Scores
+from server.routing import Method
+from tools.datasets import IMAGE_SUFFIXES, errors_path
+from tools.metrics import row_scores
 from tools.seed_format import (
     ERRORS_COLUMNS,
     REJECTED_SPECIES,
@@ -47,7 +48,6 @@ from tools.seed_format import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 TOP_K = 3  # the seed's CSV shows three alternatives per component
 # Not accepted as a species: the seed's acceptance rate counts species answers.
 NOT_ACCEPTED = frozenset({method_name(Method.REJECTED), method_name(Method.TAXON)})
@@ -57,33 +57,17 @@ SEED_RANK_NAME = {rank: seed for seed, rank in SEED_RANKS.items()}
 
 def find_images(root: Path, ext: str | None = None, recursive: bool = False) -> list[Path]:
     """Photos under ``root``, sorted, matching ``--ext`` (any case) or any known type."""
-    wanted = {"." + ext.lower().lstrip(".")} if ext else set(IMAGE_EXTENSIONS)
+    wanted = {"." + ext.lower().lstrip(".")} if ext else set(IMAGE_SUFFIXES)
     if ext and ext.lower().lstrip(".") in {"jpg", "jpeg"}:
         wanted = {".jpg", ".jpeg"}
     candidates = root.rglob("*") if recursive else root.iterdir()
     return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in wanted)
 
 
-def errors_path(output: Path) -> Path:
-    """``results.csv`` -> ``results.errors.csv``."""
-    return output.with_name(output.stem + ".errors.csv")
-
-
 @dataclass
 class BatchResult:
     rows: list[dict[str, str]]
     errors: list[tuple[str, str]]
-
-
-def _row_scores(scores: Scores, i: int) -> Scores:
-    routed = scores.routed
-    return Scores(
-        p_common=scores.p_common[i : i + 1],
-        p_proto=scores.p_proto[i : i + 1],
-        common_to_global=scores.common_to_global,
-        routed=Routed(routed.method[i : i + 1], routed.species[i : i + 1],
-                      routed.confidence[i : i + 1]),
-    )
 
 
 def _candidates(row: dict[str, str], prefix: str, candidates: Sequence[tuple[str, float]]) -> None:
@@ -162,7 +146,7 @@ class CsvIdentifier:
         catalog = self.identifier.catalog
         ranks = list(SEED_RANKS.values())
         for i, row in enumerate(rows):
-            answers = {a.rank: a for a in rank_confidences(_row_scores(scores, i), protos.names,
+            answers = {a.rank: a for a in rank_confidences(row_scores(scores, i), protos.names,
                                                           catalog, ranks)}
             for seed_rank, rank in SEED_RANKS.items():
                 a = answers.get(rank)

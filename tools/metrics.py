@@ -16,7 +16,7 @@ import numpy as np
 
 from server.bundle import Bundle, load_bundle
 from server.catalog import Catalog
-from server.routing import Method, Routed, Thresholds, route_hybrid
+from server.routing import Routed, Thresholds, route_hybrid
 from server.scoring import HybridScorer, PrototypeSet, Scores
 from server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
 from tools.datasets import EmbeddingSet, read_embeddings
@@ -69,13 +69,18 @@ class ScoredSet:
                          routed, self.truth, self.names)
 
     def row_scores(self, i: int) -> Scores:
-        r = self.routed
-        return Scores(
-            p_common=self.p_common[i : i + 1],
-            p_proto=self.p_proto[i : i + 1],
-            common_to_global=self.common_to_global,
-            routed=Routed(r.method[i : i + 1], r.species[i : i + 1], r.confidence[i : i + 1]),
-        )
+        return row_scores(self, i)
+
+
+def row_scores(scores: Scores | ScoredSet, i: int) -> Scores:
+    """Row ``i`` as a one-row ``Scores``: ``rank_confidences`` takes a batch."""
+    r = scores.routed
+    return Scores(
+        p_common=scores.p_common[i : i + 1],
+        p_proto=scores.p_proto[i : i + 1],
+        common_to_global=scores.common_to_global,
+        routed=Routed(r.method[i : i + 1], r.species[i : i + 1], r.confidence[i : i + 1]),
+    )
 
 
 def score_set(bundle: Bundle, embeddings: np.ndarray, species: Sequence[str],
@@ -252,9 +257,3 @@ def fallback_outcomes(scored: ScoredSet, species: Sequence[str], catalog: Catalo
         stats["correct"] += int(ok)
     return {"rejected": len(rejected), "fallbacks": made, "correct": right,
             "per_rank": per_rank}
-
-
-def method_name(value: int) -> str:
-    from server.routing import SEED_METHOD_NAMES
-
-    return SEED_METHOD_NAMES.get(Method(int(value)), str(value))

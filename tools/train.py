@@ -31,6 +31,7 @@ from server.catalog import Catalog
 from server.model_loader import DEFAULT_MODEL
 from server.prototype_math import class_prototypes
 from server.routing import Thresholds
+from server.scoring import masked_softmax
 from tools.datasets import (
     DatasetError,
     EmbeddingSet,
@@ -259,8 +260,8 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
         calib_x, calib_y, calib_on = train.embeddings, y_train, "train"
     sims = bundle.whiten(calib_x).astype(np.float64) @ bundle.prototypes.T.astype(np.float64)
     bundle.temperature = fit_logit_scale(sims, calib_y, INITIAL_TEMPERATURE)
-    ece_t1, nll_t1 = top1_calibration(_softmax(sims), calib_y)
-    ece_t, nll_t = top1_calibration(_softmax(bundle.temperature * sims), calib_y)
+    ece_t1, nll_t1 = top1_calibration(masked_softmax(sims, None), calib_y)
+    ece_t, nll_t = top1_calibration(masked_softmax(bundle.temperature * sims, None), calib_y)
     proto_acc = float((sims.argmax(1) == calib_y).mean()) if len(calib_y) else 0.0
 
     head_info: dict = {}
@@ -295,12 +296,6 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
     }
     bundle.training_fingerprint = fingerprint(train)
     return bundle
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
