@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +63,13 @@ class Bundle:
     def prototype_dim(self) -> int:
         return int(self.prototypes.shape[1])
 
-    def common_to_global(self) -> np.ndarray:
-        index = {name: i for i, name in enumerate(self.species)}
+    def common_to_global(self, names: Sequence[str] | None = None) -> np.ndarray:
+        """Row of each head class in ``names`` (default: the bundle's species).
+
+        The service passes its live prototype names, which may have grown by
+        AddSpecies since the bundle was made.
+        """
+        index = {name: i for i, name in enumerate(self.species if names is None else names)}
         return np.array([index[name] for name in self.common], dtype=np.int64)
 
     def whiten(self, embeddings: np.ndarray) -> np.ndarray:

@@ -99,9 +99,11 @@ def _check_string(name: str, value: str, limit: int) -> None:
 
 # ------------------------------------------------------------------ interceptor
 
-# Methods that report bad items inside the stream (ItemError) instead of
-# failing the call; the servicer checks those per item.
-PER_ITEM_METHODS = frozenset({"IdentifyStream"})
+# Methods whose servicer checks each request itself (``_identify_one``):
+# IdentifyStream reports a bad item inside the stream (ItemError) instead of
+# failing the call, and Identify shares that code, so checking it here too
+# would walk every request twice.
+PER_ITEM_METHODS = frozenset({"Identify", "IdentifyStream"})
 
 
 def deadline_passed(context) -> bool:

@@ -119,8 +119,7 @@ class HybridScorer:
         cached = self._mapping_cache
         if cached is not None and cached[0] is protos.names:
             return cached[1]
-        index = protos.index()
-        mapping = np.array([index[name] for name in self.bundle.common], dtype=np.int64)
+        mapping = self.bundle.common_to_global(protos.names)
         self._mapping_cache = (protos.names, mapping)
         return mapping
 
