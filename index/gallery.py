@@ -67,13 +67,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index.faiss_index import IndexSpec, VectorIndex
-from index.prototypes import PrototypeBuilder, prototype_builder
-from index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
-from index.store import ExemplarRow, GalleryStore, NewExemplar
-from server.catalog import Catalog, SpeciesRecord
-from server.pipeline import SimilarHit
-from server.scoring import PrototypeSet
+from biolit_id.index.faiss_index import IndexSpec, VectorIndex
+from biolit_id.index.prototypes import PrototypeBuilder, prototype_builder
+from biolit_id.index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
+from biolit_id.index.store import ExemplarRow, GalleryStore, NewExemplar
+from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.pipeline import SimilarHit
+from biolit_id.server.scoring import PrototypeSet
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from index.gallery import (
+from biolit_id.index.gallery import (
     AddOutcome,
     GalleryBase,
     GalleryError,
@@ -66,7 +66,7 @@ from index.gallery import (
     UnknownSpeciesError,
     similar_hit,
 )
-from index.milvus_index import (
+from biolit_id.index.milvus_index import (
     EXEMPLAR_META_FIELDS,
     MilvusGalleryError,
     MilvusIndex,
@@ -78,11 +78,11 @@ from index.milvus_index import (
     ids_digest,
     parse_target,
 )
-from index.prototypes import PrototypeBuilder, prototype_builder
-from index.store import ExemplarRow, NewExemplar
-from server.catalog import Catalog, SpeciesRecord
-from server.pipeline import SimilarHit
-from server.scoring import PrototypeSet
+from biolit_id.index.prototypes import PrototypeBuilder, prototype_builder
+from biolit_id.index.store import ExemplarRow, NewExemplar
+from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.pipeline import SimilarHit
+from biolit_id.server.scoring import PrototypeSet
 
 log = logging.getLogger(__name__)
 

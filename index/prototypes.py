@@ -35,13 +35,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.bundle import fuse_prototypes
-from server.catalog import Catalog
-from server.prototype_math import (  # the trainer's: same prototypes
+from biolit_id.server.bundle import fuse_prototypes
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.prototype_math import (  # the trainer's: same prototypes
     l2_normalize64,
     weighted_prototype,
 )
-from server.scoring import PrototypeSet
+from biolit_id.server.scoring import PrototypeSet
 
 __all__ = ["PrototypeBuilder", "combine_with_prior", "prototype_builder", "space_id_for",
            "weighted_prototype"]

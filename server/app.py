@@ -11,14 +11,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from biolit.v1 import identification_pb2 as pb
-from biolit.v1 import identification_pb2_grpc as pb_grpc
-from server.auth import AuthInterceptor, check_exposure, load_api_keys, server_credentials
-from server.config import ServerConfig
-from server.limits import GuardInterceptor
-from server.observability import Metrics, ObservabilityInterceptor, configure_access_log
-from server.service import SpeciesIdentifierServicer
-from server.state import ServiceState, build_state
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.proto import identification_pb2_grpc as pb_grpc
+from biolit_id.server.auth import AuthInterceptor, check_exposure, load_api_keys, server_credentials
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.limits import GuardInterceptor
+from biolit_id.server.observability import Metrics, ObservabilityInterceptor, configure_access_log
+from biolit_id.server.service import SpeciesIdentifierServicer
+from biolit_id.server.state import ServiceState, build_state
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeciesIdentifier"].full_name

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.routing import Thresholds
+from biolit_id.server.routing import Thresholds
 
 FORMAT = "biolit-id-bundle/1"
 MANIFEST = "manifest.json"

@@ -140,7 +140,7 @@ class Catalog:
 
     @classmethod
     def load_default(cls) -> Catalog:
-        text = resources.files("server").joinpath("data/species_catalog.json").read_text("utf-8")
+        text = resources.files("biolit_id.server").joinpath("data/species_catalog.json").read_text("utf-8")
         return cls.from_json(json.loads(text))
 
     @classmethod

@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.catalog import Catalog, SpeciesRecord
 
 log = logging.getLogger(__name__)
 

@@ -28,20 +28,20 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from biolit.v1 import identification_pb2 as pb
-from index.gallery import (
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.index.gallery import (
     GalleryError,
     SpeciesExistsError,
     UnknownExemplarError,
     UnknownSpeciesError,
 )
-from index.store import ExemplarRow, NewExemplar
-from server.batcher import grpc_deadline
-from server.catalog import MAX_NAME_LENGTH, SpeciesRecord, UnknownTaxonError
-from server.errors import EMBED_ERRORS, message_of, status_for
-from server.messages import PB_TO_RANK, similar_message
-from server.pipeline import InvalidRequestError
-from server.preprocess import (
+from biolit_id.index.store import ExemplarRow, NewExemplar
+from biolit_id.server.batcher import grpc_deadline
+from biolit_id.server.catalog import MAX_NAME_LENGTH, SpeciesRecord, UnknownTaxonError
+from biolit_id.server.errors import EMBED_ERRORS, message_of, status_for
+from biolit_id.server.messages import PB_TO_RANK, similar_message
+from biolit_id.server.pipeline import InvalidRequestError
+from biolit_id.server.preprocess import (
     ImageDecodeError,
     open_image,
     resize_for_model,
@@ -288,7 +288,7 @@ class CurationServicer:
 
     def _gbif_enriched(self, record: SpeciesRecord,
                        context: grpc.ServicerContext) -> SpeciesRecord:
-        from server.gbif import GbifError, GbifUnavailableError, apply_lookup, lookup_for_config
+        from biolit_id.server.gbif import GbifError, GbifUnavailableError, apply_lookup, lookup_for_config
 
         try:
             lookup = lookup_for_config(self.state.config, record.scientific_name)
@@ -308,7 +308,7 @@ class CurationServicer:
         """
         import logging
 
-        from server.catalog_store import save_records
+        from biolit_id.server.catalog_store import save_records
 
         try:
             save_records(self.state.config.data_dir, [record], self.state.catalog.version)

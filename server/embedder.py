@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.model_loader import LoadedModel
+from biolit_id.server.model_loader import LoadedModel
 
 RUNTIMES = ("torch", "onnx", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -73,7 +73,7 @@ def make_embedder(
     if runtime == "torch":
         return TorchEmbedder(loaded, precision)
     if runtime in {"onnx", "openvino"}:
-        from server.runtimes import make_exported_embedder
+        from biolit_id.server.runtimes import make_exported_embedder
 
         return make_exported_embedder(loaded, runtime, precision, cache_dir)
     raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import grpc
 
-from server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
-from server.catalog import UnknownTaxonError
-from server.pipeline import InvalidRequestError
-from server.preprocess import ImageDecodeError
+from biolit_id.server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
+from biolit_id.server.catalog import UnknownTaxonError
+from biolit_id.server.pipeline import InvalidRequestError
+from biolit_id.server.preprocess import ImageDecodeError
 
 # Errors a client caused: INVALID_ARGUMENT with the error's own message.
 CLIENT_ERRORS = (InvalidRequestError, ImageDecodeError, UnknownTaxonError)

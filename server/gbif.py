@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from server.catalog import GbifMatch, SpeciesRecord
+from biolit_id.server.catalog import GbifMatch, SpeciesRecord
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.bundle import DEFAULT_HEAD
+from biolit_id.server.bundle import DEFAULT_HEAD
 
 
 def build_head(input_dim: int, num_classes: int, config: dict | None = None) -> nn.Sequential:

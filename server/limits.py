@@ -18,8 +18,8 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from server.catalog import MAX_NAME_LENGTH  # scientific names, taxa, vernacular names
-from server.pipeline import InvalidRequestError
+from biolit_id.server.catalog import MAX_NAME_LENGTH  # scientific names, taxa, vernacular names
+from biolit_id.server.pipeline import InvalidRequestError
 
 # Free-text metadata: source URI, licence, contributor, observation id,
 # request id, page token.
@@ -124,8 +124,8 @@ class GuardInterceptor(grpc.ServerInterceptor):
         self.on_deadline_drop = on_deadline_drop
 
     def intercept_service(self, continuation, handler_call_details):
-        from server.auth import OPEN_SERVICES, split_method
-        from server.observability import wrap_handler
+        from biolit_id.server.auth import OPEN_SERVICES, split_method
+        from biolit_id.server.observability import wrap_handler
 
         handler = continuation(handler_call_details)
         if handler is None:

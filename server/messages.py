@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from biolit.v1 import identification_pb2 as pb
-from server.catalog import LINEAGE_RANKS, SpeciesRecord
-from server.pipeline import Identification, SimilarHit
-from server.routing import Method
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.server.catalog import LINEAGE_RANKS, SpeciesRecord
+from biolit_id.server.pipeline import Identification, SimilarHit
+from biolit_id.server.routing import Method
 
 RANK_TO_PB = {
     "kingdom": pb.RANK_KINGDOM,

@@ -23,7 +23,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
-from server.auth import OPEN_SERVICES, split_method
+from biolit_id.server.auth import OPEN_SERVICES, split_method
 
 access_log = logging.getLogger("biolit.access")
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.catalog import Catalog, SpeciesRecord, UnknownTaxonError
-from server.embedder import Embedder, l2_normalize
-from server.preprocess import ImagePolicy, preprocess
-from server.routing import Method
-from server.scoring import HybridScorer, PrototypeSet, Scores, ZeroShotScorer
-from server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
+from biolit_id.server.catalog import Catalog, SpeciesRecord, UnknownTaxonError
+from biolit_id.server.embedder import Embedder, l2_normalize
+from biolit_id.server.preprocess import ImagePolicy, preprocess
+from biolit_id.server.routing import Method
+from biolit_id.server.scoring import HybridScorer, PrototypeSet, Scores, ZeroShotScorer
+from biolit_id.server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.embedder import PRECISIONS, RUNTIMES, Embedder, l2_normalize, make_embedder
-from server.model_loader import LoadedModel
+from biolit_id.server.embedder import PRECISIONS, RUNTIMES, Embedder, l2_normalize, make_embedder
+from biolit_id.server.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def image_files(folder: Path, limit: int | None = None) -> list[Path]:
 def calibration_pixels(loaded: LoadedModel, folder: Path | None = None,
                        count: int = CALIBRATION_IMAGES) -> np.ndarray:
     """[N, 3, H, W] model inputs: photos from ``folder``, else synthetic ones."""
-    from server.preprocess import ImageDecodeError, ImagePolicy, preprocess
+    from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
 
     policy = ImagePolicy(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
     if folder is None:

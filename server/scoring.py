@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.bundle import Bundle
-from server.head import Head
-from server.routing import (
+from biolit_id.server.bundle import Bundle
+from biolit_id.server.head import Head
+from biolit_id.server.routing import (
     ZERO_SHOT_LOGIT_SCALE,
     Routed,
     Thresholds,

@@ -8,16 +8,16 @@ from collections.abc import Iterator
 
 import grpc
 
-from biolit.v1 import identification_pb2 as pb
-from biolit.v1 import identification_pb2_grpc as pb_grpc
-from server.batcher import current_queue_ms, deadline_scope, grpc_deadline, read_ahead
-from server.catalog import Catalog, UnknownTaxonError
-from server.curation import CurationServicer
-from server.errors import HANDLED_ERRORS, message_of, status_for
-from server.limits import check_request, deadline_passed
-from server.messages import identify_response, species_message
-from server.pipeline import Identification, InvalidRequestError
-from server.state import ServiceState
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.proto import identification_pb2_grpc as pb_grpc
+from biolit_id.server.batcher import current_queue_ms, deadline_scope, grpc_deadline, read_ahead
+from biolit_id.server.catalog import Catalog, UnknownTaxonError
+from biolit_id.server.curation import CurationServicer
+from biolit_id.server.errors import HANDLED_ERRORS, message_of, status_for
+from biolit_id.server.limits import check_request, deadline_passed
+from biolit_id.server.messages import identify_response, species_message
+from biolit_id.server.pipeline import Identification, InvalidRequestError
+from biolit_id.server.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         return self._species(request.scientific_name)
 
     def GetServiceInfo(self, request: pb.GetServiceInfoRequest, context: grpc.ServicerContext):
-        from server.pipeline import MAX_NUM_SIMILAR, MAX_RESTRICT_TO, MAX_TOP_K
+        from biolit_id.server.pipeline import MAX_NUM_SIMILAR, MAX_RESTRICT_TO, MAX_TOP_K
 
         state = self.state
         cfg = state.config

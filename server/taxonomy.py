@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.catalog import FALLBACK_RANKS, Catalog
-from server.routing import routed_distribution
+from biolit_id.server.catalog import FALLBACK_RANKS, Catalog
+from biolit_id.server.routing import routed_distribution
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.model_loader import LoadedModel
+from biolit_id.server.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from index.gallery import open_gallery
-from index.milvus_gallery import open_milvus_gallery
-from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
-from server.catalog import Catalog
-from server.config import ServerConfig
-from server.head import build_head, head_state_from_module
-from server.routing import Thresholds
-from server.scoring import HybridScorer, ZeroShotScorer
-from server.state import initial_prototypes
+from biolit_id.index.gallery import open_gallery
+from biolit_id.index.milvus_gallery import open_milvus_gallery
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.head import build_head, head_state_from_module
+from biolit_id.server.routing import Thresholds
+from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
+from biolit_id.server.state import initial_prototypes
 
 DIM = 512
 WHITENED_DIM = 64

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
-from server.head import build_head, head_state_from_module
-from server.routing import Thresholds
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from biolit_id.server.head import build_head, head_state_from_module
+from biolit_id.server.routing import Thresholds
 
 
 def unit(x: np.ndarray) -> np.ndarray:

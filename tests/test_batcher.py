@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import photo_bytes, stub_for
-from server.batcher import (
+from biolit_id.server.batcher import (
     BatcherClosedError,
     DeadlineExceededError,
     MicroBatcher,

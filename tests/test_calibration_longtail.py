@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from training_data import longtail_features
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from server.bundle import load_bundle
-from server.catalog import Catalog
-from server.routing import Routed, Thresholds, route_hybrid
-from server.taxonomy import taxon_fallback
-from tools.calibrate import fit_taxon_thresholds, search_thresholds
-from tools.cli import main
-from tools.datasets import read_embeddings, write_embeddings
-from tools.metrics import (
+from biolit_id.server.bundle import load_bundle
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.routing import Routed, Thresholds, route_hybrid
+from biolit_id.server.taxonomy import taxon_fallback
+from biolit_id.cli.calibrate import fit_taxon_thresholds, search_thresholds
+from biolit_id.cli.cli import main
+from biolit_id.cli.datasets import read_embeddings, write_embeddings
+from biolit_id.cli.metrics import (
     ScoredSet,
     fit_logit_scale,
     rank_answers,

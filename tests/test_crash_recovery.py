@@ -43,9 +43,9 @@ def zygote_main(model_spec: str, data_dir: str) -> None:
     import open_clip  # noqa: F401
     import torch  # noqa: F401
 
-    import index.gallery  # noqa: F401
-    import server.app as app
-    from server.config import ServerConfig
+    import biolit_id.index.gallery  # noqa: F401
+    import biolit_id.server.app as app
+    from biolit_id.server.config import ServerConfig
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     print("ready", flush=True)
@@ -136,9 +136,9 @@ class Writer(threading.Thread):
         self.in_flight = 0  # messages of the stream the kill cut: stored, maybe, but not acked
 
     def message(self):
-        from biolit.v1 import identification_pb2 as pb
+        from biolit_id.proto import identification_pb2 as pb
         from conftest import photo_bytes
-        from server.curation import content_hash_of_embedding
+        from biolit_id.server.curation import content_hash_of_embedding
 
         species = self.rng.choice(self.species)
         seed = self.rng.getrandbits(48)
@@ -152,7 +152,7 @@ class Writer(threading.Thread):
                 species, content_hash_of_embedding(values.tolist()))
 
     def run(self) -> None:
-        from biolit.v1 import identification_pb2_grpc as pb_grpc
+        from biolit_id.proto import identification_pb2_grpc as pb_grpc
 
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             stub = pb_grpc.SpeciesIdentifierStub(channel)
@@ -174,8 +174,8 @@ class Writer(threading.Thread):
 
 def listed_exemplars(port: int) -> tuple[dict[int, tuple[str, str]], int, int]:
     """Every stored exemplar over gRPC, the reported total and GetServiceInfo's size."""
-    from biolit.v1 import identification_pb2 as pb
-    from biolit.v1 import identification_pb2_grpc as pb_grpc
+    from biolit_id.proto import identification_pb2 as pb
+    from biolit_id.proto import identification_pb2_grpc as pb_grpc
 
     found: dict[int, tuple[str, str]] = {}
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -200,7 +200,7 @@ def listed_exemplars(port: int) -> tuple[dict[int, tuple[str, str]], int, int]:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork() and SIGKILL (POSIX)")
 def test_sigkill_during_adds_loses_nothing_acknowledged(tmp_path: Path, demo_model_spec: str,
                                                         loaded_demo_model) -> None:
-    from server.catalog import Catalog
+    from biolit_id.server.catalog import Catalog
 
     species = Catalog.load_default().names()[:12]
     data_dir = tmp_path / "data"
@@ -240,10 +240,10 @@ def test_sigkill_during_adds_loses_nothing_acknowledged(tmp_path: Path, demo_mod
     assert "snapshot+replay" in recoveries, recoveries
 
     # A final cold start in this process: no partial row, index == store.
-    from biolit.v1 import identification_pb2 as pb
+    from biolit_id.proto import identification_pb2 as pb
     from conftest import stub_for
-    from server.app import start_server
-    from server.config import ServerConfig
+    from biolit_id.server.app import start_server
+    from biolit_id.server.config import ServerConfig
 
     running = start_server(ServerConfig(model=demo_model_spec, data_dir=data_dir, port=0,
                                         grace_seconds=0.0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from server.preprocess import PixelBudget
+from biolit_id.server.preprocess import PixelBudget
 
 
 def test_a_decode_waits_while_the_budget_is_taken() -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from gbif_fake import FakeGbif, refused_url
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from server.catalog import Catalog, SpeciesRecord
-from server.catalog_store import CatalogStoreError, load_catalog, overlay_path, save_records
-from tools.cli import main as cli
+from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.catalog_store import CatalogStoreError, load_catalog, overlay_path, save_records
+from biolit_id.cli.cli import main as cli
 
 DEFAULT = Catalog.load_default()
 

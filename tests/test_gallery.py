@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from server.curation import content_hash_of_embedding
+from biolit_id.server.curation import content_hash_of_embedding
 
 NEW_SPECIES = "Nudibranchus imaginarius"
 

@@ -11,26 +11,26 @@ import numpy as np
 import pytest
 from gallery_helpers import open_test_gallery, whitened_bundle
 
-from index.faiss_index import PROTOTYPE_ID_BASE, IndexSpec, IndexSpecError, RWLock, VectorIndex
-from index.gallery import (
+from biolit_id.index.faiss_index import PROTOTYPE_ID_BASE, IndexSpec, IndexSpecError, RWLock, VectorIndex
+from biolit_id.index.gallery import (
     SNAPSHOT_FILE,
     STORE_FILE,
     SpeciesExistsError,
     UnknownExemplarError,
     UnknownSpeciesError,
 )
-from index.prototypes import (
+from biolit_id.index.prototypes import (
     DEFAULT_PRIOR_WEIGHT,
     combine_with_prior,
     space_id_for,
     weighted_prototype,
 )
-from index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
-from index.store import GalleryStore, NewExemplar, StoreError
-from server.bundle import Bundle, fuse_prototypes, load_bundle
-from server.catalog import Catalog, SpeciesRecord
-from server.scoring import ZERO_SHOT_ALPHA, HybridScorer
-from server.text_prototypes import TextPrototypeCache
+from biolit_id.index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
+from biolit_id.index.store import GalleryStore, NewExemplar, StoreError
+from biolit_id.server.bundle import Bundle, fuse_prototypes, load_bundle
+from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.scoring import ZERO_SHOT_ALPHA, HybridScorer
+from biolit_id.server.text_prototypes import TextPrototypeCache
 
 DIM = 512
 
@@ -310,7 +310,7 @@ def test_gallery_recovers_from_snapshot_replay_and_rebuild(tmp_path: Path, open_
 
 def test_space_id_follows_the_whitening_not_the_weights_file(
         tmp_path: Path, open_at, loaded_demo_model, text_cache) -> None:
-    from tools.calibrate import scale_head
+    from biolit_id.cli.calibrate import scale_head
 
     catalog = Catalog.load_default()
     made = whitened_bundle(loaded_demo_model, catalog, text_cache, extra={}, bundle_id="")

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 from gbif_fake import FakeGbif, refused_url
 
-from server.catalog import Catalog, SpeciesRecord
-from server.gbif import (
+from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.gbif import (
     GbifClient,
     GbifError,
     GbifUnavailableError,

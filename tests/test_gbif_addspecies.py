@@ -8,9 +8,9 @@ import grpc
 import pytest
 from gbif_fake import FakeGbif, refused_url
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from server.catalog_store import load_catalog
+from biolit_id.server.catalog_store import load_catalog
 
 
 @pytest.fixture

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import photo_bytes, stub_for
-from server.limits import RequestLimitError, check_request
-from server.pipeline import InvalidRequestError
-from server.preprocess import ImageDecodeError, ImagePolicy, open_image, preprocess
+from biolit_id.server.limits import RequestLimitError, check_request
+from biolit_id.server.pipeline import InvalidRequestError
+from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, open_image, preprocess
 
 pytestmark = [
     # PIL warns about the corrupt data these tests feed it on purpose.
@@ -324,8 +324,8 @@ def test_request_validation_accepts_or_names_the_problem(identifier, request) ->
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, demo_model_spec: str):
-    from server.app import start_server
-    from server.config import ServerConfig
+    from biolit_id.server.app import start_server
+    from biolit_id.server.config import ServerConfig
 
     config = ServerConfig(model=demo_model_spec, data_dir=tmp_path_factory.mktemp("data"),
                           port=0, grace_seconds=0.5)

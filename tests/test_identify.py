@@ -11,9 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import photo_bytes
-from server.catalog import Catalog
+from biolit_id.server.catalog import Catalog
 
 CATALOG = set(Catalog.load_default().names())
 

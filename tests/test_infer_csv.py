@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from synthetic_bundle import unit, write_bundle
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import SEED_DIR, photo_bytes, stub_for
-from server.catalog import Catalog
-from server.routing import SEED_METHOD_NAMES, Method, Thresholds
-from tools.cli import main as cli
-from tools.import_seed import import_seed
-from tools.infer_csv import TAXON_COLUMNS, errors_path
-from tools.seed_format import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.routing import SEED_METHOD_NAMES, Method, Thresholds
+from biolit_id.cli.cli import main as cli
+from biolit_id.cli.import_seed import import_seed
+from biolit_id.cli.infer_csv import TAXON_COLUMNS, errors_path
+from biolit_id.cli.seed_format import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
 
 SEED_METHODS = {"classifier_top50", "classifier_top50_low", "prototypical_rare", "rejected"}
 PB_RANK = {"genus": pb.RANK_GENUS, "family": pb.RANK_FAMILY, "order": pb.RANK_ORDER,
@@ -152,7 +152,7 @@ def test_no_matching_photos_is_an_error(photo_dir: Path, demo_model_spec: str, t
 
 def test_bundle_for_another_model_is_refused(photo_dir: Path, seed_bundle: Path, tmp_path: Path,
                                              capsys) -> None:
-    from tools.demo_model import write_demo_model
+    from biolit_id.cli.demo_model import write_demo_model
 
     other = write_demo_model(tmp_path / "other-model", seed=1)
     out = tmp_path / "r.csv"
@@ -164,10 +164,10 @@ def test_an_answer_above_species_level_keeps_the_seed_columns_meaning(
         photo_dir: Path, loaded_demo_model, demo_model_spec: str, tmp_path: Path) -> None:
     """Two near-identical limpet prototypes around a.jpg's embedding: the species mass
     splits, the genus passes its threshold: the service answers METHOD_TAXON Patella."""
-    from server.config import ServerConfig
-    from server.embedder import TorchEmbedder
-    from server.preprocess import preprocess
-    from server.state import policy_for
+    from biolit_id.server.config import ServerConfig
+    from biolit_id.server.embedder import TorchEmbedder
+    from biolit_id.server.preprocess import preprocess
+    from biolit_id.server.state import policy_for
 
     pixels = preprocess((photo_dir / "a.jpg").read_bytes(),
                         policy_for(loaded_demo_model, ServerConfig()))
@@ -207,7 +207,7 @@ def test_an_answer_above_species_level_keeps_the_seed_columns_meaning(
 
 def test_the_gallery_is_closed_and_one_of_another_model_is_refused(
         photo_dir: Path, demo_model_spec: str, tmp_path: Path, capsys) -> None:
-    from tools.demo_model import write_demo_model
+    from biolit_id.cli.demo_model import write_demo_model
 
     def batchers() -> int:
         return sum(t.name == "embed-batcher" and t.is_alive() for t in threading.enumerate())

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import code_of, photo_bytes, stub_for
-from server.limits import (
+from biolit_id.server.limits import (
     MAX_EMBEDDING_VALUES,
     MAX_LIST_LENGTH,
     MAX_METADATA_LENGTH,
@@ -40,8 +40,8 @@ def rpc_error(call) -> grpc.RpcError:
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory, demo_model_spec: str):
     """One worker, a 256-KiB message cap and a one-photo model queue."""
-    from server.app import start_server
-    from server.config import ServerConfig
+    from biolit_id.server.app import start_server
+    from biolit_id.server.config import ServerConfig
 
     config = ServerConfig(
         model=demo_model_spec, data_dir=tmp_path_factory.mktemp("data"), port=0,

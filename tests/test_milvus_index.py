@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import photo_bytes
-from index.faiss_index import IndexSpec, VectorIndex
-from index.milvus_index import (
+from biolit_id.index.faiss_index import IndexSpec, VectorIndex
+from biolit_id.index.milvus_index import (
     MAX_ID,
     THUMBNAIL_MAX_CHARS,
     MilvusConfigError,
@@ -25,7 +25,7 @@ from index.milvus_index import (
     exemplar_id_for,
     parse_target,
 )
-from tools.bench_gallery import exact_neighbours, recall_at_k, synthetic_vectors
+from biolit_id.cli.bench_gallery import exact_neighbours, recall_at_k, synthetic_vectors
 
 DIM = 256
 N = 3000

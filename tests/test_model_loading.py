@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.model_loader import ModelUnavailableError, load_model, resolve_model_dir
-from server.text_prototypes import TextPrototypeCache
+from biolit_id.server.model_loader import ModelUnavailableError, load_model, resolve_model_dir
+from biolit_id.server.text_prototypes import TextPrototypeCache
 
 
 def test_demo_model_has_bioclip_layout(demo_model_dir: Path) -> None:
@@ -29,7 +29,7 @@ def test_local_dir_loads_512d_unit_text_embeddings(loaded_demo_model) -> None:
 
 
 def test_fingerprint_is_stable_and_content_based(demo_model_spec: str, tmp_path: Path) -> None:
-    from tools.demo_model import write_demo_model
+    from biolit_id.cli.demo_model import write_demo_model
 
     other = write_demo_model(tmp_path / "other", seed=1)
     a = load_model(demo_model_spec).fingerprint

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tools.protogen import PROTO_ROOT, generate
+from biolit_id.cli.protogen import PROTO_ROOT, generate
 
 
 def test_committed_stubs_are_fresh(tmp_path: Path) -> None:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from synthetic_bundle import unit, write_bundle
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from server.app import RunningServer, start_server
-from server.catalog import Catalog
-from server.config import ServerConfig
-from server.pipeline import MAX_RESTRICT_TO
-from server.routing import Thresholds
+from biolit_id.server.app import RunningServer, start_server
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.pipeline import MAX_RESTRICT_TO
+from biolit_id.server.routing import Thresholds
 
 CATALOG = Catalog.load_default()
 RESTRICTIONS = [

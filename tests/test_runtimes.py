@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from server.embedder import make_embedder
-from server.runtimes import (
+from biolit_id.server.embedder import make_embedder
+from biolit_id.server.runtimes import (
     RuntimeUnavailableError,
     artifact_root,
     build_embedder,
@@ -27,7 +27,7 @@ from server.runtimes import (
     resolve_auto,
     synthetic_photos,
 )
-from tools.cli import main as cli_main
+from biolit_id.cli.cli import main as cli_main
 
 pytest.importorskip("onnxruntime", reason="install biolit-id[onnx] for the ONNX runtime")
 pytest.importorskip("openvino", reason="install biolit-id[openvino] for OpenVINO")

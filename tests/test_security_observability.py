@@ -13,17 +13,17 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import photo_bytes, stub_for
-from server.observability import access_log, configure_access_log
+from biolit_id.server.observability import access_log, configure_access_log
 
 MARKER = "SECRET-MARKER-7f3a"
 
 
 @pytest.fixture(scope="module")
 def observed_server(tmp_path_factory, demo_model_spec: str):
-    from server.app import start_server
-    from server.config import ServerConfig
+    from biolit_id.server.app import start_server
+    from biolit_id.server.config import ServerConfig
 
     config = ServerConfig(model=demo_model_spec, data_dir=tmp_path_factory.mktemp("data"),
                           port=0, grace_seconds=0.5, metrics_port=0)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import SEED_DIR
-from server.bundle import fuse_prototypes, load_bundle
-from server.catalog import Catalog
-from tools.cli import main as cli
-from tools.import_seed import (
+from biolit_id.server.bundle import fuse_prototypes, load_bundle
+from biolit_id.server.catalog import Catalog
+from biolit_id.cli.cli import main as cli
+from biolit_id.cli.import_seed import (
     GENERIC_PROMPT,
     SeedImportError,
     import_seed,
@@ -240,8 +240,8 @@ def test_model_with_another_embedding_dim_is_refused(tmp_path: Path) -> None:
 
     import open_clip
 
-    from server.model_loader import load_model
-    from tools.demo_model import TINY_CONFIG
+    from biolit_id.server.model_loader import load_model
+    from biolit_id.cli.demo_model import TINY_CONFIG
 
     cfg = {**TINY_CONFIG, "embed_dim": 256}
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}), "utf-8")

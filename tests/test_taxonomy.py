@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from synthetic_bundle import unit, write_bundle
 
-from biolit.v1 import identification_pb2 as pb
+from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from server.app import RunningServer, start_server
-from server.config import ServerConfig
-from server.pipeline import Identifier, IdentifyOptions
-from server.routing import Method, Thresholds
-from server.scoring import HybridScorer
-from server.taxonomy import RankAnswer, taxon_fallback
+from biolit_id.server.app import RunningServer, start_server
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.pipeline import Identifier, IdentifyOptions
+from biolit_id.server.routing import Method, Thresholds
+from biolit_id.server.scoring import HybridScorer
+from biolit_id.server.taxonomy import RankAnswer, taxon_fallback
 
 SPECIES = [
     "Patella vulgata", "Patella caerulea",  # same genus

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from training_data import longtail_features
 
-from server.bundle import BundleError, load_bundle
-from server.prototype_math import weighted_prototype
-from tools.cli import main
-from tools.datasets import (
+from biolit_id.server.bundle import BundleError, load_bundle
+from biolit_id.server.prototype_math import weighted_prototype
+from biolit_id.cli.cli import main
+from biolit_id.cli.datasets import (
     EmbeddingSet,
     fingerprint,
     read_embeddings,
     stratified_split,
     write_embeddings,
 )
-from tools.train import fit_whitening
+from biolit_id.cli.train import fit_whitening
 
 
 @pytest.fixture(scope="module")

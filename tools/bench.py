@@ -98,7 +98,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 def machine() -> dict:
     import os
 
-    from server.runtimes import available_cores, cpu_has_bf16, cpu_identity
+    from biolit_id.server.runtimes import available_cores, cpu_has_bf16, cpu_identity
 
     try:
         load = list(os.getloadavg())
@@ -113,9 +113,9 @@ def machine() -> dict:
 
 def bench_decode(loaded, photos: list[bytes], repeats: int) -> dict:
     """Full vs draft-mode decode, and what the fast path does to embeddings."""
-    from server.embedder import TorchEmbedder
-    from server.preprocess import ImagePolicy, preprocess
-    from server.runtimes import cosine_rows
+    from biolit_id.server.embedder import TorchEmbedder
+    from biolit_id.server.preprocess import ImagePolicy, preprocess
+    from biolit_id.server.runtimes import cosine_rows
 
     base = dict(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
     full = ImagePolicy(**base, fast_decode=False)
@@ -137,8 +137,8 @@ def bench_decode(loaded, photos: list[bytes], repeats: int) -> dict:
 
 def bench_seed_path(loaded, photos: list[bytes], repeats: int) -> dict:
     """Eager fp32, full decode, one photo at a time in a Python loop."""
-    from server.embedder import TorchEmbedder
-    from server.preprocess import ImagePolicy, preprocess
+    from biolit_id.server.embedder import TorchEmbedder
+    from biolit_id.server.preprocess import ImagePolicy, preprocess
 
     policy = ImagePolicy(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std,
                          fast_decode=False)
@@ -167,7 +167,7 @@ def bench_seed_path(loaded, photos: list[bytes], repeats: int) -> dict:
 def bench_forward(loaded, pairs: list[tuple[str, str]], cache_dir: Path, pixels: np.ndarray,
                   repeats: int, batch: int, single_runs: int) -> list[dict]:
     """The image tower alone, per runtime and precision."""
-    from server.runtimes import (
+    from biolit_id.server.runtimes import (
         GATE_COSINE,
         RuntimeUnavailableError,
         build_embedder,
@@ -224,8 +224,8 @@ def _client_channel(port: int):
 
 def closed_loop(port: int, photos: list[bytes], concurrency: int, total: int) -> dict:
     """``concurrency`` clients, each sending its next photo when its answer arrives."""
-    from biolit.v1 import identification_pb2 as pb
-    from biolit.v1 import identification_pb2_grpc as pb_grpc
+    from biolit_id.proto import identification_pb2 as pb
+    from biolit_id.proto import identification_pb2_grpc as pb_grpc
 
     counter = iter(range(total))
     lock = threading.Lock()
@@ -281,8 +281,8 @@ def _batcher_delta(before: dict, after: dict) -> dict:
 
 def start_bench_server(spec: str, data_dir: Path, runtime: str, precision: str,
                        **overrides):
-    from server.app import start_server
-    from server.config import ServerConfig
+    from biolit_id.server.app import start_server
+    from biolit_id.server.config import ServerConfig
 
     config = ServerConfig(model=spec, data_dir=data_dir, port=0, runtime=runtime,
                           precision=precision, grace_seconds=1.0,
@@ -296,7 +296,7 @@ def start_bench_server(spec: str, data_dir: Path, runtime: str, precision: str,
 
 def auto_record(loaded, data_dir: Path, runtime: str, precision: str) -> dict | None:
     """The gates and per-runtime timings behind an ``auto`` choice (None if not made)."""
-    from server.runtimes import artifact_root, calibration_tag
+    from biolit_id.server.runtimes import artifact_root, calibration_tag
 
     path = artifact_root(loaded, data_dir) / (
         f"auto-{runtime}-{precision}-{calibration_tag(None)}.json")
@@ -307,7 +307,7 @@ def bench_service(running, start_s: float, photos: list[bytes], small_photos: li
                   concurrencies: Sequence[int], repeats: int, per_client: int,
                   single_runs: int) -> dict:
     """The real server over gRPC, closed-loop clients at each concurrency."""
-    from server.preprocess import preprocess
+    from biolit_id.server.preprocess import preprocess
 
     state = running.state
     batcher = state.batcher
@@ -367,8 +367,8 @@ def bench_adds(running, n_stream: int, n_single: int, chunk: int = 100) -> dict:
     """AddExemplars with embedding input over gRPC; each acknowledged add is durable."""
     import grpc
 
-    from biolit.v1 import identification_pb2 as pb
-    from biolit.v1 import identification_pb2_grpc as pb_grpc
+    from biolit_id.proto import identification_pb2 as pb
+    from biolit_id.proto import identification_pb2_grpc as pb_grpc
 
     state = running.state
     stub = pb_grpc.SpeciesIdentifierStub(_client_channel(running.port))
@@ -612,9 +612,9 @@ def quick_settings(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.config import ServerConfig
-    from server.model_loader import ModelUnavailableError, load_model
-    from server.runtimes import calibration_pixels, configure_threads, synthetic_photos
+    from biolit_id.server.config import ServerConfig
+    from biolit_id.server.model_loader import ModelUnavailableError, load_model
+    from biolit_id.server.runtimes import calibration_pixels, configure_threads, synthetic_photos
 
     if args.report:
         results = json.loads(args.out.read_text("utf-8"))
@@ -703,7 +703,7 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 running.stop(1.0)
     if "gallery" in sections:
-        from tools.bench_gallery import bench_gallery_size
+        from biolit_id.cli.bench_gallery import bench_gallery_size
 
         results["gallery"] = []
         for n in (int(s) for s in args.gallery_sizes.split(",")):
@@ -712,7 +712,7 @@ def run(args: argparse.Namespace) -> int:
                 search_threads=threads["search_threads"]))
             save()
     if "start" in sections:
-        from tools.bench_gallery import bench_start
+        from biolit_id.cli.bench_gallery import bench_start
 
         results["start"] = bench_start(args.model, args.data_dir / "start",
                                        args.start_exemplars)

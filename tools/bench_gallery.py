@@ -124,8 +124,8 @@ def bench_gallery_size(n: int, dim: int, n_queries: int, data: str = "clustered"
     Builds (k-means, adds) use every core; searches use ``search_threads``,
     the service's setting (single-query OpenMP teams lose on a busy 2-core box).
     """
-    from index.faiss_index import IndexSpec, VectorIndex
-    from server.runtimes import resolve_threads
+    from biolit_id.index.faiss_index import IndexSpec, VectorIndex
+    from biolit_id.server.runtimes import resolve_threads
 
     build_threads = resolve_threads(build_threads)
     started = time.perf_counter()
@@ -237,10 +237,10 @@ def populate_store(data_dir, model_spec: str, n: int, seed: int = 0,
     import time as _time
     from pathlib import Path
 
-    from index.gallery import STORE_FILE
-    from index.store import GalleryStore
-    from server.catalog import Catalog
-    from server.model_loader import load_model
+    from biolit_id.index.gallery import STORE_FILE
+    from biolit_id.index.store import GalleryStore
+    from biolit_id.server.catalog import Catalog
+    from biolit_id.server.model_loader import load_model
 
     loaded = load_model(model_spec)
     store = GalleryStore(Path(data_dir) / "gallery" / STORE_FILE, loaded.fingerprint,
@@ -274,7 +274,7 @@ def populate_store(data_dir, model_spec: str, n: int, seed: int = 0,
 
 def bench_start(model_spec: str, data_dir, n: int, gallery: str = "faiss:auto") -> dict:
     """Server start with ``n`` exemplars: first start (index rebuilt) and restart (snapshot)."""
-    from tools.bench import start_bench_server
+    from biolit_id.cli.bench import start_bench_server
 
     try:
         populated = populate_store(data_dir, model_spec, n)

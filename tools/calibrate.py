@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import Bundle, BundleError
-from server.catalog import FALLBACK_RANKS, Catalog
-from server.routing import Thresholds
-from server.scoring import masked_softmax
-from tools.datasets import DatasetError
-from tools.metrics import (
+from biolit_id.server.bundle import Bundle, BundleError
+from biolit_id.server.catalog import FALLBACK_RANKS, Catalog
+from biolit_id.server.routing import Thresholds
+from biolit_id.server.scoring import masked_softmax
+from biolit_id.cli.datasets import DatasetError
+from biolit_id.cli.metrics import (
     ScoredSet,
     ece,
     fallback_outcomes,

@@ -53,12 +53,12 @@ def decisions(scorer, protos, embeddings: np.ndarray) -> tuple[np.ndarray, np.nd
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from server.bundle import BundleError, load_bundle
-    from server.catalog import Catalog
-    from server.embedder import make_embedder
-    from server.model_loader import ModelUnavailableError, load_model
-    from server.preprocess import ImageDecodeError, ImagePolicy, preprocess
-    from server.runtimes import (
+    from biolit_id.server.bundle import BundleError, load_bundle
+    from biolit_id.server.catalog import Catalog
+    from biolit_id.server.embedder import make_embedder
+    from biolit_id.server.model_loader import ModelUnavailableError, load_model
+    from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
+    from biolit_id.server.runtimes import (
         GATE_COSINE,
         RuntimeUnavailableError,
         build_embedder,
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         embed_batched,
         image_files,
     )
-    from server.scoring import HybridScorer, ZeroShotScorer
-    from server.state import initial_prototypes
-    from server.text_prototypes import TextPrototypeCache
+    from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
+    from biolit_id.server.state import initial_prototypes
+    from biolit_id.server.text_prototypes import TextPrototypeCache
 
     threshold = GATE_COSINE if args.threshold is None else args.threshold
     files = image_files(args.images, args.limit or None)

@@ -13,20 +13,20 @@ import logging
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("tools.serve", "run the gRPC identification service"),
-    "identify": ("tools.identify_client", "identify photos with a running service"),
-    "demo-model": ("tools.demo_model", "write a random-weight model in BioCLIP's format"),
-    "embed": ("tools.embed", "embed a labelled photo set into a parquet file"),
-    "train": ("tools.train", "train the head, prototypes and whitening into a bundle"),
-    "calibrate": ("tools.calibrate", "fit routing thresholds on validation embeddings"),
-    "evaluate": ("tools.evaluate", "evaluate a bundle and write metrics and plots"),
-    "import-seed": ("tools.import_seed", "import the BioLit seed's trained artifacts"),
-    "infer-csv": ("tools.infer_csv", "identify a folder offline into the seed's CSV"),
-    "enrich": ("tools.enrich", "refresh catalog taxonomy and names from GBIF"),
-    "gallery": ("tools.gallery_cli", "add, remove, list, import, export reference photos"),
-    "bench": ("tools.bench", "benchmark runtimes, the service and the gallery"),
-    "check-runtime": ("tools.check_runtime", "compare a runtime's embeddings with fp32"),
-    "protogen": ("tools.protogen", "regenerate the gRPC stubs from proto/"),
+    "serve": ("biolit_id.cli.serve", "run the gRPC identification service"),
+    "identify": ("biolit_id.cli.identify_client", "identify photos with a running service"),
+    "demo-model": ("biolit_id.cli.demo_model", "write a random-weight model in BioCLIP's format"),
+    "embed": ("biolit_id.cli.embed", "embed a labelled photo set into a parquet file"),
+    "train": ("biolit_id.cli.train", "train the head, prototypes and whitening into a bundle"),
+    "calibrate": ("biolit_id.cli.calibrate", "fit routing thresholds on validation embeddings"),
+    "evaluate": ("biolit_id.cli.evaluate", "evaluate a bundle and write metrics and plots"),
+    "import-seed": ("biolit_id.cli.import_seed", "import the BioLit seed's trained artifacts"),
+    "infer-csv": ("biolit_id.cli.infer_csv", "identify a folder offline into the seed's CSV"),
+    "enrich": ("biolit_id.cli.enrich", "refresh catalog taxonomy and names from GBIF"),
+    "gallery": ("biolit_id.cli.gallery_cli", "add, remove, list, import, export reference photos"),
+    "bench": ("biolit_id.cli.bench", "benchmark runtimes, the service and the gallery"),
+    "check-runtime": ("biolit_id.cli.check_runtime", "compare a runtime's embeddings with fp32"),
+    "protogen": ("biolit_id.cli.protogen", "regenerate the gRPC stubs from proto/"),
 }
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.model_loader import DEFAULT_MODEL
-from server.preprocess import ImageDecodeError, ImagePolicy, preprocess
-from tools.datasets import IMAGE_SUFFIXES, EmbeddingSet, errors_path, write_embeddings
+from biolit_id.server.model_loader import DEFAULT_MODEL
+from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
+from biolit_id.cli.datasets import IMAGE_SUFFIXES, EmbeddingSet, errors_path, write_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.embedder import make_embedder
-    from server.model_loader import load_model
+    from biolit_id.server.embedder import make_embedder
+    from biolit_id.server.model_loader import load_model
 
     try:
         items = items_from_csv(args.manifest) if args.manifest else items_from_folder(args.folder)

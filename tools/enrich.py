@@ -20,8 +20,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from server.catalog_store import CatalogStoreError, load_catalog, save_records
-from server.gbif import (
+from biolit_id.server.catalog_store import CatalogStoreError, load_catalog, save_records
+from biolit_id.server.gbif import (
     CACHE_DIRNAME,
     DEFAULT_GBIF_URL,
     DEFAULT_LANGUAGES,

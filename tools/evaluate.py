@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import Bundle, BundleError
-from server.catalog import Catalog
-from server.routing import SEED_METHOD_NAMES, Method
-from tools.datasets import DatasetError, EmbeddingSet, fingerprint
-from tools.metrics import (
+from biolit_id.server.bundle import Bundle, BundleError
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.routing import SEED_METHOD_NAMES, Method
+from biolit_id.cli.datasets import DatasetError, EmbeddingSet, fingerprint
+from biolit_id.cli.metrics import (
     ScoredSet,
     ece,
     fallback_outcomes,
@@ -154,7 +154,7 @@ HEADLINE = ("coverage", "accuracy_global", "accuracy_common", "accuracy_rare", "
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools.report import write_report
+    from biolit_id.cli.report import write_report
 
     try:
         bundle, data, path = load_labelled_split(args.bundle, args.embeddings, "test")

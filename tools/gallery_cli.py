@@ -37,9 +37,9 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from biolit.v1 import identification_pb2 as pb
-from biolit.v1 import identification_pb2_grpc as pb_grpc
-from tools.identify_client import open_channel
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.proto import identification_pb2_grpc as pb_grpc
+from biolit_id.cli.identify_client import open_channel
 
 # Failures that concern one row; anything else (server down...) stops the import.
 ROW_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("manifest", type=Path, help="MANIFEST.csv, or OUT.parquet from export")
     imp.add_argument("--batch-size", type=int, default=16)
     imp.add_argument("--no-progress", action="store_true")
-    from tools.gallery_migrate import add_migrate_arguments
+    from biolit_id.cli.gallery_migrate import add_migrate_arguments
 
     add_migrate_arguments(sub, imp)  # `gallery export`, and `import X.parquet`'s options
 
@@ -98,7 +98,7 @@ class Client:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools.gallery_migrate import run_migration, wants_migration
+    from biolit_id.cli.gallery_migrate import run_migration, wants_migration
 
     if wants_migration(args):  # export / import of a .parquet: no server involved
         return run_migration(args)

@@ -40,7 +40,7 @@ COLUMNS = ("id", "species", "embedding", "content_sha256", "source_uri", "observ
 
 def add_migrate_arguments(sub, imp: argparse.ArgumentParser) -> None:
     """Register ``export`` and the export-file options of ``import`` on gallery_cli's parser."""
-    from server.model_loader import DEFAULT_MODEL
+    from biolit_id.server.model_loader import DEFAULT_MODEL
 
     exp = sub.add_parser("export", help="write every exemplar (embedding, metadata, thumbnail) "
                                         "to a Parquet file, for `gallery import`")
@@ -66,7 +66,7 @@ def wants_migration(args: argparse.Namespace) -> bool:
 
 
 def run_migration(args: argparse.Namespace) -> int:
-    from index.gallery import GalleryConfigError, GalleryError
+    from biolit_id.index.gallery import GalleryConfigError, GalleryError
 
     try:
         if args.gallery_command == "export":
@@ -96,8 +96,8 @@ def run_migration(args: argparse.Namespace) -> int:
 def _faiss_rows(data_dir: Path) -> tuple[dict, Iterator[list[dict]], int]:
     import sqlite3
 
-    from index.gallery import STORE_FILE
-    from index.store import GalleryStore
+    from biolit_id.index.gallery import STORE_FILE
+    from biolit_id.index.store import GalleryStore
 
     path = Path(data_dir) / "gallery" / STORE_FILE
     if not path.is_file():
@@ -134,7 +134,7 @@ def _export_row(row, raw) -> dict:
 
 
 def _milvus_rows(gallery: str) -> tuple[dict, Iterator[list[dict]], int]:
-    from index.milvus_index import (
+    from biolit_id.index.milvus_index import (
         EXEMPLAR_META_FIELDS,
         META_KEY,
         MilvusConfigError,
@@ -237,15 +237,15 @@ def import_export(path: Path, gallery: str, model_spec: str, bundle_path: Path |
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from index.milvus_gallery import open_milvus_gallery
-    from server.bundle import load_bundle
-    from server.catalog import SpeciesRecord
-    from server.catalog_store import load_catalog
-    from server.config import ServerConfig
-    from server.model_loader import load_model
-    from server.scoring import HybridScorer, ZeroShotScorer
-    from server.state import initial_prototypes
-    from server.text_prototypes import TextPrototypeCache
+    from biolit_id.index.milvus_gallery import open_milvus_gallery
+    from biolit_id.server.bundle import load_bundle
+    from biolit_id.server.catalog import SpeciesRecord
+    from biolit_id.server.catalog_store import load_catalog
+    from biolit_id.server.config import ServerConfig
+    from biolit_id.server.model_loader import load_model
+    from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
+    from biolit_id.server.state import initial_prototypes
+    from biolit_id.server.text_prototypes import TextPrototypeCache
 
     header = read_export_header(path)
     model = load_model(model_spec)

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from biolit.v1 import identification_pb2 as pb
-from biolit.v1 import identification_pb2_grpc as pb_grpc
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.proto import identification_pb2_grpc as pb_grpc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(format_table(photo, resp))
             if args.sheet:
-                from tools.contact_sheet import render_contact_sheet
+                from biolit_id.cli.contact_sheet import render_contact_sheet
 
                 sheet = sheet_path(args.sheet, photo, len(args.photos))
                 render_contact_sheet(data, resp, sheet)

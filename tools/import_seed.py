@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
-from server.catalog import Catalog
-from server.model_loader import DEFAULT_MODEL
-from server.preprocess import CLIP_MEAN, CLIP_STD
-from server.routing import Thresholds
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.model_loader import DEFAULT_MODEL
+from biolit_id.server.preprocess import CLIP_MEAN, CLIP_STD
+from biolit_id.server.routing import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _file_info(path: Path, data: dict) -> dict:
 
 def _check_head(state: dict[str, np.ndarray], input_dim: int, num_classes: int) -> None:
     """The weights must load, strictly, into the architecture the server builds."""
-    from server.head import Head
+    from biolit_id.server.head import Head
 
     try:
         Head(state, input_dim, num_classes, DEFAULT_HEAD)
@@ -279,7 +279,7 @@ def import_seed(classifier: Path, prototypes: Path, model_spec: str,
                 prompts_csv: Path | None = None, catalog: Catalog | None = None,
                 model=None) -> Bundle:
     """The bundle, not yet saved. ``model`` may be a LoadedModel already in memory."""
-    from server.model_loader import load_model
+    from biolit_id.server.model_loader import load_model
 
     seed = read_seed(classifier, prototypes)
     catalog = catalog or Catalog.load_default()
@@ -350,7 +350,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.model_loader import ModelUnavailableError
+    from biolit_id.server.model_loader import ModelUnavailableError
 
     try:
         bundle = import_seed(args.classifier, args.prototypes, args.model, args.prompts)

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from server.config import ServerConfig
-from server.model_loader import DEFAULT_MODEL
-from server.routing import Method
-from tools.datasets import IMAGE_SUFFIXES, errors_path
-from tools.metrics import row_scores
-from tools.seed_format import (
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.model_loader import DEFAULT_MODEL
+from biolit_id.server.routing import Method
+from biolit_id.cli.datasets import IMAGE_SUFFIXES, errors_path
+from biolit_id.cli.metrics import row_scores
+from biolit_id.cli.seed_format import (
     ERRORS_COLUMNS,
     REJECTED_SPECIES,
     SEED_COLUMNS,
@@ -95,7 +95,7 @@ class CsvIdentifier:
 
     def _decode(self, path: Path) -> np.ndarray | str:
         """Pixels, or the reason the photo cannot be read."""
-        from server.preprocess import ImageDecodeError
+        from biolit_id.server.preprocess import ImageDecodeError
 
         try:
             return self.identifier.decode(path.read_bytes())
@@ -139,7 +139,7 @@ class CsvIdentifier:
 
     def _add_taxonomy(self, rows: list[dict[str, str]], embeddings: np.ndarray) -> None:
         """REFERENCE.md "Taxonomic confidence": routed distribution summed per taxon."""
-        from server.taxonomy import rank_confidences
+        from biolit_id.server.taxonomy import rank_confidences
 
         protos = self.identifier.prototypes()
         scores = self.identifier.scorer.score(embeddings, protos)
@@ -204,11 +204,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from index.gallery import GalleryError
-    from index.store import StoreError
-    from server.bundle import BundleError
-    from server.model_loader import ModelUnavailableError
-    from server.state import build_state
+    from biolit_id.index.gallery import GalleryError
+    from biolit_id.index.store import StoreError
+    from biolit_id.server.bundle import BundleError
+    from biolit_id.server.model_loader import ModelUnavailableError
+    from biolit_id.server.state import build_state
 
     if not args.images.is_dir():
         print(f"infer-csv: {args.images} is not a folder")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import Bundle, load_bundle
-from server.catalog import Catalog
-from server.routing import Routed, Thresholds, route_hybrid
-from server.scoring import HybridScorer, PrototypeSet, Scores
-from server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
-from tools.datasets import EmbeddingSet, read_embeddings
+from biolit_id.server.bundle import Bundle, load_bundle
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.routing import Routed, Thresholds, route_hybrid
+from biolit_id.server.scoring import HybridScorer, PrototypeSet, Scores
+from biolit_id.server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
+from biolit_id.cli.datasets import EmbeddingSet, read_embeddings
 
 ECE_BINS = 15
 
@@ -213,7 +213,7 @@ def risk_coverage_curve(scored: ScoredSet) -> tuple[np.ndarray, np.ndarray]:
     Rejected photos are given their best guess under the routing-consistent
     distribution, so the curve shows what lowering the bar would buy.
     """
-    from server.routing import routed_distribution
+    from biolit_id.server.routing import routed_distribution
 
     dist = routed_distribution(scored.routed.method, scored.p_common, scored.p_proto,
                                scored.common_to_global)

@@ -2,16 +2,20 @@
 
 The stubs are committed so that installing the service never needs
 grpcio-tools; ``tests/test_proto_stubs.py`` regenerates them into a temporary
-folder and fails when the committed copies differ.
+folder and fails when the committed copies differ. protoc writes absolute
+imports (``from biolit.v1 import ...``); they are made relative so that the
+stubs live inside ``biolit_id.proto`` and claim no top-level name.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import re
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
 PROTO_FILES = ("biolit/v1/identification.proto",)
+_ABSOLUTE_IMPORT = re.compile(r"^from biolit\.v1 import ", re.MULTILINE)
 
 
 def generate(out_dir: Path = PROTO_ROOT) -> list[Path]:
@@ -32,7 +36,11 @@ def generate(out_dir: Path = PROTO_ROOT) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto}")
-    return sorted(p for p in out_dir.rglob("*_pb2*.py*") if p.is_file())
+    written = sorted(p for p in out_dir.rglob("*_pb2*.py*") if p.is_file())
+    for path in written:
+        text = path.read_text()
+        path.write_text(_ABSOLUTE_IMPORT.sub("from . import ", text))
+    return written
 
 
 def add_arguments(parser) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import Bundle
+from biolit_id.server.bundle import Bundle
 
 DPI = 110
 

@@ -7,7 +7,7 @@ for a rejection and the French rank names must stay exactly as they were.
 
 from __future__ import annotations
 
-from server.routing import SEED_METHOD_NAMES, Method
+from biolit_id.server.routing import SEED_METHOD_NAMES, Method
 
 # REFERENCE.md, "Output CSV", in this order.
 SEED_COLUMNS: tuple[str, ...] = (

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.config import ServerConfig
-from server.model_loader import DEFAULT_MODEL, ModelUnavailableError
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.model_loader import DEFAULT_MODEL, ModelUnavailableError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,14 +65,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from index.faiss_index import IndexSpecError
-    from index.gallery import GalleryConfigError, GalleryError
-    from index.store import StoreError
-    from server.app import serve_forever
-    from server.auth import SecurityConfigError
-    from server.bundle import BundleError
-    from server.catalog_store import CatalogStoreError
-    from server.runtimes import RuntimeUnavailableError
+    from biolit_id.index.faiss_index import IndexSpecError
+    from biolit_id.index.gallery import GalleryConfigError, GalleryError
+    from biolit_id.index.store import StoreError
+    from biolit_id.server.app import serve_forever
+    from biolit_id.server.auth import SecurityConfigError
+    from biolit_id.server.bundle import BundleError
+    from biolit_id.server.catalog_store import CatalogStoreError
+    from biolit_id.server.runtimes import RuntimeUnavailableError
 
     # Set-up errors a user can fix: one clear line, no traceback.
     try:

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
-from server.catalog import Catalog
-from server.model_loader import DEFAULT_MODEL
-from server.prototype_math import class_prototypes
-from server.routing import Thresholds
-from server.scoring import masked_softmax
-from tools.datasets import (
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.model_loader import DEFAULT_MODEL
+from biolit_id.server.prototype_math import class_prototypes
+from biolit_id.server.routing import Thresholds
+from biolit_id.server.scoring import masked_softmax
+from biolit_id.cli.datasets import (
     DatasetError,
     EmbeddingSet,
     fingerprint,
@@ -40,7 +40,7 @@ from tools.datasets import (
     stratified_split,
     write_embeddings,
 )
-from tools.metrics import fit_logit_scale, top1_calibration
+from biolit_id.cli.metrics import fit_logit_scale, top1_calibration
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _train_head(x_train, y_train, x_val, y_val, num_classes, config, seed, setti
     import torch
     from tqdm import tqdm
 
-    from server.head import build_head, head_state_from_module
+    from biolit_id.server.head import build_head, head_state_from_module
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -333,7 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.model_loader import load_model
+    from biolit_id.server.model_loader import load_model
 
     out = Path(args.out)
     try:

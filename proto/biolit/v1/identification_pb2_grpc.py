@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from biolit.v1 import identification_pb2 as biolit_dot_v1_dot_identification__pb2
+from . import identification_pb2 as biolit_dot_v1_dot_identification__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -1,0 +1,1 @@
+"""Embedding runtimes: one module per runtime, plus export and auto-selection."""
