@@ -1,6 +1,6 @@
 """The gallery on Milvus: stateless replicas sharing one gallery, prototypes in memory.
 
-Same public interface as ``index.gallery.Gallery`` (what ``server.curation``,
+Same public interface as ``index.faiss_gallery.Gallery`` (what ``server.curation``,
 the Identifier and the service call), different placement of state:
 
 * Exemplars (vectors, metadata, thumbnails) live in Milvus only (see
@@ -56,7 +56,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from biolit_id.index.gallery import (
+from biolit_id.core.catalog_view import CatalogView, SpeciesRecordView
+from biolit_id.core.types import PrototypeSet, SimilarHit
+from biolit_id.index.gallery_base import (
     AddOutcome,
     GalleryBase,
     GalleryError,
@@ -76,13 +78,9 @@ from biolit_id.index.milvus_index import (
     digest_source,
     exemplar_id_for,
     ids_digest,
-    parse_target,
 )
-from biolit_id.index.prototypes import PrototypeBuilder, prototype_builder
+from biolit_id.index.prototypes import PrototypeBuilder
 from biolit_id.index.store import ExemplarRow, NewExemplar
-from biolit_id.server.catalog import Catalog, SpeciesRecord
-from biolit_id.server.pipeline import SimilarHit
-from biolit_id.server.scoring import PrototypeSet
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +95,7 @@ class MilvusGallery(GalleryBase):
         self,
         target: MilvusTarget,
         *,
-        catalog: Catalog,
+        catalog: CatalogView,
         model_fingerprint: str,
         embedding_dim: int,
         builder: PrototypeBuilder,
@@ -232,7 +230,7 @@ class MilvusGallery(GalleryBase):
             self._refresh_locked(species)
         return RemoveOutcome(len(wanted), species, self._version)
 
-    def add_species(self, record: SpeciesRecord) -> None:
+    def add_species(self, record: SpeciesRecordView) -> None:
         self._check_open()
         name = record.scientific_name
         with self._write_lock:
@@ -373,7 +371,7 @@ class MilvusGallery(GalleryBase):
         counts = dict(self._counts)
         for r in sorted(rows, key=lambda r: (r.created_at, r.species)):
             if r.record_json and r.species not in self.catalog:
-                self.catalog.add(SpeciesRecord.from_json(json.loads(r.record_json)))
+                self.catalog.add(self.catalog.record_from_json(json.loads(r.record_json)))
             if r.record_json:
                 self._records[r.species] = r.record_json
             self._created.setdefault(r.species, r.created_at)
@@ -423,20 +421,4 @@ def _row(r: dict) -> ExemplarRow:
         added_at=float(r.get("added_at", 0.0)),
         content_sha256=r.get("content_sha256", ""),
         thumbnail=decode_thumbnail(r.get("thumbnail", "")),
-    )
-
-
-# -------------------------------------------------------------------- factory
-
-
-def open_milvus_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
-                        base: PrototypeSet) -> MilvusGallery:
-    """``--gallery milvus-lite:PATH`` or ``--gallery milvus://HOST:PORT/COLLECTION``."""
-    target = parse_target(config.gallery)
-    builder, space_id = prototype_builder(model=model, catalog=catalog, scorer=scorer,
-                                          text_cache=text_cache, base=base)
-    return MilvusGallery(
-        target, catalog=catalog, model_fingerprint=model.fingerprint,
-        embedding_dim=model.embedding_dim, builder=builder,
-        project=scorer.to_prototype_space, space_id=space_id,
     )

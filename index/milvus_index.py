@@ -63,7 +63,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
-from biolit_id.index.gallery import GalleryConfigError, GalleryError
+from biolit_id.index.gallery_base import GalleryConfigError, GalleryError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Visual prototype (the seed's "similarity-weighted prototypes", arXiv:2110.11553):
 a plain mean lets one odd photo (wrong crop, another animal in frame) drag
-the prototype away from the species. ``server.prototype_math.weighted_prototype``
+the prototype away from the species. ``biolit_id.core.vectors.weighted_prototype``
 (the very function ``biolit-id train`` uses, so runtime and trained
 prototypes are built alike) refines the mean: each photo is weighted by
 ``softmax(sharpness * cos(photo, prototype))`` and the prototype re-estimated,
@@ -22,29 +22,25 @@ trained prototype while a dozen or more take over.
 
 Fused prototype (Proto-CLIP, arXiv:2307.03073): ``normalize(alpha * visual +
 (1 - alpha) * text)`` with the scorer's alpha: the bundle's, or
-``server.scoring.ZERO_SHOT_ALPHA`` = 0.8 (the seed's value) without a bundle.
+the server's zero-shot alpha = 0.8 (the seed's value) without a bundle.
 A species without photos keeps its base prototype: the bundle's fused one, or
 its text prototype.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from biolit_id.server.bundle import fuse_prototypes
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.prototype_math import (  # the trainer's: same prototypes
+from biolit_id.core.vectors import (  # the trainer's: same prototypes
+    fuse_prototypes,
     l2_normalize64,
     weighted_prototype,
 )
-from biolit_id.server.scoring import PrototypeSet
 
-__all__ = ["PrototypeBuilder", "combine_with_prior", "prototype_builder", "space_id_for",
-           "weighted_prototype"]
+__all__ = ["PrototypeBuilder", "combine_with_prior", "weighted_prototype"]
 
 DEFAULT_PRIOR_WEIGHT = 10.0
 
@@ -118,52 +114,3 @@ class PrototypeBuilder:
         else:
             text = self.text_for([name])[0]
         return fuse_prototypes(visual[None, :], np.asarray(text)[None, :], self.alpha)[0]
-
-
-def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
-                      base: PrototypeSet) -> tuple[PrototypeBuilder, str]:
-    """(builder, space id) for the loaded scorer; every gallery backend builds them here.
-
-    One recipe, so that the FAISS and Milvus galleries compute identical
-    prototypes. The space id names the space the vectors live in (the bundle's
-    whitened space, or the model's raw one, see ``space_id_for``): a snapshot
-    or collection made for another space must not be reused.
-    """
-
-    def text_for(names: list[str]) -> np.ndarray:
-        prompts = [catalog.get(n).prompt() for n in names]
-        return scorer.to_prototype_space(text_cache.embed(prompts))
-
-    alpha = float(scorer.alpha)
-    bundle = scorer.bundle
-    if bundle is None:
-        builder = PrototypeBuilder(base_names=base.names, base_vectors=base.vectors,
-                                   text_for=text_for, alpha=alpha, text_base=base.vectors,
-                                   source=f"zero-shot:{model.fingerprint}")
-        return builder, space_id_for(model.fingerprint, None)
-    support = bundle.extra.get("prototype_support") or bundle.extra.get("train_counts") or {}
-    builder = PrototypeBuilder(
-        base_names=base.names, base_vectors=base.vectors, text_for=text_for, alpha=alpha,
-        visual_prior=bundle.visual_prototypes, text_base=bundle.text_prototypes,
-        prior_weights={str(k): float(v) for k, v in support.items()},
-        source=f"bundle:{bundle.bundle_id}",
-    )
-    return builder, space_id_for(model.fingerprint, bundle)
-
-
-def space_id_for(model_fingerprint: str, bundle) -> str:
-    """``raw:<model>``, or ``whitened:<digest>`` of the bundle's whitening.
-
-    Not the bundle id: that digests the whole weights file, which
-    ``biolit-id calibrate`` rewrites (it rescales the head) while the
-    whitening, hence every stored vector, stays valid. A bundle without
-    whitening scores in the raw space (unit embeddings), like zero-shot.
-    """
-    if bundle is None or bundle.whitening_W is None:
-        return f"raw:{model_fingerprint}"
-    h = hashlib.sha256(model_fingerprint.encode("utf-8") + b"\0")
-    for tensor in (bundle.whitening_mu, bundle.whitening_W):
-        arr = np.ascontiguousarray(tensor, dtype="<f4")
-        h.update(repr(arr.shape).encode("ascii"))
-        h.update(arr.tobytes())
-    return f"whitened:{h.hexdigest()[:16]}"

@@ -267,12 +267,6 @@ def _check_consistent(directory: Path, species: list[str], common: list[str],
                           f"from the {dim}-d embeddings")
 
 
-def fuse_prototypes(visual: np.ndarray, text: np.ndarray, alpha: float) -> np.ndarray:
-    """Proto-CLIP fusion: normalize(alpha * visual + (1 - alpha) * text), row-wise."""
-    fused = alpha * np.asarray(visual, np.float32) + (1.0 - alpha) * np.asarray(text, np.float32)
-    return fused / np.maximum(np.linalg.norm(fused, axis=1, keepdims=True), 1e-12)
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -140,7 +140,8 @@ class Catalog:
 
     @classmethod
     def load_default(cls) -> Catalog:
-        text = resources.files("biolit_id.server").joinpath("data/species_catalog.json").read_text("utf-8")
+        data = resources.files("biolit_id.server").joinpath("data/species_catalog.json")
+        text = data.read_text("utf-8")
         return cls.from_json(json.loads(text))
 
     @classmethod
@@ -187,6 +188,17 @@ class Catalog:
     def get(self, name: str) -> SpeciesRecord | None:
         i = self._index.get(name)
         return None if i is None else self._records[i]
+
+    def record_from_json(self, data: dict) -> SpeciesRecord:
+        """A species as the gallery persisted it (``biolit_id.core.catalog_view``)."""
+        return SpeciesRecord.from_json(data)
+
+    def prompt_for(self, name: str) -> str:
+        """The caption of ``name``'s text prototype."""
+        record = self.get(name)
+        if record is None:
+            raise UnknownTaxonError(name)
+        return record.prompt()
 
     def species_under(self, taxon: str) -> list[str]:
         """Catalog species that are ``taxon`` or lie under it, at any rank."""

@@ -1,7 +1,7 @@
 """Gallery RPCs: AddExemplars, RemoveExemplars, ListExemplars, SearchSimilar, AddSpecies.
 
 Mixed into ``SpeciesIdentifierServicer``; the work is done by
-``index.gallery.Gallery`` (``state.gallery``), this module only validates,
+``index.faiss_gallery.Gallery`` (``state.gallery``), this module only validates,
 decodes photos and maps errors to status codes:
 
 * unknown species on add -> NOT_FOUND, with a hint to call AddSpecies;
@@ -28,14 +28,14 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from biolit_id.proto import identification_pb2 as pb
-from biolit_id.index.gallery import (
+from biolit_id.index.gallery_base import (
     GalleryError,
     SpeciesExistsError,
     UnknownExemplarError,
     UnknownSpeciesError,
 )
 from biolit_id.index.store import ExemplarRow, NewExemplar
+from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.batcher import grpc_deadline
 from biolit_id.server.catalog import MAX_NAME_LENGTH, SpeciesRecord, UnknownTaxonError
 from biolit_id.server.errors import EMBED_ERRORS, message_of, status_for
@@ -288,7 +288,12 @@ class CurationServicer:
 
     def _gbif_enriched(self, record: SpeciesRecord,
                        context: grpc.ServicerContext) -> SpeciesRecord:
-        from biolit_id.server.gbif import GbifError, GbifUnavailableError, apply_lookup, lookup_for_config
+        from biolit_id.server.gbif import (
+            GbifError,
+            GbifUnavailableError,
+            apply_lookup,
+            lookup_for_config,
+        )
 
         try:
             lookup = lookup_for_config(self.state.config, record.scientific_name)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from biolit_id.core.vectors import l2_normalize
 from biolit_id.server.model_loader import LoadedModel
 
 RUNTIMES = ("torch", "onnx", "openvino")
@@ -26,12 +27,6 @@ class Embedder(Protocol):
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """[B, 3, H, W] float32 -> [B, D] float32, rows of unit norm."""
         ...
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 class TorchEmbedder:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from biolit_id.core.types import SimilarHit
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.catalog import LINEAGE_RANKS, SpeciesRecord
-from biolit_id.server.pipeline import Identification, SimilarHit
+from biolit_id.server.pipeline import Identification
 from biolit_id.server.routing import Method
 
 RANK_TO_PB = {

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from biolit_id.core.types import PrototypeSet, SimilarHit
+from biolit_id.core.vectors import l2_normalize
 from biolit_id.server.catalog import Catalog, SpeciesRecord, UnknownTaxonError
-from biolit_id.server.embedder import Embedder, l2_normalize
+from biolit_id.server.embedder import Embedder
 from biolit_id.server.preprocess import ImagePolicy, preprocess
 from biolit_id.server.routing import Method
-from biolit_id.server.scoring import HybridScorer, PrototypeSet, Scores, ZeroShotScorer
+from biolit_id.server.scoring import HybridScorer, Scores, ZeroShotScorer
 from biolit_id.server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
 
 DEFAULT_TOP_K = 5
@@ -36,18 +38,6 @@ class IdentifyOptions:
     num_similar: int = 0
     restrict_to: tuple[str, ...] = ()
     include_thumbnails: bool = False
-
-
-@dataclass
-class SimilarHit:
-    exemplar_id: int
-    species: str
-    score: float
-    source_uri: str = ""
-    thumbnail: bytes = b""
-    license: str = ""
-    contributor: str = ""
-    observation_id: str = ""
 
 
 @dataclass

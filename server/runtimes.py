@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.server.embedder import PRECISIONS, RUNTIMES, Embedder, l2_normalize, make_embedder
+from biolit_id.core.vectors import l2_normalize
+from biolit_id.server.embedder import PRECISIONS, RUNTIMES, Embedder, make_embedder
 from biolit_id.server.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)

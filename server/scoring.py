@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biolit_id.core.types import PrototypeSet
 from biolit_id.server.bundle import Bundle
 from biolit_id.server.head import Head
 from biolit_id.server.routing import (
@@ -29,22 +30,6 @@ ZERO_SHOT_ALPHA = 0.8
 """The seed's alpha. Zero-shot has no trained visual prototypes: the gallery uses it
 to fuse the visual prototypes of species that got reference photos,
 ``normalize(alpha * visual + (1 - alpha) * text)``, as a bundle uses its own alpha."""
-
-
-@dataclass(frozen=True)
-class PrototypeSet:
-    """An immutable snapshot of the prototypes, swapped whole on every change.
-
-    Readers grab the current object and keep a consistent view for the whole
-    request, while writers build the next one: no lock on the read path.
-    """
-
-    names: tuple[str, ...]
-    vectors: np.ndarray  # [S, P], rows L2-normalised, in the scoring space
-    version: int = 0
-
-    def index(self) -> dict[str, int]:
-        return {n: i for i, n in enumerate(self.names)}
 
 
 @dataclass(frozen=True)

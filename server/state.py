@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from biolit_id.core.types import PrototypeSet
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.batcher import MicroBatcher
 from biolit_id.server.bundle import Bundle, load_bundle
@@ -16,11 +17,12 @@ from biolit_id.server.catalog import Catalog
 from biolit_id.server.catalog_store import load_catalog
 from biolit_id.server.config import ServerConfig
 from biolit_id.server.embedder import Embedder
+from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.model_loader import LoadedModel, load_model
 from biolit_id.server.pipeline import Identifier
 from biolit_id.server.preprocess import ImagePolicy
 from biolit_id.server.runtimes import build_embedder, configure_threads
-from biolit_id.server.scoring import HybridScorer, PrototypeSet, ZeroShotScorer
+from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
 from biolit_id.server.text_prototypes import TextPrototypeCache
 
 log = logging.getLogger(__name__)
@@ -97,11 +99,6 @@ def build_state(config: ServerConfig) -> ServiceState:
                            config.max_queue_size)
     protos = initial_prototypes(catalog, scorer, text_cache)
     # After the catalog: the gallery adds runtime species to it.
-    if config.gallery.startswith("milvus"):  # milvus-lite:PATH | milvus://HOST:PORT/NAME
-        from biolit_id.index.milvus_gallery import open_milvus_gallery as open_gallery
-    else:
-        from biolit_id.index.gallery import open_gallery
-
     gallery = open_gallery(config, model=model, catalog=catalog, scorer=scorer,
                            text_cache=text_cache, base=protos)
     identifier = Identifier(

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from biolit_id.cli.demo_model import write_demo_model
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
 from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.config import ServerConfig
-from biolit_id.cli.demo_model import write_demo_model
 
 SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "seed-v4"
 

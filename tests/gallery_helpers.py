@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.index.gallery import open_gallery
-from biolit_id.index.milvus_gallery import open_milvus_gallery
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from biolit_id.core.vectors import fuse_prototypes
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.head import build_head, head_state_from_module
 from biolit_id.server.routing import Thresholds
 from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
@@ -39,8 +39,7 @@ def open_test_gallery(gallery: str, data_dir: Path, model, text_cache,
     scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
     base = initial_prototypes(catalog, scorer, text_cache)
     config = ServerConfig(model=model.spec, data_dir=data_dir, gallery=gallery, extra=extra)
-    opener = open_milvus_gallery if gallery.startswith("milvus") else open_gallery
-    return opener(config, model=model, catalog=catalog, scorer=scorer, text_cache=text_cache,
+    return open_gallery(config, model=model, catalog=catalog, scorer=scorer, text_cache=text_cache,
                   base=base)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from biolit_id.core.vectors import fuse_prototypes
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
 from biolit_id.server.head import build_head, head_state_from_module
 from biolit_id.server.routing import Thresholds
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from biolit_id.proto import identification_pb2 as pb
-from conftest import photo_bytes, stub_for
 from biolit_id.server.batcher import (
     BatcherClosedError,
     DeadlineExceededError,
@@ -25,6 +24,7 @@ from biolit_id.server.batcher import (
     deadline_scope,
     read_ahead,
 )
+from conftest import photo_bytes, stub_for
 
 DIM = 16
 SHAPE = (3, 4, 4)

@@ -14,12 +14,6 @@ import numpy as np
 import pytest
 from training_data import longtail_features
 
-from biolit_id.proto import identification_pb2 as pb
-from conftest import stub_for
-from biolit_id.server.bundle import load_bundle
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import Routed, Thresholds, route_hybrid
-from biolit_id.server.taxonomy import taxon_fallback
 from biolit_id.cli.calibrate import fit_taxon_thresholds, search_thresholds
 from biolit_id.cli.cli import main
 from biolit_id.cli.datasets import read_embeddings, write_embeddings
@@ -30,6 +24,12 @@ from biolit_id.cli.metrics import (
     risk_coverage,
     score_set,
 )
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.server.bundle import load_bundle
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.routing import Routed, Thresholds, route_hybrid
+from biolit_id.server.taxonomy import taxon_fallback
+from conftest import stub_for
 
 CATALOG = Catalog.load_default()
 

@@ -15,10 +15,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from biolit_id.cli.cli import main
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
 from conftest import photo_bytes
-from biolit_id.cli.cli import main
 
 
 def free_port() -> int:

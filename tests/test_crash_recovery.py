@@ -43,7 +43,7 @@ def zygote_main(model_spec: str, data_dir: str) -> None:
     import open_clip  # noqa: F401
     import torch  # noqa: F401
 
-    import biolit_id.index.gallery  # noqa: F401
+    import biolit_id.index.faiss_gallery  # noqa: F401
     import biolit_id.server.app as app
     from biolit_id.server.config import ServerConfig
 
@@ -137,8 +137,8 @@ class Writer(threading.Thread):
 
     def message(self):
         from biolit_id.proto import identification_pb2 as pb
-        from conftest import photo_bytes
         from biolit_id.server.curation import content_hash_of_embedding
+        from conftest import photo_bytes
 
         species = self.rng.choice(self.species)
         seed = self.rng.getrandbits(48)
@@ -241,9 +241,9 @@ def test_sigkill_during_adds_loses_nothing_acknowledged(tmp_path: Path, demo_mod
 
     # A final cold start in this process: no partial row, index == store.
     from biolit_id.proto import identification_pb2 as pb
-    from conftest import stub_for
     from biolit_id.server.app import start_server
     from biolit_id.server.config import ServerConfig
+    from conftest import stub_for
 
     running = start_server(ServerConfig(model=demo_model_spec, data_dir=data_dir, port=0,
                                         grace_seconds=0.0))

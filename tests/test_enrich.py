@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 from gbif_fake import FakeGbif, refused_url
 
-from biolit_id.proto import identification_pb2 as pb
-from conftest import stub_for
-from biolit_id.server.catalog import Catalog, SpeciesRecord
-from biolit_id.server.catalog_store import CatalogStoreError, load_catalog, overlay_path, save_records
 from biolit_id.cli.cli import main as cli
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.catalog_store import (
+    CatalogStoreError,
+    load_catalog,
+    overlay_path,
+    save_records,
+)
+from conftest import stub_for
 
 DEFAULT = Catalog.load_default()
 

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from biolit_id.proto import identification_pb2 as pb
-from conftest import stub_for
 from biolit_id.server.curation import content_hash_of_embedding
+from conftest import stub_for
 
 NEW_SPECIES = "Nudibranchus imaginarius"
 

@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 from gallery_helpers import open_test_gallery, whitened_bundle
 
-from biolit_id.index.faiss_index import PROTOTYPE_ID_BASE, IndexSpec, IndexSpecError, RWLock, VectorIndex
-from biolit_id.index.gallery import (
-    SNAPSHOT_FILE,
-    STORE_FILE,
+from biolit_id.core.vectors import fuse_prototypes
+from biolit_id.index.faiss_gallery import SNAPSHOT_FILE, STORE_FILE
+from biolit_id.index.faiss_index import (
+    PROTOTYPE_ID_BASE,
+    IndexSpec,
+    IndexSpecError,
+    RWLock,
+    VectorIndex,
+)
+from biolit_id.index.gallery_base import (
     SpeciesExistsError,
     UnknownExemplarError,
     UnknownSpeciesError,
@@ -22,13 +28,13 @@ from biolit_id.index.gallery import (
 from biolit_id.index.prototypes import (
     DEFAULT_PRIOR_WEIGHT,
     combine_with_prior,
-    space_id_for,
     weighted_prototype,
 )
 from biolit_id.index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
 from biolit_id.index.store import GalleryStore, NewExemplar, StoreError
-from biolit_id.server.bundle import Bundle, fuse_prototypes, load_bundle
+from biolit_id.server.bundle import Bundle, load_bundle
 from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.gallery_setup import space_id_for
 from biolit_id.server.scoring import ZERO_SHOT_ALPHA, HybridScorer
 from biolit_id.server.text_prototypes import TextPrototypeCache
 

@@ -9,8 +9,8 @@ import pytest
 from gbif_fake import FakeGbif, refused_url
 
 from biolit_id.proto import identification_pb2 as pb
-from conftest import stub_for
 from biolit_id.server.catalog_store import load_catalog
+from conftest import stub_for
 
 
 @pytest.fixture

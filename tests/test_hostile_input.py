@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from biolit_id.proto import identification_pb2 as pb
-from conftest import photo_bytes, stub_for
 from biolit_id.server.limits import RequestLimitError, check_request
 from biolit_id.server.pipeline import InvalidRequestError
 from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, open_image, preprocess
+from conftest import photo_bytes, stub_for
 
 pytestmark = [
     # PIL warns about the corrupt data these tests feed it on purpose.

@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from biolit_id.proto import identification_pb2 as pb
-from conftest import photo_bytes
 from biolit_id.server.catalog import Catalog
+from conftest import photo_bytes
 
 CATALOG = set(Catalog.load_default().names())
 

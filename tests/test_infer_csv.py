@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from synthetic_bundle import unit, write_bundle
 
-from biolit_id.proto import identification_pb2 as pb
-from conftest import SEED_DIR, photo_bytes, stub_for
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import SEED_METHOD_NAMES, Method, Thresholds
 from biolit_id.cli.cli import main as cli
 from biolit_id.cli.import_seed import import_seed
 from biolit_id.cli.infer_csv import TAXON_COLUMNS, errors_path
 from biolit_id.cli.seed_format import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.routing import SEED_METHOD_NAMES, Method, Thresholds
+from conftest import SEED_DIR, photo_bytes, stub_for
 
 SEED_METHODS = {"classifier_top50", "classifier_top50_low", "prototypical_rare", "rejected"}
 PB_RANK = {"genus": pb.RANK_GENUS, "family": pb.RANK_FAMILY, "order": pb.RANK_ORDER,

@@ -14,7 +14,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from biolit_id.proto import identification_pb2 as pb
-from conftest import code_of, photo_bytes, stub_for
 from biolit_id.server.limits import (
     MAX_EMBEDDING_VALUES,
     MAX_LIST_LENGTH,
@@ -23,6 +22,7 @@ from biolit_id.server.limits import (
     RequestLimitError,
     check_request,
 )
+from conftest import code_of, photo_bytes, stub_for
 
 
 def assert_serving(running) -> None:

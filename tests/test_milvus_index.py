@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import photo_bytes
+from biolit_id.cli.bench_gallery import exact_neighbours, recall_at_k, synthetic_vectors
 from biolit_id.index.faiss_index import IndexSpec, VectorIndex
 from biolit_id.index.milvus_index import (
     MAX_ID,
@@ -25,7 +25,7 @@ from biolit_id.index.milvus_index import (
     exemplar_id_for,
     parse_target,
 )
-from biolit_id.cli.bench_gallery import exact_neighbours, recall_at_k, synthetic_vectors
+from conftest import photo_bytes
 
 DIM = 256
 N = 3000

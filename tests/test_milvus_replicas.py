@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from biolit_id.index.milvus_index import MilvusGalleryError, connect, parse_target
 from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
-from biolit_id.index.milvus_index import MilvusGalleryError, connect, parse_target
 
 POLL = 0.3  # seconds: the configured sync delay
 SLACK = 1.5  # one sync round trip on a busy 2-core CI machine

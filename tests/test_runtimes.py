@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from biolit_id.cli.cli import main as cli_main
 from biolit_id.proto import identification_pb2 as pb
-from conftest import stub_for
 from biolit_id.server.embedder import make_embedder
 from biolit_id.server.runtimes import (
     RuntimeUnavailableError,
@@ -27,7 +27,7 @@ from biolit_id.server.runtimes import (
     resolve_auto,
     synthetic_photos,
 )
-from biolit_id.cli.cli import main as cli_main
+from conftest import stub_for
 
 pytest.importorskip("onnxruntime", reason="install biolit-id[onnx] for the ONNX runtime")
 pytest.importorskip("openvino", reason="install biolit-id[openvino] for OpenVINO")

@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
-from conftest import code_of, photo_bytes
 from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.auth import (
     ApiKeyFileError,
@@ -34,6 +33,7 @@ from biolit_id.server.auth import (
     required_role,
 )
 from biolit_id.server.config import ServerConfig
+from conftest import code_of, photo_bytes
 
 IDENTIFY_KEY = "id-4f9c2e8a71b3d6c05e1f"
 CURATE_KEY = "cur-9a0b7c6d5e4f3a2b1c0d"

@@ -15,13 +15,13 @@ import pytest
 from synthetic_bundle import unit, write_bundle
 
 from biolit_id.proto import identification_pb2 as pb
-from conftest import stub_for
 from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.config import ServerConfig
 from biolit_id.server.pipeline import Identifier, IdentifyOptions
 from biolit_id.server.routing import Method, Thresholds
 from biolit_id.server.scoring import HybridScorer
 from biolit_id.server.taxonomy import RankAnswer, taxon_fallback
+from conftest import stub_for
 
 SPECIES = [
     "Patella vulgata", "Patella caerulea",  # same genus

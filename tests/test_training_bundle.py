@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from training_data import longtail_features
 
-from biolit_id.server.bundle import BundleError, load_bundle
-from biolit_id.server.prototype_math import weighted_prototype
 from biolit_id.cli.cli import main
 from biolit_id.cli.datasets import (
     EmbeddingSet,
@@ -21,6 +19,8 @@ from biolit_id.cli.datasets import (
     write_embeddings,
 )
 from biolit_id.cli.train import fit_whitening
+from biolit_id.core.vectors import weighted_prototype
+from biolit_id.server.bundle import BundleError, load_bundle
 
 
 @pytest.fixture(scope="module")

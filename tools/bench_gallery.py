@@ -237,7 +237,7 @@ def populate_store(data_dir, model_spec: str, n: int, seed: int = 0,
     import time as _time
     from pathlib import Path
 
-    from biolit_id.index.gallery import STORE_FILE
+    from biolit_id.index.faiss_gallery import STORE_FILE
     from biolit_id.index.store import GalleryStore
     from biolit_id.server.catalog import Catalog
     from biolit_id.server.model_loader import load_model

@@ -27,10 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.server.bundle import Bundle, BundleError
-from biolit_id.server.catalog import FALLBACK_RANKS, Catalog
-from biolit_id.server.routing import Thresholds
-from biolit_id.server.scoring import masked_softmax
 from biolit_id.cli.datasets import DatasetError
 from biolit_id.cli.metrics import (
     ScoredSet,
@@ -44,6 +40,10 @@ from biolit_id.cli.metrics import (
     taxon_is_right,
     top1_calibration,
 )
+from biolit_id.server.bundle import Bundle, BundleError
+from biolit_id.server.catalog import FALLBACK_RANKS, Catalog
+from biolit_id.server.routing import Thresholds
+from biolit_id.server.scoring import masked_softmax
 
 log = logging.getLogger(__name__)
 

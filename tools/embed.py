@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from biolit_id.cli.datasets import IMAGE_SUFFIXES, EmbeddingSet, errors_path, write_embeddings
 from biolit_id.server.model_loader import DEFAULT_MODEL
 from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
-from biolit_id.cli.datasets import IMAGE_SUFFIXES, EmbeddingSet, errors_path, write_embeddings
 
 log = logging.getLogger(__name__)
 

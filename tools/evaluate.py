@@ -18,9 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.server.bundle import Bundle, BundleError
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import SEED_METHOD_NAMES, Method
 from biolit_id.cli.datasets import DatasetError, EmbeddingSet, fingerprint
 from biolit_id.cli.metrics import (
     ScoredSet,
@@ -32,6 +29,9 @@ from biolit_id.cli.metrics import (
     score_set,
     top1_calibration,
 )
+from biolit_id.server.bundle import Bundle, BundleError
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.routing import SEED_METHOD_NAMES, Method
 
 log = logging.getLogger(__name__)
 

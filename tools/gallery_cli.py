@@ -37,9 +37,9 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from biolit_id.cli.identify_client import open_channel
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
-from biolit_id.cli.identify_client import open_channel
 
 # Failures that concern one row; anything else (server down...) stops the import.
 ROW_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)

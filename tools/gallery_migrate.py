@@ -66,7 +66,7 @@ def wants_migration(args: argparse.Namespace) -> bool:
 
 
 def run_migration(args: argparse.Namespace) -> int:
-    from biolit_id.index.gallery import GalleryConfigError, GalleryError
+    from biolit_id.index.gallery_base import GalleryConfigError, GalleryError
 
     try:
         if args.gallery_command == "export":
@@ -96,7 +96,7 @@ def run_migration(args: argparse.Namespace) -> int:
 def _faiss_rows(data_dir: Path) -> tuple[dict, Iterator[list[dict]], int]:
     import sqlite3
 
-    from biolit_id.index.gallery import STORE_FILE
+    from biolit_id.index.faiss_gallery import STORE_FILE
     from biolit_id.index.store import GalleryStore
 
     path = Path(data_dir) / "gallery" / STORE_FILE
@@ -237,11 +237,11 @@ def import_export(path: Path, gallery: str, model_spec: str, bundle_path: Path |
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from biolit_id.index.milvus_gallery import open_milvus_gallery
     from biolit_id.server.bundle import load_bundle
     from biolit_id.server.catalog import SpeciesRecord
     from biolit_id.server.catalog_store import load_catalog
     from biolit_id.server.config import ServerConfig
+    from biolit_id.server.gallery_setup import open_gallery
     from biolit_id.server.model_loader import load_model
     from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
     from biolit_id.server.state import initial_prototypes
@@ -267,8 +267,8 @@ def import_export(path: Path, gallery: str, model_spec: str, bundle_path: Path |
     target = gallery + ("&" if "?" in gallery else "?") + "poll=0"  # a one-shot writer
     config = ServerConfig(model=model_spec, data_dir=data_dir, bundle=bundle_path,
                           gallery=target)
-    g = open_milvus_gallery(config, model=model, catalog=catalog, scorer=scorer,
-                            text_cache=text_cache, base=base)
+    g = open_gallery(config, model=model, catalog=catalog, scorer=scorer,
+                     text_cache=text_cache, base=base)
     imported = skipped = 0
     species: set[str] = set()
     try:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
+from biolit_id.core.vectors import fuse_prototypes
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.model_loader import DEFAULT_MODEL
 from biolit_id.server.preprocess import CLIP_MEAN, CLIP_STD

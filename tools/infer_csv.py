@@ -31,9 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.server.config import ServerConfig
-from biolit_id.server.model_loader import DEFAULT_MODEL
-from biolit_id.server.routing import Method
 from biolit_id.cli.datasets import IMAGE_SUFFIXES, errors_path
 from biolit_id.cli.metrics import row_scores
 from biolit_id.cli.seed_format import (
@@ -45,6 +42,9 @@ from biolit_id.cli.seed_format import (
     method_name,
     taxonomy_columns,
 )
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.model_loader import DEFAULT_MODEL
+from biolit_id.server.routing import Method
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.index.gallery import GalleryError
+    from biolit_id.index.gallery_base import GalleryError
     from biolit_id.index.store import StoreError
     from biolit_id.server.bundle import BundleError
     from biolit_id.server.model_loader import ModelUnavailableError

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from biolit_id.cli.datasets import EmbeddingSet, read_embeddings
+from biolit_id.core.types import PrototypeSet
 from biolit_id.server.bundle import Bundle, load_bundle
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.routing import Routed, Thresholds, route_hybrid
-from biolit_id.server.scoring import HybridScorer, PrototypeSet, Scores
+from biolit_id.server.scoring import HybridScorer, Scores
 from biolit_id.server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
-from biolit_id.cli.datasets import EmbeddingSet, read_embeddings
 
 ECE_BINS = 15
 

@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def run(args: argparse.Namespace) -> int:
     from biolit_id.index.faiss_index import IndexSpecError
-    from biolit_id.index.gallery import GalleryConfigError, GalleryError
+    from biolit_id.index.gallery_base import GalleryConfigError, GalleryError
     from biolit_id.index.store import StoreError
     from biolit_id.server.app import serve_forever
     from biolit_id.server.auth import SecurityConfigError

@@ -26,12 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, fuse_prototypes
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.model_loader import DEFAULT_MODEL
-from biolit_id.server.prototype_math import class_prototypes
-from biolit_id.server.routing import Thresholds
-from biolit_id.server.scoring import masked_softmax
 from biolit_id.cli.datasets import (
     DatasetError,
     EmbeddingSet,
@@ -41,6 +35,12 @@ from biolit_id.cli.datasets import (
     write_embeddings,
 )
 from biolit_id.cli.metrics import fit_logit_scale, top1_calibration
+from biolit_id.core.vectors import class_prototypes, fuse_prototypes
+from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.model_loader import DEFAULT_MODEL
+from biolit_id.server.routing import Thresholds
+from biolit_id.server.scoring import masked_softmax
 
 log = logging.getLogger(__name__)
 

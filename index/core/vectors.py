@@ -1,12 +1,8 @@
-"""Class prototypes that an odd photo cannot drag: the similarity-weighted mean.
+"""Vector maths shared by training, scoring and the gallery, so all three agree.
 
-A plain mean gives a mislabelled or atypical photo (a crab half out of frame,
-a wrong label) the same pull as a clean one; with 10 photos for a rare
-species that shifts the prototype noticeably. Here each vector is weighted by
-how close it lies to the current prototype (softmax of cosine / temperature)
-and the prototype is recomputed a few times (refinement), in the spirit of
-the similarity-weighted prototypes of arXiv:2110.11553. Shared by training
-and the gallery so both build prototypes the same way.
+Prototypes are similarity-weighted means: an odd photo (a crab half out of
+frame, a wrong label) pulls less than a clean one, in the spirit of the
+similarity-weighted prototypes of arXiv:2110.11553.
 """
 
 from __future__ import annotations
@@ -16,9 +12,15 @@ import numpy as np
 DEFAULT_SHARPNESS = 10.0  # softmax scale on cosines: 0.1 less similar -> weight x e^-1
 
 
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Unit rows in float32 (embeddings, scores)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
 def l2_normalize64(x: np.ndarray) -> np.ndarray:
-    """Unit rows in float64: prototypes are averaged and re-normalised several times, and
-    ``server.embedder.l2_normalize`` would round each step to float32."""
+    """Unit rows in float64: prototypes are averaged and re-normalised several times,
+    and float32 would round each step."""
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -55,3 +57,9 @@ def class_prototypes(
         if len(rows):
             out[c] = weighted_prototype(rows, iterations)
     return out
+
+
+def fuse_prototypes(visual: np.ndarray, text: np.ndarray, alpha: float) -> np.ndarray:
+    """Proto-CLIP fusion: normalize(alpha * visual + (1 - alpha) * text), row-wise."""
+    fused = alpha * np.asarray(visual, np.float32) + (1.0 - alpha) * np.asarray(text, np.float32)
+    return l2_normalize(fused, axis=1)

@@ -1,0 +1,56 @@
+"""One factory for every gallery backend, named by a ``--gallery`` value.
+
+Each backend is imported only when chosen, so a Milvus deployment never loads
+FAISS and a FAISS one never needs pymilvus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from biolit_id.core.catalog_view import CatalogView
+from biolit_id.index.gallery_base import GalleryBase, GalleryConfigError
+from biolit_id.index.prototypes import PrototypeBuilder
+
+FAISS_KINDS = ("faiss:flat | faiss:ivf-flat,nlist=N,nprobe=N | faiss:ivf-sq8 | "
+               "faiss:ivf-pq | faiss:auto")
+
+
+@dataclass(frozen=True)
+class GallerySpace:
+    """Where the gallery's vectors live and how a raw embedding gets there."""
+
+    model_fingerprint: str
+    embedding_dim: int
+    space_id: str
+    project: Callable[[np.ndarray], np.ndarray]
+
+
+def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
+                 builder: PrototypeBuilder, space: GallerySpace,
+                 snapshot_every: int | None = None) -> GalleryBase:
+    """``faiss[:KIND,...]``, ``milvus-lite:PATH`` or ``milvus://HOST:PORT/COLLECTION``."""
+    uri = uri or "faiss"
+    common = dict(catalog=catalog, model_fingerprint=space.model_fingerprint,
+                  embedding_dim=space.embedding_dim, builder=builder,
+                  project=space.project, space_id=space.space_id)
+    if uri.startswith("milvus"):
+        from biolit_id.index.milvus_gallery import MilvusGallery
+        from biolit_id.index.milvus_index import parse_target
+
+        return MilvusGallery(parse_target(uri), **common)
+    backend, _, options = uri.partition(":")
+    if backend != "faiss":
+        raise GalleryConfigError(
+            f"gallery backend {backend!r} is not available here; use faiss "
+            f"(optionally {FAISS_KINDS}) or milvus-lite:PATH | milvus://HOST:PORT/COLLECTION"
+        )
+    from biolit_id.index.faiss_gallery import DEFAULT_SNAPSHOT_EVERY, Gallery
+    from biolit_id.index.faiss_index import IndexSpec
+
+    return Gallery(Path(data_dir) / "gallery", index_spec=IndexSpec.parse(options or "flat"),
+                   snapshot_every=snapshot_every or DEFAULT_SNAPSHOT_EVERY, **common)
