@@ -168,9 +168,6 @@ def similar_hit(row: ExemplarRow, score: float) -> SimilarHit:
         exemplar_id=row.exemplar_id,
         species=row.species,
         score=float(np.clip(score, -1.0, 1.0)),
-        source_uri=row.source_uri,
         thumbnail=row.thumbnail,
-        license=row.license,
-        contributor=row.contributor,
-        observation_id=row.observation_id,
+        **row.meta_dict(),
     )

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from biolit_id.core.atomic import atomic_open
 
 MAGIC = b"BLGSNAP1"
 
@@ -45,22 +45,11 @@ def write_snapshot(path: Path, meta: SnapshotMeta, payload: np.ndarray) -> None:
     data = np.ascontiguousarray(payload, dtype=np.uint8).tobytes()
     header = dict(asdict(meta), payload_sha256=hashlib.sha256(data).hexdigest())
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
-    # One temporary file per writer: two processes on one data dir (a server and
-    # `infer-csv`) or two threads must never interleave their bytes in one file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<I", len(header_bytes)))
-            f.write(header_bytes)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path) as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<I", len(header_bytes)))
+        f.write(header_bytes)
+        f.write(data)
 
 
 def read_snapshot(path: Path) -> tuple[SnapshotMeta, np.ndarray] | None:
@@ -82,16 +71,3 @@ def read_snapshot(path: Path) -> tuple[SnapshotMeta, np.ndarray] | None:
     if hashlib.sha256(data).hexdigest() != meta.payload_sha256:
         raise SnapshotError(f"{path}: checksum mismatch (truncated or corrupt)")
     return meta, np.frombuffer(data, dtype=np.uint8)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biolit_id.core.exemplar import META_FIELDS, ExemplarMeta
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS exemplars (
@@ -75,9 +77,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
-META_COLUMNS = (
-    "id, species, source_uri, observation_id, license, contributor, added_at, content_sha256"
-)
+META_COLUMNS = f"id, species, {', '.join(META_FIELDS)}, added_at, content_sha256"
 
 
 class StoreError(RuntimeError):
@@ -85,30 +85,22 @@ class StoreError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ExemplarRow:
+class ExemplarRow(ExemplarMeta):
     """An exemplar's metadata (the embedding stays in the store)."""
 
     exemplar_id: int
     species: str
-    source_uri: str
-    observation_id: str
-    license: str
-    contributor: str
     added_at: float
     content_sha256: str
     thumbnail: bytes = b""
 
 
 @dataclass(frozen=True)
-class NewExemplar:
+class NewExemplar(ExemplarMeta):
     species: str
     embedding: np.ndarray  # raw, L2-normalised, [D]
     content_sha256: str
-    source_uri: str = ""
     thumbnail: bytes = b""
-    observation_id: str = ""
-    license: str = ""
-    contributor: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,21 +112,32 @@ class Event:
 
 
 def _row(values: Sequence, thumbnail: bytes = b"") -> ExemplarRow:
+    n = len(META_FIELDS)  # values are in META_COLUMNS order
     return ExemplarRow(
         exemplar_id=int(values[0]),
         species=values[1],
-        source_uri=values[2],
-        observation_id=values[3],
-        license=values[4],
-        contributor=values[5],
-        added_at=float(values[6]),
-        content_sha256=values[7],
+        added_at=float(values[2 + n]),
+        content_sha256=values[3 + n],
         thumbnail=bytes(thumbnail or b""),
+        **dict(zip(META_FIELDS, values[2 : 2 + n], strict=True)),
     )
 
 
 def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _corrupt_message(path: Path, reason: str) -> str:
+    return (f"the gallery store {path} is corrupt ({reason}); the service will not start on "
+            "it. Restore it from a backup (biolit-id gallery restore), see docs/operations.md")
+
+
+def _check_not_corrupt(conn: sqlite3.Connection, path: Path) -> None:
+    """SQLite's quick_check (every page and index, not row contents), once at open: a
+    damaged store must stop the start, not answer wrongly later."""
+    problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    if problems != ["ok"]:
+        raise StoreError(_corrupt_message(path, "; ".join(problems)))
 
 
 class GalleryStore:
@@ -147,8 +150,12 @@ class GalleryStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
-        self._writer = self._connect()
-        self._writer.executescript(SCHEMA)
+        try:
+            self._writer = self._connect()
+            _check_not_corrupt(self._writer, self.path)
+            self._writer.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"...
+            raise StoreError(_corrupt_message(self.path, str(exc))) from None
         self._check_model(model_fingerprint, embedding_dim)
 
     # ---------------------------------------------------------- connections
@@ -216,8 +223,18 @@ class GalleryStore:
             return self.store._writer
 
         def __exit__(self, exc_type, exc, tb) -> None:
+            writer = self.store._writer
             try:
-                self.store._writer.execute("ROLLBACK" if exc_type else "COMMIT")
+                if exc_type is None:
+                    writer.execute("COMMIT")
+                elif writer.in_transaction:  # SQLite may have rolled back already (disk full)
+                    writer.execute("ROLLBACK")
+            except sqlite3.Error:
+                # A COMMIT refused by a full disk can leave the transaction open: end it,
+                # or every later write would fail until a restart.
+                if writer.in_transaction:
+                    writer.execute("ROLLBACK")
+                raise
             finally:
                 self.store._write_lock.release()
 
@@ -238,12 +255,11 @@ class GalleryStore:
             ).fetchone()
             if found is not None:
                 return int(found[0]), False, self._version(conn)
+            meta = item.meta_dict()
             cur = conn.execute(
-                "INSERT INTO exemplars (species, embedding, source_uri, thumbnail, "
-                "observation_id, license, contributor, added_at, content_sha256) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (item.species, _blob(vec), item.source_uri, item.thumbnail,
-                 item.observation_id, item.license, item.contributor, time.time(),
+                f"INSERT INTO exemplars (species, embedding, thumbnail, {', '.join(meta)}, "
+                f"added_at, content_sha256) VALUES (?, ?, ?, {', '.join('?' * len(meta))}, ?, ?)",
+                (item.species, _blob(vec), item.thumbnail, *meta.values(), time.time(),
                  item.content_sha256),
             )
             new_id = int(cur.lastrowid)

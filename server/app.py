@@ -15,6 +15,7 @@ from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
 from biolit_id.server.auth import AuthInterceptor, check_exposure, load_api_keys, server_credentials
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.errors import ErrorInterceptor
 from biolit_id.server.limits import GuardInterceptor
 from biolit_id.server.observability import Metrics, ObservabilityInterceptor, configure_access_log
 from biolit_id.server.service import SpeciesIdentifierServicer
@@ -69,6 +70,7 @@ def start_server(config: ServerConfig, state: ServiceState | None = None) -> Run
     interceptors.append(
         GuardInterceptor(on_deadline_drop=lambda m: metrics.deadline_dropped.labels(m).inc())
     )
+    interceptors.append(ErrorInterceptor())  # innermost: servicers raise, it sets the status
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", max(config.max_message_bytes, 64 * 1024 * 1024)),

@@ -208,23 +208,36 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        needed = required_role(handler_call_details.method)
-        if handler is None or needed is None:
+        if handler is None:
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
-        if token is None:
-            return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing API key: send metadata 'authorization: Bearer <key>'")
-        role = self.keys.role_for(token)
-        if role is None:
-            return _rejecting(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
-        if needed not in ROLE_GRANTS[role]:
-            _, method = split_method(handler_call_details.method)
-            return _rejecting(
-                handler, grpc.StatusCode.PERMISSION_DENIED,
-                f"role {role!r} may not call {method} (needs role {needed!r})",
-            )
+        refusal = refusal_for(self.keys, handler_call_details.method, token)
+        if refusal is not None:
+            return _rejecting(handler, *refusal)
         return handler
+
+
+def refusal_for(keys: ApiKeys, full_method: str,
+                token: str | None) -> tuple[grpc.StatusCode, str] | None:
+    """Why ``token`` may not call ``full_method``, or None when it may.
+
+    One decision for every transport: the gRPC interceptor and the HTTP API
+    (``biolit_id.server.web``) both ask here.
+    """
+    needed = required_role(full_method)
+    if needed is None:
+        return None
+    if token is None:
+        return (grpc.StatusCode.UNAUTHENTICATED,
+                "missing API key: send the header 'authorization: Bearer <key>'")
+    role = keys.role_for(token)
+    if role is None:
+        return grpc.StatusCode.UNAUTHENTICATED, "unknown API key"
+    if needed not in ROLE_GRANTS[role]:
+        _, method = split_method(full_method)
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                f"role {role!r} may not call {method} (needs role {needed!r})")
+    return None
 
 
 # ------------------------------------------------------------------ exposure

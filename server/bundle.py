@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from biolit_id.core.atomic import atomic_write
 from biolit_id.server.routing import Thresholds
 
 FORMAT = "biolit-id-bundle/1"
@@ -51,6 +51,10 @@ class Bundle:
     alpha: float
     thresholds: Thresholds
     taxon_thresholds: dict[str, float] = field(default_factory=dict)
+    # Decision rule (server.decision.ROUTINGS): "seed" (the cascade; bundles without the
+    # key), "fused" (one calibrated distribution, what train writes); "fusion" its weights.
+    routing: str = "seed"
+    fusion: dict = field(default_factory=dict)
     preprocessing: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # free-form manifest keys (split, source...)
@@ -114,7 +118,10 @@ class Bundle:
                 "prototype": self.thresholds.prototype,
                 "zero_shot": self.thresholds.zero_shot,
                 "taxon": self.taxon_thresholds,
+                "answer": self.thresholds.answer,
             },
+            "routing": self.routing,
+            **({"fusion": self.fusion} if self.fusion else {}),
             "temperature": self.temperature,
             "alpha": self.alpha,
             "whitening": {
@@ -135,21 +142,15 @@ class Bundle:
         manifest; ``load_bundle`` then refuses the pair (bundle_id differs)
         rather than serving a mix.
         """
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        weights_tmp = directory / (WEIGHTS + ".tmp")
-        save_file(self.tensors(), str(weights_tmp))
-        _fsync(weights_tmp)
-        os.replace(weights_tmp, directory / WEIGHTS)
+        atomic_write(directory / WEIGHTS, save(self.tensors()))
         self.bundle_id = _file_digest(directory / WEIGHTS)
         manifest = self.manifest()
         manifest["bundle_id"] = self.bundle_id
-        manifest_tmp = directory / (MANIFEST + ".tmp")
-        manifest_tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), "utf-8")
-        _fsync(manifest_tmp)
-        os.replace(manifest_tmp, directory / MANIFEST)
+        atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
         return directory
 
 
@@ -222,8 +223,11 @@ def load_bundle(
             classifier_low=float(th.get("classifier_low", 0.4)),
             prototype=float(th.get("prototype", 0.4)),
             zero_shot=float(th.get("zero_shot", Thresholds().zero_shot)),
+            answer=float(th.get("answer", Thresholds().answer)),
         ),
         taxon_thresholds={k: float(v) for k, v in (th.get("taxon") or {}).items()},
+        routing=str(manifest.get("routing") or "seed"),
+        fusion=manifest.get("fusion") or {},
         preprocessing=manifest.get("preprocessing") or {},
         metrics=manifest.get("metrics") or {},
         extra={k: v for k, v in manifest.items() if k not in _MANIFEST_KEYS},
@@ -241,6 +245,7 @@ _MANIFEST_KEYS = frozenset(
         "format", "model_id", "model_fingerprint", "embedding_dim", "preprocessing", "species",
         "common", "rare", "head", "thresholds", "temperature", "alpha", "whitening",
         "training_data_fingerprint", "metrics", "created_at", "tool_version", "bundle_id",
+        "routing", "fusion",
     )
 )
 
@@ -279,6 +284,3 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())

@@ -19,10 +19,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from biolit_id.core.atomic import atomic_open
 from biolit_id.server.catalog import Catalog, SpeciesRecord
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,8 @@ def save_records(data_dir: Path, records: Iterable[SpeciesRecord],
             "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "species": [r.to_json() for r in current.values()],
         }
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path, "w") as f:
             json.dump(payload, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     return path
 
 

@@ -1,8 +1,8 @@
 """Gallery RPCs: AddExemplars, RemoveExemplars, ListExemplars, SearchSimilar, AddSpecies.
 
 Mixed into ``SpeciesIdentifierServicer``; the work is done by
-``index.faiss_gallery.Gallery`` (``state.gallery``), this module only validates,
-decodes photos and maps errors to status codes:
+``index.faiss_gallery.Gallery`` (``state.gallery``), this module validates and
+decodes photos; it raises, and ``server.errors`` maps each error to its status:
 
 * unknown species on add -> NOT_FOUND, with a hint to call AddSpecies;
 * bytes that are not an image, a bad embedding, a missing field ->
@@ -22,32 +22,27 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from biolit_id.index.gallery_base import (
-    GalleryError,
-    SpeciesExistsError,
-    UnknownExemplarError,
-    UnknownSpeciesError,
-)
+from biolit_id.core.exemplar import ExemplarMeta
+from biolit_id.index.gallery_base import SpeciesExistsError, UnknownSpeciesError
 from biolit_id.index.store import ExemplarRow, NewExemplar
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.batcher import grpc_deadline
-from biolit_id.server.catalog import MAX_NAME_LENGTH, SpeciesRecord, UnknownTaxonError
-from biolit_id.server.errors import EMBED_ERRORS, message_of, status_for
+from biolit_id.server.catalog import MAX_NAME_LENGTH, SpeciesRecord
+from biolit_id.server.catalog_store import save_records
+from biolit_id.server.errors import NoGalleryError, NotFoundError, error_context
+from biolit_id.server.gbif import apply_lookup, lookup_for_config
 from biolit_id.server.messages import PB_TO_RANK, similar_message
 from biolit_id.server.pipeline import InvalidRequestError
-from biolit_id.server.preprocess import (
-    ImageDecodeError,
-    open_image,
-    resize_for_model,
-    thumbnail_jpeg,
-    to_array,
-)
+from biolit_id.server.preprocess import open_image, resize_for_model, thumbnail_jpeg, to_array
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -85,13 +80,10 @@ def exemplar_message(row: ExemplarRow) -> pb.Exemplar:
     return pb.Exemplar(
         exemplar_id=row.exemplar_id,
         species=row.species,
-        source_uri=row.source_uri,
-        license=row.license,
-        observation_id=row.observation_id,
-        contributor=row.contributor,
         added_at=added,
         thumbnail=row.thumbnail,
         content_sha256=row.content_sha256,
+        **row.meta_dict(),
     )
 
 
@@ -100,11 +92,12 @@ class CurationServicer:
     deadline the batcher honours) from the servicer."""
 
     # -------------------------------------------------------------- helpers
+    # Errors are raised, never aborted here: server.errors maps them to codes.
 
-    def _gallery(self, context: grpc.ServicerContext):
+    def _gallery(self):
         gallery = getattr(self.state, "gallery", None)
         if gallery is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server runs without a gallery")
+            raise NoGalleryError()
         return gallery
 
     def _new_exemplar(self, request: pb.AddExemplarRequest, gallery) -> NewExemplar | int:
@@ -135,25 +128,16 @@ class CurationServicer:
             species=request.species,
             embedding=vector,
             content_sha256=digest,
-            source_uri=request.source_uri,
             thumbnail=thumbnail,
-            observation_id=request.observation_id,
-            license=request.license,
-            contributor=request.contributor,
+            **ExemplarMeta.of(request).meta_dict(),
         )
 
-    def _species_filter(self, species: str, taxon: str,
-                        context: grpc.ServicerContext) -> list[str] | None:
-        catalog = self.state.catalog
-        gallery = self.state.gallery
-        if species and not gallery.knows(species):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown species {species!r}")
+    def _species_filter(self, species: str, taxon: str) -> list[str] | None:
+        if species and not self.state.gallery.knows(species):
+            raise NotFoundError(f"unknown species {species!r}")
         if not taxon:
             return [species] if species else None
-        try:
-            under = catalog.species_under(taxon)
-        except UnknownTaxonError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown taxon {taxon!r}")
+        under = self.state.catalog.species_under(taxon)  # UnknownTaxonError: NOT_FOUND
         if species:
             return [species] if species in under else []
         return under
@@ -162,28 +146,19 @@ class CurationServicer:
 
     def AddExemplars(self, request_iterator: Iterator[pb.AddExemplarRequest],
                      context: grpc.ServicerContext):
-        gallery = self._gallery(context)
+        gallery = self._gallery()
         ids: list[int] = []
         touched: list[str] = []
         try:
             for position, request in enumerate(request_iterator):
-                try:
+                with error_context(f"message {position}: ",
+                                   f"; the {position} message(s) before it are stored"):
                     with self._call_scope(grpc_deadline(context), bool(request.image)):
                         item = self._new_exemplar(request, gallery)
                     if isinstance(item, int):
                         ids.append(item)
                         continue
                     outcome = gallery.add_exemplar(item, refresh=False)
-                except (InvalidRequestError, ImageDecodeError) as exc:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"message {position}: {message_of(exc)}; the {position} "
-                                  "message(s) before it are stored")
-                except UnknownSpeciesError as exc:
-                    context.abort(grpc.StatusCode.NOT_FOUND, f"message {position}: {exc}")
-                except GalleryError as exc:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"message {position}: {exc}")
-                except tuple(EMBED_ERRORS) as exc:
-                    context.abort(status_for(exc), f"message {position}: {message_of(exc)}")
                 ids.append(outcome.exemplar_id)
                 if outcome.created and outcome.species not in touched:
                     touched.append(outcome.species)
@@ -196,15 +171,11 @@ class CurationServicer:
 
     def RemoveExemplars(self, request: pb.RemoveExemplarsRequest,
                         context: grpc.ServicerContext):
-        gallery = self._gallery(context)
+        gallery = self._gallery()
         if not request.exemplar_ids:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exemplar_ids is empty")
-        try:
+            raise InvalidRequestError("exemplar_ids is empty")
+        with error_context(suffix="; nothing was removed"):
             outcome = gallery.remove(list(request.exemplar_ids))
-        except UnknownExemplarError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{exc}; nothing was removed")
-        except GalleryError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return pb.RemoveExemplarsResponse(
             removed_count=outcome.removed_count,
             species_updated=outcome.species_updated,
@@ -212,16 +183,12 @@ class CurationServicer:
         )
 
     def ListExemplars(self, request: pb.ListExemplarsRequest, context: grpc.ServicerContext):
-        gallery = self._gallery(context)
+        gallery = self._gallery()
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"page_size must be in [0, {MAX_PAGE_SIZE}] (0 = "
-                          f"{DEFAULT_PAGE_SIZE}), got {request.page_size}")
-        try:
-            after = decode_page_token(request.page_token)
-        except InvalidRequestError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        species = self._species_filter(request.species, "", context)
+            raise InvalidRequestError(f"page_size must be in [0, {MAX_PAGE_SIZE}] (0 = "
+                                      f"{DEFAULT_PAGE_SIZE}), got {request.page_size}")
+        after = decode_page_token(request.page_token)
+        species = self._species_filter(request.species, "")
         size = request.page_size or DEFAULT_PAGE_SIZE
         rows, total = gallery.list_exemplars(species, after, size + 1,
                                              request.include_thumbnails)
@@ -234,32 +201,24 @@ class CurationServicer:
         )
 
     def SearchSimilar(self, request: pb.SearchSimilarRequest, context: grpc.ServicerContext):
-        gallery = self._gallery(context)
+        gallery = self._gallery()
         given = [bool(request.image), len(request.embedding) > 0, request.exemplar_id != 0]
         if sum(given) != 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "set exactly one of image, embedding or exemplar_id")
+            raise InvalidRequestError("set exactly one of image, embedding or exemplar_id")
         if request.k < 0 or request.k > MAX_K:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"k must be in [0, {MAX_K}] (0 = {DEFAULT_K}), got {request.k}")
-        species = self._species_filter(request.species, request.taxon, context)
+            raise InvalidRequestError(
+                f"k must be in [0, {MAX_K}] (0 = {DEFAULT_K}), got {request.k}")
+        species = self._species_filter(request.species, request.taxon)
         ident = self.state.identifier
         exclude: list[int] = []
-        try:
-            if request.exemplar_id:
-                query = gallery.embedding_of(request.exemplar_id)
-                exclude = [request.exemplar_id]  # "more like this one", not itself
-            elif request.image:
-                with self._call_scope(grpc_deadline(context), True):
-                    query = ident.embed_images([request.image])[0][0]
-            else:
-                query = ident.check_embedding(request.embedding)
-        except UnknownExemplarError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except (InvalidRequestError, ImageDecodeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message_of(exc))
-        except tuple(EMBED_ERRORS) as exc:
-            context.abort(status_for(exc), message_of(exc))
+        if request.exemplar_id:
+            query = gallery.embedding_of(request.exemplar_id)
+            exclude = [request.exemplar_id]  # "more like this one", not itself
+        elif request.image:
+            with self._call_scope(grpc_deadline(context), True):
+                query = ident.embed_images([request.image])[0][0]
+        else:
+            query = ident.check_embedding(request.embedding)
         if species is not None and not species:
             return pb.SearchSimilarResponse()
         hits = gallery.search(query[None, :], request.k or DEFAULT_K, species,
@@ -267,43 +226,20 @@ class CurationServicer:
         return pb.SearchSimilarResponse(results=[similar_message(h) for h in hits])
 
     def AddSpecies(self, request: pb.AddSpeciesRequest, context: grpc.ServicerContext):
-        gallery = self._gallery(context)
-        try:
-            record = _species_record(request)
-        except InvalidRequestError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        gallery = self._gallery()
+        record = _species_record(request)
         if gallery.knows(record.scientific_name):
-            context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                          f"species {record.scientific_name!r} already exists (see GetSpecies)")
+            raise SpeciesExistsError(
+                f"species {record.scientific_name!r} already exists (see GetSpecies)")
         if not request.taxonomy.lineage:
-            record = self._gbif_enriched(record, context)
-        try:
-            gallery.add_species(record)
-        except SpeciesExistsError as exc:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except GalleryError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            # GbifUnavailableError: UNAVAILABLE; GbifError: FAILED_PRECONDITION.
+            lookup = lookup_for_config(self.state.config, record.scientific_name,
+                                       grpc_deadline(context))
+            if lookup is not None:
+                record = apply_lookup(record, lookup)
+        gallery.add_species(record)
         self._save_overlay(record)
         return self._species(record.scientific_name)
-
-    def _gbif_enriched(self, record: SpeciesRecord,
-                       context: grpc.ServicerContext) -> SpeciesRecord:
-        from biolit_id.server.gbif import (
-            GbifError,
-            GbifUnavailableError,
-            apply_lookup,
-            lookup_for_config,
-        )
-
-        try:
-            lookup = lookup_for_config(self.state.config, record.scientific_name)
-        except GbifUnavailableError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"GBIF look-up failed ({exc}); retry, or send the taxonomy")
-        except GbifError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"GBIF answered unexpectedly ({exc}); send the taxonomy")
-        return record if lookup is None else apply_lookup(record, lookup)
 
     def _save_overlay(self, record: SpeciesRecord) -> None:
         """Also in the catalog overlay, so offline tools (enrich) see the species.
@@ -311,14 +247,10 @@ class CurationServicer:
         The gallery's SQLite row is what guarantees the species survives a
         restart; the overlay is a convenience copy that ``enrich`` may improve.
         """
-        import logging
-
-        from biolit_id.server.catalog_store import save_records
-
         try:
             save_records(self.state.config.data_dir, [record], self.state.catalog.version)
         except OSError:
-            logging.getLogger(__name__).exception("catalog overlay not updated")
+            log.exception("catalog overlay not updated")
 
 
 def _species_record(request: pb.AddSpeciesRequest) -> SpeciesRecord:

@@ -1,39 +1,174 @@
-"""Which gRPC status each pipeline error becomes, in one table.
+"""Which gRPC status each error becomes: one table, applied by one interceptor.
 
-The servicer and the curation RPCs share it so the same failure never gets
-two different codes depending on which RPC met it.
+Servicers raise; ``ErrorInterceptor`` turns what they raise into the status of
+the first matching row, so the same failure never gets two codes depending on
+which RPC met it. ``error_context`` adds where it happened ("message 3: ...")
+without changing the code. IdentifyStream reports an item's error inside its
+response with the same table (``status_for``/``message_of``).
+Unlisted exceptions are bugs: they pass through and gRPC reports UNKNOWN.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import grpc
 
+from biolit_id.index.gallery_base import (
+    GalleryError,
+    SpeciesExistsError,
+    UnknownExemplarError,
+    UnknownSpeciesError,
+)
 from biolit_id.server.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from biolit_id.server.catalog import UnknownTaxonError
+from biolit_id.server.gbif_http import GbifError, GbifUnavailableError
+from biolit_id.server.observability import wrap_handler
 from biolit_id.server.pipeline import InvalidRequestError
 from biolit_id.server.preprocess import ImageDecodeError
 
-# Errors a client caused: INVALID_ARGUMENT with the error's own message.
-CLIENT_ERRORS = (InvalidRequestError, ImageDecodeError, UnknownTaxonError)
-# The model's queue is full, the deadline passed, or the server is stopping:
-# the photo was not processed and the call can be retried.
-EMBED_ERRORS: dict[type[Exception], grpc.StatusCode] = {
-    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    BatcherClosedError: grpc.StatusCode.UNAVAILABLE,
-}
-HANDLED_ERRORS = (*CLIENT_ERRORS, *EMBED_ERRORS)
+log = logging.getLogger(__name__)
+Code = grpc.StatusCode
 
 
-def status_for(exc: Exception) -> grpc.StatusCode:
-    if isinstance(exc, CLIENT_ERRORS):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return next(code for cls, code in EMBED_ERRORS.items() if isinstance(exc, cls))
+class NotFoundError(LookupError):
+    """A name or id the request refers to does not exist (its message says which)."""
 
 
-def message_of(exc: Exception) -> str:
+class NoGalleryError(RuntimeError):
+    """A curation RPC on a server started without a gallery."""
+
+    def __init__(self) -> None:
+        super().__init__("this server runs without a gallery")
+
+
+class ContextualError(Exception):
+    """A mapped error plus where it happened; reported with the cause's code."""
+
+    def __init__(self, cause: BaseException, prefix: str = "", suffix: str = "") -> None:
+        super().__init__(cause)
+        self.cause, self.prefix, self.suffix = cause, prefix, suffix
+
+
+def message_of(exc: BaseException) -> str:
     """The error's own sentence (KeyError's str() would add quotes)."""
-    if isinstance(exc, MemoryError):
-        return "the server is out of memory for this photo; retry later"
     return str(exc.args[0]) if exc.args else str(exc)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC from a file write, or SQLite's SQLITE_FULL (its own write met ENOSPC)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+            "database or disk is full" in str(exc))
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+DISK_FULL_MESSAGE = ("the server's disk is full: this photo was not stored; free space on "
+                     "the data directory and retry")
+
+
+@dataclass(frozen=True)
+class Rule:
+    errors: tuple[type[BaseException], ...]
+    code: grpc.StatusCode
+    message: Callable[[BaseException], str] = message_of
+    when: Callable[[BaseException], bool] | None = None  # only errors it accepts
+
+    def matches(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.errors) and (self.when is None or self.when(exc))
+
+
+# First match wins: subclasses before their bases.
+TABLE: tuple[Rule, ...] = (
+    # The client's request is wrong; the message says which field.
+    Rule((InvalidRequestError, ImageDecodeError), Code.INVALID_ARGUMENT),
+    Rule((UnknownSpeciesError, UnknownExemplarError, NotFoundError), Code.NOT_FOUND),
+    Rule((UnknownTaxonError,), Code.NOT_FOUND, lambda e: f"unknown taxon {message_of(e)!r}"),
+    Rule((SpeciesExistsError,), Code.ALREADY_EXISTS),
+    Rule((NoGalleryError,), Code.UNIMPLEMENTED),
+    # Nothing was done and the call can be retried.
+    Rule((GbifUnavailableError,), Code.UNAVAILABLE,
+         lambda e: f"GBIF look-up failed ({e}); retry, or send the taxonomy"),
+    Rule((GbifError,), Code.FAILED_PRECONDITION,
+         lambda e: f"GBIF answered unexpectedly ({e}); send the taxonomy"),
+    Rule((GalleryError,), Code.UNAVAILABLE),
+    Rule((QueueFullError,), Code.RESOURCE_EXHAUSTED),
+    Rule((MemoryError,), Code.RESOURCE_EXHAUSTED,
+         lambda e: "the server is out of memory for this photo; retry later"),
+    Rule((DeadlineExceededError,), Code.DEADLINE_EXCEEDED),
+    Rule((BatcherClosedError,), Code.UNAVAILABLE),
+    # Writes refused by a full disk: nothing of this request was kept; retry once freed.
+    Rule((sqlite3.OperationalError, OSError), Code.RESOURCE_EXHAUSTED,
+         lambda e: DISK_FULL_MESSAGE, when=disk_full),
+)
+HANDLED_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for rule in TABLE for cls in rule.errors
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """(code, message) for a mapped error, None for one the table does not know."""
+    if isinstance(exc, ContextualError):
+        inner = status_of(exc.cause)
+        return None if inner is None else (inner[0], f"{exc.prefix}{inner[1]}{exc.suffix}")
+    for rule in TABLE:
+        if rule.matches(exc):
+            return rule.code, rule.message(exc)
+    return None
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    found = status_of(exc)
+    if found is None:
+        raise TypeError(f"{type(exc).__name__} is not in the error table") from exc
+    return found[0]
+
+
+@contextlib.contextmanager
+def error_context(prefix: str = "", suffix: str = "") -> Iterator[None]:
+    """Mapped errors raised inside get ``prefix``/``suffix`` around their message."""
+    try:
+        yield
+    except HANDLED_ERRORS as exc:
+        if status_of(exc) is None:  # e.g. an OSError that is not ENOSPC: a bug, as it is
+            raise
+        raise ContextualError(exc, prefix, suffix) from exc
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    found = status_of(exc)
+    if found is None:
+        raise exc
+    context.abort(*found)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Innermost interceptor: every servicer's mapped errors become their status."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        def wrap_unary(behavior):
+            def mapped(request, context):
+                try:
+                    return behavior(request, context)
+                except (*HANDLED_ERRORS, ContextualError) as exc:
+                    _abort(context, exc)
+            return mapped
+
+        def wrap_streaming(behavior):
+            def mapped(request, context):
+                try:
+                    yield from behavior(request, context)
+                except (*HANDLED_ERRORS, ContextualError) as exc:
+                    _abort(context, exc)
+            return mapped
+
+        return wrap_handler(handler, wrap_unary, wrap_streaming)

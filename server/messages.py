@@ -47,11 +47,8 @@ def similar_message(hit: SimilarHit) -> pb.SimilarExemplar:
         exemplar_id=hit.exemplar_id,
         species=hit.species,
         score=hit.score,
-        source_uri=hit.source_uri,
         thumbnail=hit.thumbnail,
-        license=hit.license,
-        contributor=hit.contributor,
-        observation_id=hit.observation_id,
+        **hit.meta_dict(),
     )
 
 

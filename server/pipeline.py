@@ -16,11 +16,16 @@ import numpy as np
 from biolit_id.core.types import PrototypeSet, SimilarHit
 from biolit_id.core.vectors import l2_normalize
 from biolit_id.server.catalog import Catalog, SpeciesRecord, UnknownTaxonError
-from biolit_id.server.embedder import Embedder
+from biolit_id.server.embedders.base import Embedder
 from biolit_id.server.preprocess import ImagePolicy, preprocess
 from biolit_id.server.routing import Method
-from biolit_id.server.scoring import HybridScorer, Scores, ZeroShotScorer
-from biolit_id.server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
+from biolit_id.server.scoring import NeighbourFn, Scorer, Scores
+from biolit_id.server.taxonomy import (
+    RankAnswer,
+    answer_rank,
+    rank_confidences,
+    taxon_fallback,
+)
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000
@@ -63,11 +68,12 @@ class Identifier:
         self,
         catalog: Catalog,
         embedder: Embedder,
-        scorer: HybridScorer | ZeroShotScorer,
+        scorer: Scorer,
         prototypes: Callable[[], PrototypeSet],
         policy: ImagePolicy,
         similar_search: SimilarSearch | None = None,
         embed_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+        neighbours: NeighbourFn | None = None,
     ) -> None:
         self.catalog = catalog
         self.embedder = embedder
@@ -77,6 +83,8 @@ class Identifier:
         self.similar_search = similar_search
         # The micro-batcher, when there is one, replaces direct embedder calls.
         self.embed_fn = embed_fn or embedder.embed
+        # Nearest reference photos per species, for scorers that use them (routing fused).
+        self.neighbours = neighbours
 
     @property
     def embedding_dim(self) -> int:
@@ -167,7 +175,7 @@ class Identifier:
         for row, opts in zip(embeddings, options, strict=True):
             t0 = time.perf_counter()
             allowed = self.allowed_mask(protos, opts.restrict_to)
-            scores = self.scorer.score(row[None, :], protos, allowed)
+            scores = self.scorer.score(row[None, :], protos, allowed, self.neighbours)
             result = self._explain(scores, protos, opts)
             t1 = time.perf_counter()
             if opts.num_similar and self.similar_search is not None:
@@ -209,7 +217,7 @@ class Identifier:
         result.rank_confidences = rank_confidences(scores, protos.names, self.catalog)
         if idx >= 0:
             result.record = self.catalog.get(result.species)
-            result.rank = result.record.rank if result.record else "species"
+            result.rank = answer_rank(result.record)
             result.taxon = result.species
             return result
         fallback = taxon_fallback(result.rank_confidences, self.scorer.bundle)

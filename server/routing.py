@@ -1,10 +1,11 @@
-"""Calibrated routing: accept the head, fall back to prototypes, or say "don't know".
+"""Decision rules, as pure vectorised numpy shared by the service and the tools.
 
-This is the decision rule of the BioLit seed (``REFERENCE.md``, "Routing"),
-kept as pure, vectorised numpy so that the service, the evaluation tools and
-the parity test all run the very same code. Species indices are global
-(catalog/bundle order); the head's classes map onto them via
-``common_to_global``.
+``route_hybrid`` is the BioLit seed's cascade (``REFERENCE.md``, "Routing",
+bundles with ``routing: seed``), kept bit-exact so imported seed bundles
+decide as the seed did. ``route_fused`` is the rule of ``routing: fused``
+bundles: one calibrated distribution over every species, one cut on the
+answer's probability. Species indices are global (prototype-set order); the
+head's classes map onto them via ``common_to_global``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Method(enum.IntEnum):
     ZERO_SHOT = 4
     REJECTED = 5
     TAXON = 6
+    FUSED = 7
 
 
 # The seed's CSV spelling of each method (REFERENCE.md), one-to-one.
@@ -34,6 +36,7 @@ SEED_METHOD_NAMES: dict[Method, str] = {
     Method.REJECTED: "rejected",
     Method.ZERO_SHOT: "zero_shot",
     Method.TAXON: "taxon",
+    Method.FUSED: "fused",
 }
 
 # Zero-shot reject threshold on the text-prototype softmax (see README: it is
@@ -48,6 +51,8 @@ class Thresholds:
     classifier_low: float = 0.40  # seed's seuil_proto, reused for the low band
     prototype: float = 0.40  # seed's seuil_proto
     zero_shot: float = DEFAULT_ZERO_SHOT_THRESHOLD
+    # routing: fused — the cut on the answer's probability (calibrate fits it).
+    answer: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,23 @@ def route_hybrid(
         rule1 | rule3, c_max, np.where(rule2, p_max, np.maximum(c_max, p_max))
     )
     return Routed(method=method, species=species, confidence=confidence)
+
+
+def route_fused(distribution: np.ndarray, thresholds: Thresholds) -> Routed:
+    """Answer the most probable species when its probability passes ``thresholds.answer``.
+
+    The confidence is that probability whether or not it passes, so a single
+    cut on it sweeps the whole risk-coverage curve.
+    """
+    dist = np.asarray(distribution, dtype=np.float64)
+    n = len(dist)
+    if dist.shape[1] == 0:
+        return Routed(np.full(n, int(Method.REJECTED)), np.full(n, -1), np.zeros(n))
+    idx = dist.argmax(axis=1)
+    top = dist[np.arange(n), idx]
+    accepted = (top >= thresholds.answer) & (top > 0)
+    method = np.where(accepted, int(Method.FUSED), int(Method.REJECTED))
+    return Routed(method=method, species=np.where(accepted, idx, -1), confidence=top)
 
 
 def route_zero_shot(p_text: np.ndarray, thresholds: Thresholds) -> Routed:

@@ -1,17 +1,24 @@
-"""Scores for a batch of embeddings: head softmax and prototype softmax.
+"""Scores for a batch of embeddings: the components, the decision and its distribution.
 
 ``REFERENCE.md``, "Scoring": ``p_common = softmax(MLP(f))`` over the head's
 common species, ``p_proto = softmax(T * whiten(f) @ prototypes.T)`` over all
 species. Without a bundle (zero-shot) the prototypes are the catalog's text
 embeddings in the raw 512-d space and ``T`` is CLIP's logit scale.
 
+Every scorer also returns ``distribution``: the one species distribution its
+decision stands on (rank answers sum it over the lineage). Here: the seed's
+routing-consistent mixture and the zero-shot text softmax; ``server.fused``
+adds the fused distribution of ``routing: fused`` bundles.
+
 ``allowed`` restricts a request to some species: disallowed species get
--inf logits, so both softmaxes renormalise over the allowed ones only.
+-inf logits, so every softmax renormalises over the allowed ones only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -24,12 +31,17 @@ from biolit_id.server.routing import (
     Thresholds,
     route_hybrid,
     route_zero_shot,
+    routed_distribution,
 )
 
 ZERO_SHOT_ALPHA = 0.8
 """The seed's alpha. Zero-shot has no trained visual prototypes: the gallery uses it
 to fuse the visual prototypes of species that got reference photos,
 ``normalize(alpha * visual + (1 - alpha) * text)``, as a bundle uses its own alpha."""
+
+# (queries in the prototype space [B, P], species names) -> [B, n] similarity of each
+# query to that species' nearest reference photos, NaN where it has none (server.fused).
+NeighbourFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,27 @@ class Scores:
     p_proto: np.ndarray  # [B, S] over PrototypeSet.names
     common_to_global: np.ndarray  # [C] head class -> row of PrototypeSet
     routed: Routed
+    distribution: np.ndarray  # [B, S] the decision's species distribution
+
+
+class Scorer(Protocol):
+    """What the pipeline, the gallery and the tools need of a decision rule."""
+
+    mode: str
+    bundle: Bundle | None
+    thresholds: Thresholds
+    temperature: float
+    alpha: float
+
+    def to_prototype_space(self, embeddings: np.ndarray) -> np.ndarray: ...
+
+    def score(self, embeddings: np.ndarray, protos: PrototypeSet,
+              allowed: np.ndarray | None = None,
+              neighbours: NeighbourFn | None = None) -> Scores: ...
+
+    def decide(self, scores: Scores, thresholds: Thresholds) -> Scores:
+        """The same scores decided under other thresholds (calibration searches with it)."""
+        ...
 
 
 def masked_softmax(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
@@ -68,7 +101,8 @@ class ZeroShotScorer:
         return np.asarray(embeddings, dtype=np.float32)
 
     def score(self, embeddings: np.ndarray, protos: PrototypeSet,
-              allowed: np.ndarray | None = None) -> Scores:
+              allowed: np.ndarray | None = None,
+              neighbours: NeighbourFn | None = None) -> Scores:
         sims = self.to_prototype_space(embeddings) @ protos.vectors.T
         p_proto = masked_softmax(self.logit_scale * sims, allowed)
         routed = route_zero_shot(p_proto, self.thresholds)
@@ -77,11 +111,37 @@ class ZeroShotScorer:
             p_proto=p_proto,
             common_to_global=np.zeros(0, dtype=np.int64),
             routed=routed,
+            distribution=p_proto,
         )
+
+    def decide(self, scores: Scores, thresholds: Thresholds) -> Scores:
+        return replace(scores, routed=route_zero_shot(scores.p_proto, thresholds))
+
+
+class HeadMapping:
+    """Head class -> live prototype row, cached on the (immutable) names tuple."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self._cache: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    def __call__(self, protos: PrototypeSet) -> np.ndarray:
+        cached = self._cache
+        if cached is not None and cached[0] is protos.names:
+            return cached[1]
+        mapping = self.bundle.common_to_global(protos.names)
+        self._cache = (protos.names, mapping)
+        return mapping
+
+
+def build_head(bundle: Bundle) -> Head | None:
+    if not bundle.common:
+        return None
+    return Head(bundle.head_state, bundle.embedding_dim, len(bundle.common), bundle.head_config)
 
 
 class HybridScorer:
-    """The seed's hybrid: MLP head for common species, fused prototypes for all."""
+    """``routing: seed``: MLP head for common species, fused prototypes for all, the cascade."""
 
     mode = "hybrid"
 
@@ -90,26 +150,15 @@ class HybridScorer:
         self.thresholds = bundle.thresholds
         self.temperature = bundle.temperature
         self.alpha = bundle.alpha
-        self.head = (
-            Head(bundle.head_state, bundle.embedding_dim, len(bundle.common), bundle.head_config)
-            if bundle.common
-            else None
-        )
-        self._mapping_cache: tuple[tuple[str, ...], np.ndarray] | None = None
+        self.head = build_head(bundle)
+        self._common_to_global = HeadMapping(bundle)
 
     def to_prototype_space(self, embeddings: np.ndarray) -> np.ndarray:
         return self.bundle.whiten(embeddings)
 
-    def _common_to_global(self, protos: PrototypeSet) -> np.ndarray:
-        cached = self._mapping_cache
-        if cached is not None and cached[0] is protos.names:
-            return cached[1]
-        mapping = self.bundle.common_to_global(protos.names)
-        self._mapping_cache = (protos.names, mapping)
-        return mapping
-
     def score(self, embeddings: np.ndarray, protos: PrototypeSet,
-              allowed: np.ndarray | None = None) -> Scores:
+              allowed: np.ndarray | None = None,
+              neighbours: NeighbourFn | None = None) -> Scores:
         c2g = self._common_to_global(protos)
         if self.head is not None:
             allowed_common = None if allowed is None else allowed[c2g]
@@ -121,4 +170,11 @@ class HybridScorer:
         )
         p_proto = masked_softmax(self.temperature * sims, allowed)
         routed = route_hybrid(p_common, p_proto, c2g, self.thresholds)
-        return Scores(p_common=p_common, p_proto=p_proto, common_to_global=c2g, routed=routed)
+        return Scores(p_common=p_common, p_proto=p_proto, common_to_global=c2g, routed=routed,
+                      distribution=routed_distribution(routed.method, p_common, p_proto, c2g))
+
+    def decide(self, scores: Scores, thresholds: Thresholds) -> Scores:
+        routed = route_hybrid(scores.p_common, scores.p_proto, scores.common_to_global,
+                              thresholds)
+        return replace(scores, routed=routed, distribution=routed_distribution(
+            routed.method, scores.p_common, scores.p_proto, scores.common_to_global))

@@ -10,10 +10,16 @@ import grpc
 
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
-from biolit_id.server.batcher import current_queue_ms, deadline_scope, grpc_deadline, read_ahead
-from biolit_id.server.catalog import Catalog, UnknownTaxonError
+from biolit_id.server.batcher import (
+    DeadlineExceededError,
+    current_queue_ms,
+    deadline_scope,
+    grpc_deadline,
+    read_ahead,
+)
+from biolit_id.server.catalog import Catalog
 from biolit_id.server.curation import CurationServicer
-from biolit_id.server.errors import HANDLED_ERRORS, message_of, status_for
+from biolit_id.server.errors import NotFoundError, status_of
 from biolit_id.server.limits import check_request, deadline_passed
 from biolit_id.server.messages import identify_response, species_message
 from biolit_id.server.pipeline import Identification, InvalidRequestError
@@ -66,11 +72,8 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         return identify_response(result, self.state.versions(), request.request_id)
 
     def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext):
-        try:
-            with self._call_scope(grpc_deadline(context), bool(request.image)):
-                result = self._identify_one(request)
-        except HANDLED_ERRORS as exc:
-            context.abort(status_for(exc), message_of(exc))
+        with self._call_scope(grpc_deadline(context), bool(request.image)):
+            result = self._identify_one(request)
         return self._respond(request, result)
 
     def IdentifyStream(self, request_iterator: Iterator[pb.IdentifyRequest],
@@ -87,18 +90,19 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         window = cfg.stream_read_ahead or cfg.max_batch_size
         for response in read_ahead(request_iterator, answer, window):
             if deadline_passed(context):  # the client has given up: do no more work
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "stream deadline passed")
+                raise DeadlineExceededError("stream deadline passed")
             yield response
 
     def _stream_item(self, request: pb.IdentifyRequest) -> pb.IdentifyResponse:
         """One stream item; its errors are reported in its response, not the stream's."""
         try:
             return self._respond(request, self._identify_one(request))
-        except HANDLED_ERRORS as exc:
-            code, message = status_for(exc), message_of(exc)
-        except Exception:  # a bug must cost one item, not the whole stream
-            log.exception("IdentifyStream item %r failed", request.request_id)
-            code, message = grpc.StatusCode.INTERNAL, "internal error on this item"
+        except Exception as exc:
+            found = status_of(exc)  # the table every RPC's errors go through
+            if found is None:  # a bug must cost one item, not the whole stream
+                log.exception("IdentifyStream item %r failed", request.request_id)
+                found = grpc.StatusCode.INTERNAL, "internal error on this item"
+            code, message = found
         return pb.IdentifyResponse(
             request_id=request.request_id,
             error=pb.ItemError(code=code.value[0], message=message),
@@ -124,10 +128,7 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         catalog: Catalog = self.state.catalog
         names = catalog.names()
         if request.taxon:
-            try:
-                wanted = set(catalog.species_under(request.taxon))
-            except UnknownTaxonError:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown taxon {request.taxon!r}")
+            wanted = set(catalog.species_under(request.taxon))  # UnknownTaxonError: NOT_FOUND
             names = [n for n in names if n in wanted]
         gallery = self.state.gallery
         counts = gallery.exemplar_counts() if gallery is not None else {}
@@ -135,10 +136,8 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
 
     def GetSpecies(self, request: pb.GetSpeciesRequest, context: grpc.ServicerContext):
         if request.scientific_name not in self.state.catalog:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"species {request.scientific_name!r} is not in the catalog (see ListSpecies)",
-            )
+            raise NotFoundError(
+                f"species {request.scientific_name!r} is not in the catalog (see ListSpecies)")
         return self._species(request.scientific_name)
 
     def GetServiceInfo(self, request: pb.GetServiceInfoRequest, context: grpc.ServicerContext):
@@ -172,6 +171,7 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
                 zero_shot=th.zero_shot,
                 temperature=scorer.temperature,
                 alpha=scorer.alpha,
+                answer=th.answer,
             ),
             limits=pb.Limits(
                 max_message_bytes=cfg.max_message_bytes,

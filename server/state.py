@@ -16,13 +16,16 @@ from biolit_id.server.bundle import Bundle, load_bundle
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.catalog_store import load_catalog
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.embedder import Embedder
+from biolit_id.server.embedders.auto import build_embedder
+from biolit_id.server.embedders.base import Embedder
+from biolit_id.server.embedders.threads import configure_threads
 from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.model_loader import LoadedModel, load_model
 from biolit_id.server.pipeline import Identifier
 from biolit_id.server.preprocess import ImagePolicy
-from biolit_id.server.runtimes import build_embedder, configure_threads
-from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
+from biolit_id.server.decision import scorer_for
+from biolit_id.server.fused import gallery_neighbours
+from biolit_id.server.scoring import Scorer
 from biolit_id.server.text_prototypes import TextPrototypeCache
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ class ServiceState:
     catalog: Catalog
     embedder: Embedder
     text_cache: TextPrototypeCache
-    scorer: HybridScorer | ZeroShotScorer
+    scorer: Scorer
     bundle: Bundle | None
     identifier: Identifier
     gallery: object | None = None
@@ -65,7 +68,7 @@ def policy_for(model: LoadedModel, config: ServerConfig) -> ImagePolicy:
 
 
 def initial_prototypes(
-    catalog: Catalog, scorer: HybridScorer | ZeroShotScorer, text_cache: TextPrototypeCache
+    catalog: Catalog, scorer: Scorer, text_cache: TextPrototypeCache
 ) -> PrototypeSet:
     """Zero-shot: the catalog's text prototypes. Hybrid: the bundle's fused ones."""
     bundle = scorer.bundle
@@ -89,7 +92,7 @@ def build_state(config: ServerConfig) -> ServiceState:
     bundle = None
     if config.bundle is not None:
         bundle = load_bundle(config.bundle, model.fingerprint, model.embedding_dim)
-    scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
+    scorer = scorer_for(bundle)  # the bundle's routing: seed cascade, fused...
     text_cache = TextPrototypeCache(model, config.data_dir)
     threads = configure_threads(config.model_threads, config.search_threads)
     embedder = build_embedder(model, config.runtime, config.precision, config.data_dir,
@@ -108,6 +111,7 @@ def build_state(config: ServerConfig) -> ServiceState:
         prototypes=gallery.prototypes,
         policy=policy_for(model, config),
         similar_search=gallery.similar_search,
+        neighbours=gallery_neighbours(gallery),
         embed_fn=batcher.submit,  # concurrent calls share model batches
     )
     return ServiceState(

@@ -1,11 +1,20 @@
 """Answers above species level: probability mass per taxon, and the fallback rule.
 
-When the species is rejected the photo is often certainly *a limpet*: the
-routing-consistent species distribution (REFERENCE.md, "Taxonomic
+When the species is not sure the photo is often certainly *a limpet*: the
+decision's own species distribution (``Scores.distribution``: the fused one,
+or the seed's routing-consistent mixture, REFERENCE.md "Taxonomic
 confidence") is summed per taxon at genus, family, order and class, and the
 finest rank whose mass passes its own calibrated threshold answers (the
 common-ancestor rule iNaturalist uses). Thresholds come from ``biolit-id
 calibrate``; without them there is no fallback, only an honest rejection.
+
+Species names that are groups sit where they belong in the tree. ``Patella
+sp.`` and ``Ulva spp.`` are leaves under their genus (their mass counts for
+*Patella*, *Ulva*), ``Littorina fabalis/obtusata`` a leaf under *Littorina*;
+``Magallana gigas / Ostrea edulis`` spans two genera, so it counts for the
+family Ostreidae and no genus. Answering one of these classes is a
+species-level decision (``species_group``), never a genus answer in
+disguise: a genus answer only ever comes from the genus mass.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biolit_id.server.catalog import FALLBACK_RANKS, Catalog
-from biolit_id.server.routing import routed_distribution
+from biolit_id.server.catalog import FALLBACK_RANKS, Catalog, SpeciesRecord
+
+SPECIES_LEVEL_RANKS = frozenset({"species", "subspecies", "species_group"})
 
 
 @dataclass(frozen=True)
@@ -29,13 +39,36 @@ class RankAnswer:
     runner_up_confidence: float = 0.0
 
 
+def taxon_of(record: SpeciesRecord | None, rank: str) -> str:
+    """The taxon a species (or species group) belongs to at ``rank``, "" when none.
+
+    A catalog entry like genus "Magallana / Ostrea" names no single taxon: a
+    group across genera belongs to no genus.
+    """
+    if record is None:
+        return ""
+    name = record.taxon_at(rank)
+    return "" if "/" in name and rank != "species" else name
+
+
+def answer_rank(record: SpeciesRecord | None) -> str:
+    """The rank a species-level answer is reported at.
+
+    A class named for an undetermined species of a genus (``Patella sp.``,
+    catalog rank "genus") is a group of species photographers cannot tell
+    apart; its genus is an answer of its own, made from the genus mass.
+    """
+    if record is None:
+        return "species"
+    return record.rank if record.rank in SPECIES_LEVEL_RANKS else "species_group"
+
+
 def taxon_masses(distribution: np.ndarray, names: Sequence[str], catalog: Catalog,
                  rank: str) -> dict[str, float]:
     """Sum of species probabilities per taxon at ``rank`` (one distribution)."""
     masses: dict[str, float] = defaultdict(float)
     for name, p in zip(names, distribution, strict=True):
-        record = catalog.get(name)
-        taxon = record.taxon_at(rank) if record else ""
+        taxon = taxon_of(catalog.get(name), rank)
         if taxon and p > 0:
             masses[taxon] += float(p)
     return masses
@@ -44,9 +77,7 @@ def taxon_masses(distribution: np.ndarray, names: Sequence[str], catalog: Catalo
 def rank_confidences(scores, names: Sequence[str], catalog: Catalog,
                      ranks: Sequence[str] = FALLBACK_RANKS) -> list[RankAnswer]:
     """Best and second-best taxon with their mass, per rank, for a single row."""
-    dist = routed_distribution(
-        scores.routed.method, scores.p_common, scores.p_proto, scores.common_to_global
-    )[0]
+    dist = scores.distribution[0]
     answers = []
     for rank in ranks:
         ranked = sorted(taxon_masses(dist, names, catalog, rank).items(), key=lambda kv: -kv[1])
@@ -67,3 +98,8 @@ def taxon_fallback(answers: Sequence[RankAnswer], bundle) -> RankAnswer | None:
         if answer is not None and threshold is not None and answer.confidence >= threshold:
             return answer
     return None
+
+
+def taxon_contains(rank: str, taxon: str, species: str, catalog: Catalog) -> bool:
+    """Whether the answered taxon contains the true species (a rank answer is right)."""
+    return bool(taxon) and taxon_of(catalog.get(species), rank) == taxon

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from biolit_id.core.atomic import atomic_open
 from biolit_id.server.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,6 @@ class TextPrototypeCache:
         if self._path is None:
             return
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        # One temp name per process and thread: serve and offline tools may share it.
-        tmp = self._path.with_name(
-            f"{self._path.stem}.{os.getpid()}-{threading.get_ident()}.tmp.npz"
-        )
         keys = np.array(sorted(self._vectors))
-        np.savez(tmp, keys=keys, vectors=np.stack([self._vectors[k] for k in keys]))
-        os.replace(tmp, self._path)
+        with atomic_open(self._path) as f:
+            np.savez(f, keys=keys, vectors=np.stack([self._vectors[k] for k in keys]))

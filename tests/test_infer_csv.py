@@ -165,7 +165,7 @@ def test_an_answer_above_species_level_keeps_the_seed_columns_meaning(
     """Two near-identical limpet prototypes around a.jpg's embedding: the species mass
     splits, the genus passes its threshold: the service answers METHOD_TAXON Patella."""
     from biolit_id.server.config import ServerConfig
-    from biolit_id.server.embedder import TorchEmbedder
+    from biolit_id.server.embedders.eager import TorchEmbedder
     from biolit_id.server.preprocess import preprocess
     from biolit_id.server.state import policy_for
 

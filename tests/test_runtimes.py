@@ -14,19 +14,18 @@ import pytest
 
 from biolit_id.cli.cli import main as cli_main
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.embedder import make_embedder
-from biolit_id.server.runtimes import (
-    RuntimeUnavailableError,
-    artifact_root,
-    build_embedder,
+from biolit_id.server.embedders.auto import build_embedder, resolve_auto
+from biolit_id.server.embedders.base import RuntimeUnavailableError
+from biolit_id.server.embedders.calibration import (
     calibration_pixels,
     calibration_tag,
-    configure_threads,
-    cpu_has_bf16,
-    fidelity,
-    resolve_auto,
     synthetic_photos,
 )
+from biolit_id.server.embedders.export import artifact_root
+from biolit_id.server.embedders.factory import make_embedder
+from biolit_id.server.embedders.gate import fidelity
+from biolit_id.server.embedders.hardware import cpu_has_bf16
+from biolit_id.server.embedders.threads import configure_threads
 from conftest import stub_for
 
 pytest.importorskip("onnxruntime", reason="install biolit-id[onnx] for the ONNX runtime")

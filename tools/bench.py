@@ -98,7 +98,8 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 def machine() -> dict:
     import os
 
-    from biolit_id.server.runtimes import available_cores, cpu_has_bf16, cpu_identity
+    from biolit_id.server.embedders.hardware import cpu_has_bf16, cpu_identity
+    from biolit_id.server.embedders.threads import available_cores
 
     try:
         load = list(os.getloadavg())
@@ -113,9 +114,9 @@ def machine() -> dict:
 
 def bench_decode(loaded, photos: list[bytes], repeats: int) -> dict:
     """Full vs draft-mode decode, and what the fast path does to embeddings."""
-    from biolit_id.server.embedder import TorchEmbedder
+    from biolit_id.server.embedders.eager import TorchEmbedder
+    from biolit_id.server.embedders.gate import cosine_rows
     from biolit_id.server.preprocess import ImagePolicy, preprocess
-    from biolit_id.server.runtimes import cosine_rows
 
     base = dict(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
     full = ImagePolicy(**base, fast_decode=False)
@@ -137,7 +138,7 @@ def bench_decode(loaded, photos: list[bytes], repeats: int) -> dict:
 
 def bench_seed_path(loaded, photos: list[bytes], repeats: int) -> dict:
     """Eager fp32, full decode, one photo at a time in a Python loop."""
-    from biolit_id.server.embedder import TorchEmbedder
+    from biolit_id.server.embedders.eager import TorchEmbedder
     from biolit_id.server.preprocess import ImagePolicy, preprocess
 
     policy = ImagePolicy(image_size=loaded.image_size, mean=loaded.mean, std=loaded.std,
@@ -167,13 +168,9 @@ def bench_seed_path(loaded, photos: list[bytes], repeats: int) -> dict:
 def bench_forward(loaded, pairs: list[tuple[str, str]], cache_dir: Path, pixels: np.ndarray,
                   repeats: int, batch: int, single_runs: int) -> list[dict]:
     """The image tower alone, per runtime and precision."""
-    from biolit_id.server.runtimes import (
-        GATE_COSINE,
-        RuntimeUnavailableError,
-        build_embedder,
-        embed_batched,
-        fidelity,
-    )
+    from biolit_id.server.embedders.auto import build_embedder
+    from biolit_id.server.embedders.base import RuntimeUnavailableError
+    from biolit_id.server.embedders.gate import GATE_COSINE, embed_batched, fidelity
 
     reference = None
     results = []
@@ -296,7 +293,8 @@ def start_bench_server(spec: str, data_dir: Path, runtime: str, precision: str,
 
 def auto_record(loaded, data_dir: Path, runtime: str, precision: str) -> dict | None:
     """The gates and per-runtime timings behind an ``auto`` choice (None if not made)."""
-    from biolit_id.server.runtimes import artifact_root, calibration_tag
+    from biolit_id.server.embedders.calibration import calibration_tag
+    from biolit_id.server.embedders.export import artifact_root
 
     path = artifact_root(loaded, data_dir) / (
         f"auto-{runtime}-{precision}-{calibration_tag(None)}.json")
@@ -613,8 +611,9 @@ def quick_settings(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from biolit_id.server.config import ServerConfig
+    from biolit_id.server.embedders.calibration import calibration_pixels, synthetic_photos
+    from biolit_id.server.embedders.threads import configure_threads
     from biolit_id.server.model_loader import ModelUnavailableError, load_model
-    from biolit_id.server.runtimes import calibration_pixels, configure_threads, synthetic_photos
 
     if args.report:
         results = json.loads(args.out.read_text("utf-8"))

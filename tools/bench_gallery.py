@@ -125,7 +125,7 @@ def bench_gallery_size(n: int, dim: int, n_queries: int, data: str = "clustered"
     the service's setting (single-query OpenMP teams lose on a busy 2-core box).
     """
     from biolit_id.index.faiss_index import IndexSpec, VectorIndex
-    from biolit_id.server.runtimes import resolve_threads
+    from biolit_id.server.embedders.threads import resolve_threads
 
     build_threads = resolve_threads(build_threads)
     started = time.perf_counter()

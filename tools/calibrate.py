@@ -1,19 +1,23 @@
 """``biolit-id calibrate``: fit temperatures, routing and rank thresholds on validation data.
 
 Three steps, all on the validation embeddings and all through the service's
-own scorer and routing:
+own scorer and routing (``routing`` in the bundle's manifest):
 
-1. Temperature scaling. The head's logits get a temperature (folded into its
-   last layer, so ``serve`` needs no extra code) and the prototype
-   temperature is refitted, both by NLL. ECE is reported before and after.
-2. Routing thresholds (``classifier_high``, ``classifier_low``,
-   ``prototype``) by search: ``--coverage C`` minimises the error rate among
+1. Temperatures. ``routing: fused``: the fusion weights of the head-side
+   terms (their scale is the distribution's temperature) are refitted by
+   NLL. ``routing: seed``: the head's logits get a temperature (folded into
+   its last layer, so ``serve`` needs no extra code) and the prototype
+   temperature is refitted. ECE is reported before and after.
+2. The answer cut. Fused: one threshold on the answer's probability.
+   Seed: the cascade's ``classifier_high``, ``classifier_low`` and
+   ``prototype`` by search. ``--coverage C`` minimises the error rate among
    answers subject to answering at least C of the photos; ``--max-risk R``
    answers as many photos as possible with an error rate at most R.
 3. Rank thresholds (genus, family, order, class) for the photos still
-   rejected: per rank, finest first, the lowest taxon mass whose answers
-   reach ``--taxon-precision`` (iNaturalist's common-ancestor rule). A rank
-   with too few rejected photos to judge is left without a threshold, so it
+   rejected, from the decision's own distribution summed over the lineage:
+   per rank, finest first, the lowest taxon mass whose answers reach
+   ``--taxon-precision`` (iNaturalist's common-ancestor rule). A rank with
+   too few rejected photos to judge is left without a threshold, so it
    never answers.
 """
 
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from biolit_id.cli.datasets import DatasetError
+from biolit_id.cli.fusion_fit import HEAD_TERMS, fit_fusion
 from biolit_id.cli.metrics import (
     ScoredSet,
     ece,
@@ -42,6 +47,7 @@ from biolit_id.cli.metrics import (
 )
 from biolit_id.server.bundle import Bundle, BundleError
 from biolit_id.server.catalog import FALLBACK_RANKS, Catalog
+from biolit_id.server.fused import FusedScorer
 from biolit_id.server.routing import Thresholds
 from biolit_id.server.scoring import masked_softmax
 
@@ -175,6 +181,59 @@ def search_thresholds(scored: ScoredSet, target_coverage: float | None = None,
                         "settings_tried": len(seen)}
 
 
+def fit_fusion_weights(bundle: Bundle, embeddings: np.ndarray, scored: ScoredSet
+                       ) -> tuple[Bundle, dict]:
+    """Routing fused: refit the head-side weights (their overall scale is the temperature)
+    on this validation set; the new-species terms keep what training's simulation fitted."""
+    cos, logits, c2g, knn = scored.components
+    scorer = scored.scorer
+    weights = fit_fusion(cos, logits, c2g, scorer.log_prior, knn, scored.truth,
+                         scorer.weights, HEAD_TERMS if len(c2g) else ())
+    after = scorer.with_weights(weights).from_components(cos, logits, c2g, knn)
+    before_cal = top1_calibration(scored.distribution, scored.truth)
+    after_cal = top1_calibration(after.distribution, scored.truth)
+    fusion = {**bundle.fusion, "weights": weights.to_json()}
+    return replace(bundle, fusion=fusion), {"fused": {
+        "weights_before": scorer.weights.to_json(), "weights": weights.to_json(),
+        "ece_before": before_cal[0], "ece_after": after_cal[0],
+        "nll_before": before_cal[1], "nll_after": after_cal[1]}}
+
+
+def answer_threshold(scored: ScoredSet, target_coverage: float | None = None,
+                     max_risk: float | None = None, base: Thresholds | None = None
+                     ) -> tuple[Thresholds, dict]:
+    """Routing fused: the one cut on the answer's probability.
+
+    ``--coverage C``: the highest cut answering at least C of the photos.
+    ``--max-risk R``: the lowest cut whose answers are wrong at most R of the time
+    (cuts only fall between distinct probabilities, so ties pass or fail together).
+    """
+    if (target_coverage is None) == (max_risk is None):
+        raise ValueError("give exactly one of target_coverage and max_risk")
+    base = base or Thresholds()
+    conf = scored.routed.confidence
+    n = len(conf)
+    order = np.argsort(-conf, kind="stable")
+    sorted_conf = conf[order]
+    right = (scored.distribution.argmax(axis=1) == scored.truth)[order] if n else np.zeros(0)
+    cum_risk = np.cumsum(~right) / np.arange(1, n + 1)
+    distinct = np.append(sorted_conf[1:] < sorted_conf[:-1], True) if n else np.zeros(0, bool)
+    if target_coverage is not None:
+        k = min(n, max(1, int(np.ceil(target_coverage * n - 1e-9)))) if n else 0
+        cut = float(sorted_conf[k - 1]) if k else 1.0
+        met = k > 0
+    else:
+        ok = np.flatnonzero((cum_risk <= max_risk + 1e-12) & distinct)
+        met = len(ok) > 0
+        cut = float(sorted_conf[ok.max()]) if met else float(np.nextafter(
+            sorted_conf[0] if n else 1.0, np.inf))
+    thresholds = replace(base, answer=cut)
+    routed = scored.reroute(thresholds)
+    coverage, risk = risk_coverage(routed, scored.truth)
+    return thresholds, {"coverage": coverage, "risk": risk, "target_met": bool(met),
+                        "settings_tried": n}
+
+
 # ------------------------------------------------------------ rank thresholds
 
 
@@ -243,15 +302,21 @@ def calibrate(bundle: Bundle, embeddings: np.ndarray, species: list[str], catalo
     cov0, risk0 = risk_coverage(scored_before.routed, scored_before.truth)
     routed_ece_before = ece(scored_before.routed.confidence[scored_before.accepted],
                             scored_before.correct[scored_before.accepted])
-    report: dict = {"samples": len(species),
+    report: dict = {"samples": len(species), "routing_name": bundle.routing,
                     "before": {"coverage": cov0, "risk": risk0, "ece": routed_ece_before,
                                "thresholds": bundle.thresholds.__dict__}}
+    fused = isinstance(scored_before.scorer, FusedScorer)
     if fit_temperature:
-        bundle, report["temperature"] = fit_temperatures(bundle, embeddings, scored_before)
+        fit = fit_fusion_weights if fused else fit_temperatures
+        bundle, report["temperature"] = fit(bundle, embeddings, scored_before)
     scored = score_set(bundle, embeddings, species)
-    thresholds, search = search_thresholds(scored, target_coverage, max_risk,
-                                           bundle.thresholds)
-    scored = scored.with_routed(scored.reroute(thresholds))
+    if fused:
+        thresholds, search = answer_threshold(scored, target_coverage, max_risk,
+                                              bundle.thresholds)
+    else:
+        thresholds, search = search_thresholds(scored, target_coverage, max_risk,
+                                               bundle.thresholds)
+    scored = scored.with_thresholds(thresholds)
     bundle = replace(bundle, thresholds=thresholds)
     accepted = scored.accepted
     report["routing"] = {
@@ -327,8 +392,11 @@ def _print(report: dict) -> None:
     b = report["before"]
     print(f"  routing   ECE {b['ece']:.3f} -> {r['ece']:.3f}; coverage {b['coverage']:.3f} -> "
           f"{r['coverage']:.3f}; error among answers {b['risk']:.3f} -> {r['risk']:.3f}")
-    print(f"  thresholds classifier_high={t['classifier_high']:.4f} "
-          f"classifier_low={t['classifier_low']:.4f} prototype={t['prototype']:.4f}")
+    if report.get("routing_name") == "fused":
+        print(f"  answer when its probability >= {t['answer']:.4f}")
+    else:
+        print(f"  thresholds classifier_high={t['classifier_high']:.4f} "
+              f"classifier_low={t['classifier_low']:.4f} prototype={t['prototype']:.4f}")
     if not r["target_met"]:
         print(f"  WARNING: target {r['target']} not reachable on this data; closest kept")
     for rank, info in report["taxon"]["ranks"].items():

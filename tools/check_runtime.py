@@ -55,18 +55,18 @@ def run(args: argparse.Namespace) -> int:
 
     from biolit_id.server.bundle import BundleError, load_bundle
     from biolit_id.server.catalog import Catalog
-    from biolit_id.server.embedder import make_embedder
-    from biolit_id.server.model_loader import ModelUnavailableError, load_model
-    from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
-    from biolit_id.server.runtimes import (
+    from biolit_id.server.embedders.auto import build_embedder
+    from biolit_id.server.embedders.base import RuntimeUnavailableError
+    from biolit_id.server.embedders.calibration import image_files
+    from biolit_id.server.embedders.gate import (
         GATE_COSINE,
-        RuntimeUnavailableError,
-        build_embedder,
-        configure_threads,
         cosine_rows,
         embed_batched,
-        image_files,
+        reference_embeddings,
     )
+    from biolit_id.server.embedders.threads import configure_threads
+    from biolit_id.server.model_loader import ModelUnavailableError, load_model
+    from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
     from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
     from biolit_id.server.state import initial_prototypes
     from biolit_id.server.text_prototypes import TextPrototypeCache
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         print("check-runtime: no readable photos", file=sys.stderr)
         return 2
     batch = np.stack(pixels)
-    reference = embed_batched(make_embedder(loaded, "torch", "fp32"), batch)
+    reference = reference_embeddings(loaded, batch)
     embedded = embed_batched(candidate, batch)
     cos = cosine_rows(reference, embedded)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biolit_id.core.atomic import atomic_open
+
 META_KEY = b"biolit.embeddings"
 # Photo types the offline tools pick up from a folder (embed, infer-csv).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -89,9 +91,8 @@ def write_embeddings(path: Path, data: EmbeddingSet) -> Path:
         "image": pa.array([str(i) for i in data.images], type=pa.string()),
     })
     table = table.replace_schema_metadata({META_KEY: json.dumps(data.meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_open(path) as f:
+        pq.write_table(table, f)
     return path
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from biolit_id.cli.datasets import IMAGE_SUFFIXES, EmbeddingSet, errors_path, write_embeddings
+from biolit_id.core.atomic import atomic_open
 from biolit_id.server.model_loader import DEFAULT_MODEL
 from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
 
@@ -127,9 +128,8 @@ class EmbeddingCache:
                                   type=pa.list_(pa.float32())),
         })
         name = f"part-{time.time_ns():020d}.parquet"
-        tmp = self.directory / (name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(self.directory / name)
+        with atomic_open(self.directory / name) as f:
+            pq.write_table(table, f)
         self._pending.clear()
 
 
@@ -231,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.server.embedder import make_embedder
+    from biolit_id.server.embedders.factory import make_embedder
     from biolit_id.server.model_loader import load_model
 
     try:

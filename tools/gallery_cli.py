@@ -38,12 +38,13 @@ import grpc
 from tqdm import tqdm
 
 from biolit_id.cli.identify_client import open_channel
+from biolit_id.core.exemplar import META_FIELDS, ExemplarMeta
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
 
 # Failures that concern one row; anything else (server down...) stops the import.
 ROW_ERRORS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
-OPTIONAL_COLUMNS = ("source_uri", "license", "observation_id", "contributor")
+OPTIONAL_COLUMNS = META_FIELDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,9 +131,10 @@ def cmd_add(client: Client, args: argparse.Namespace) -> int:
             return 1
     requests = (
         pb.AddExemplarRequest(
-            species=args.species, image=photo.read_bytes(), source_uri=str(photo),
-            license=args.license, contributor=args.contributor,
-            observation_id=args.observation_id,
+            species=args.species, image=photo.read_bytes(),
+            **ExemplarMeta(source_uri=str(photo), license=args.license,
+                           contributor=args.contributor,
+                           observation_id=args.observation_id).meta_dict(),
         )
         for photo in args.photos
     )
@@ -174,8 +176,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({
                 "exemplar_id": ex.exemplar_id, "species": ex.species,
-                "source_uri": ex.source_uri, "license": ex.license,
-                "observation_id": ex.observation_id, "contributor": ex.contributor,
+                **ExemplarMeta.of(ex).meta_dict(),
                 "added_at": added.isoformat(), "content_sha256": ex.content_sha256,
             }, ensure_ascii=False))
         else:

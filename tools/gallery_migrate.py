@@ -24,18 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from biolit_id.core.atomic import atomic_open
+from biolit_id.core.exemplar import META_FIELDS
 
 log = logging.getLogger(__name__)
 
 EXPORT_KEY = b"biolit.gallery_export"
 FORMAT_VERSION = 1
 CHUNK = 1000
-COLUMNS = ("id", "species", "embedding", "content_sha256", "source_uri", "observation_id",
-           "license", "contributor", "added_at", "thumbnail")
+COLUMNS = ("id", "species", "embedding", "content_sha256", *META_FIELDS, "added_at",
+           "thumbnail")
 
 
 def add_migrate_arguments(sub, imp: argparse.ArgumentParser) -> None:
@@ -127,9 +129,7 @@ def _faiss_rows(data_dir: Path) -> tuple[dict, Iterator[list[dict]], int]:
 
 def _export_row(row, raw) -> dict:
     return {"id": row.exemplar_id, "species": row.species, "embedding": raw,
-            "content_sha256": row.content_sha256, "source_uri": row.source_uri,
-            "observation_id": row.observation_id, "license": row.license,
-            "contributor": row.contributor, "added_at": row.added_at,
+            "content_sha256": row.content_sha256, **row.meta_dict(), "added_at": row.added_at,
             "thumbnail": row.thumbnail}
 
 
@@ -187,16 +187,15 @@ def export_gallery(out: Path, gallery: str = "faiss", data_dir: Path = Path("./d
     schema = pa.schema([
         ("id", pa.int64()), ("species", pa.string()),
         ("embedding", pa.list_(pa.float32(), dim)), ("content_sha256", pa.string()),
-        ("source_uri", pa.string()), ("observation_id", pa.string()),
-        ("license", pa.string()), ("contributor", pa.string()),
+        *((name, pa.string()) for name in META_FIELDS),
         ("added_at", pa.float64()), ("thumbnail", pa.binary()),
     ], metadata={EXPORT_KEY: json.dumps(dict(header, format=FORMAT_VERSION)).encode()})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     rows_written = 0
     species: set[str] = set()
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer, \
+    with atomic_open(out) as sink, \
+            pq.ParquetWriter(sink, schema, compression="zstd") as writer, \
             tqdm(total=total, unit="photo", desc="export", disable=not progress) as bar:
         for batch in batches:
             if not batch:
@@ -208,9 +207,6 @@ def export_gallery(out: Path, gallery: str = "faiss", data_dir: Path = Path("./d
             rows_written += len(batch)
             species.update(columns["species"])
             bar.update(len(batch))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
     return {"rows": rows_written, "species": len(species),
             "runtime_species": len(header["runtime_species"])}
 

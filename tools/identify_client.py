@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from biolit_id.cli.upload import UPLOAD_QUALITY, UPLOAD_SHORT_SIDE, downsize_for_upload
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
 
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate for a TLS server")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--send-originals", action="store_true",
+                        help=f"send photos as they are (default: downsized to a short side of "
+                             f"{UPLOAD_SHORT_SIDE} px, JPEG quality {UPLOAD_QUALITY})")
 
 
 def open_channel(server: str, tls_ca: Path | None = None) -> grpc.Channel:
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 status = 1
                 continue
             request = pb.IdentifyRequest(
-                image=data,
+                image=data if args.send_originals else downsize_for_upload(data),
                 top_k=args.top_k,
                 num_similar=args.similar,
                 restrict_to=args.restrict_to,

@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from biolit_id.cli import import_seed_v2 as v2
+from biolit_id.cli.seed_format import (
+    SEED_PREPROCESSING,
+    SeedImportError,
+    sha256_of,
+    unpickler_reason,
+)
 from biolit_id.core.vectors import fuse_prototypes
 from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.model_loader import DEFAULT_MODEL
-from biolit_id.server.preprocess import CLIP_MEAN, CLIP_STD
 from biolit_id.server.routing import Thresholds
 
 log = logging.getLogger(__name__)
@@ -36,18 +41,6 @@ log = logging.getLogger(__name__)
 HEAD_PREFIX = "net."
 # REFERENCE.md: the reference's fallback text for a species without a description.
 GENERIC_PROMPT = "a photo of {name}, marine species on rocky coastal shore"
-SEED_PREPROCESSING = {
-    "resize": "squash",  # Resize((224, 224)), no centre crop
-    "image_size": 224,
-    "mean": list(CLIP_MEAN),
-    "std": list(CLIP_STD),
-}
-
-
-class SeedImportError(ValueError):
-    """The seed files cannot be imported as they are; the message says why."""
-
-
 # ------------------------------------------------------------------ loading
 
 
@@ -85,34 +78,13 @@ def load_seed_file(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise SeedImportError(
             f"{path} was refused by the safe loader (it names a global that is not "
-            f"allow-listed, or is not a torch file): {_unpickler_reason(exc)}"
+            f"allow-listed, or is not a torch file): {unpickler_reason(exc)}"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise SeedImportError(f"{path} is not a readable torch file: {exc}") from exc
     if not isinstance(data, dict):
         raise SeedImportError(f"{path} holds a {type(data).__name__}, expected a dict")
     return data
-
-
-_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
-                      "(1) In PyTorch", "(2) Alternatively")
-
-
-def _unpickler_reason(exc: Exception) -> str:
-    """The useful part of torch's long weights_only message (which global, which opcode)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
-    reason = " ".join(useful) or (lines[-1] if lines else type(exc).__name__)
-    reason = reason.split("WeightsUnpickler error:")[-1].strip()
-    return reason.split(" Please use `torch.serialization")[0]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -338,29 +310,62 @@ def _count(origin: dict[str, str], kind: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--v2", action="store_true",
+                        help="the seed's second generation (BioCLIP-2, 215 species, rank heads): "
+                             "--prototypes proto_model.npz --classifier mlp_model.pt "
+                             "--taxonomy tax_lookup.pkl")
     parser.add_argument("--classifier", type=Path, required=True,
-                        help="the seed's best_model_top50.pth")
+                        help="the seed's best_model_top50.pth (--v2: mlp_model.pt)")
     parser.add_argument("--prototypes", type=Path, required=True,
-                        help="the seed's prototypes_v4.pt")
+                        help="the seed's prototypes_v4.pt (--v2: proto_model.npz)")
+    parser.add_argument("--taxonomy", type=Path, default=None,
+                        help="--v2 only: the seed's tax_lookup.pkl")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="model whose text tower makes the text prototypes and that will "
-                             f"serve the bundle (default {DEFAULT_MODEL})")
+                        help="model that will serve the bundle (v4: its text tower makes the "
+                             f"text prototypes; default {DEFAULT_MODEL}; for --v2 use "
+                             "hf-hub:imageomics/bioclip-2)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     parser.add_argument("--prompts", type=Path, default=None,
-                        help="CSV species,prompt replacing the catalog's prompts")
+                        help="CSV species,prompt replacing the catalog's prompts (v4 only)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="--v2 only: accept a level when its top-1 >= this (default 0.5; "
+                             "the seed's production copy uses 0.35)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="--v2 only: ... and top-1 - top-2 >= this (default 0.10; "
+                             "production 0.05)")
+
+
+def _build(args: argparse.Namespace) -> tuple[Bundle, list[str]]:
+    if args.v2:
+        if args.taxonomy is None:
+            raise SeedImportError("--v2 needs --taxonomy tax_lookup.pkl")
+        if args.prompts is not None:
+            raise SeedImportError("--prompts applies to the v4 seed only: v2 ships its "
+                                  "fused prototypes")
+        bundle = v2.import_seed_v2(
+            args.prototypes, args.classifier, args.taxonomy, args.model,
+            threshold=v2.DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+            margin=v2.DEFAULT_MARGIN if args.margin is None else args.margin)
+        return bundle, v2.summary_lines(bundle)
+    for flag in ("taxonomy", "threshold", "margin"):
+        if getattr(args, flag) is not None:
+            raise SeedImportError(f"--{flag} applies to --v2 only (the v4 seed's thresholds "
+                                  "are in its prototypes file)")
+    bundle = import_seed(args.classifier, args.prototypes, args.model, args.prompts)
+    return bundle, summary_lines(bundle)
 
 
 def run(args: argparse.Namespace) -> int:
     from biolit_id.server.model_loader import ModelUnavailableError
 
     try:
-        bundle = import_seed(args.classifier, args.prototypes, args.model, args.prompts)
+        bundle, lines = _build(args)
     except (SeedImportError, ModelUnavailableError) as exc:
         print(f"import-seed: {exc}")
         return 1
     out = bundle.save(args.out)
     print(f"wrote {out} (bundle {bundle.bundle_id})")
-    for line in summary_lines(bundle):
+    for line in lines:
         print(line)
     return 0
 

@@ -50,8 +50,8 @@ class LongTailSpec:
     common_range: tuple[int, int] = (60, 400)
     rare_range: tuple[int, int] = (12, 60)
     views: tuple[int, int] = (1, 4)  # views per species, inclusive
-    view_spread: float = 0.75  # norm of a view's offset from the prototype (whitened, unit proto)
-    noise: float = 1.05  # norm of a photo's offset from its view centre (whitened)
+    view_spread: float = 1.0  # norm of a view's offset from the prototype (whitened, unit proto)
+    noise: float = 3.0  # norm of a photo's offset from its view centre (whitened)
     residual: float = 0.02  # isotropic 512-d noise outside the seed's 256 PCA directions
     confusable: int = 5  # a "confusable" wrong label is among this many nearest species
 
@@ -111,7 +111,8 @@ def generate(spec: LongTailSpec = LongTailSpec(), catalog: Catalog | None = None
         which = rng.choice(k, size=n, p=share)
         noise = rng.normal(size=(n, dim_w)) * (spec.noise / np.sqrt(dim_w))
         whitened = views[which] + noise
-        raw = mu + kappa * whitened @ back + rng.normal(size=(n, dim)) * spec.residual / np.sqrt(dim)
+        residual = rng.normal(size=(n, dim)) * (spec.residual / np.sqrt(dim))
+        raw = mu + kappa * whitened @ back + residual
         rows.append(_unit(raw))
         species += [name] * n
     emb = np.concatenate(rows).astype(np.float32)

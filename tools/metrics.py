@@ -1,15 +1,16 @@
 """Scoring a labelled embedding set with a bundle, and the numbers we judge it by.
 
-``score_set`` runs the service's own ``HybridScorer`` and routing, and
-``rank_answers`` the service's own taxonomy code, so calibration and
-evaluation measure exactly what ``serve`` will answer — there is no second
-implementation of the decision rule to drift out of sync.
+``score_set`` runs the bundle's own scorer (``server.decision.scorer_for``:
+the seed's cascade or the fused distribution) and ``rank_answers`` the
+service's own taxonomy code, so calibration and evaluation measure exactly
+what ``serve`` will answer — there is no second implementation of the
+decision rule to drift out of sync.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,16 @@ from biolit_id.cli.datasets import EmbeddingSet, read_embeddings
 from biolit_id.core.types import PrototypeSet
 from biolit_id.server.bundle import Bundle, load_bundle
 from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import Routed, Thresholds, route_hybrid
-from biolit_id.server.scoring import HybridScorer, Scores
-from biolit_id.server.taxonomy import RankAnswer, rank_confidences, taxon_fallback
+from biolit_id.server.decision import scorer_for
+from biolit_id.server.fused import FusedScorer
+from biolit_id.server.routing import Routed, Thresholds
+from biolit_id.server.scoring import NeighbourFn, Scorer, Scores
+from biolit_id.server.taxonomy import (
+    RankAnswer,
+    rank_confidences,
+    taxon_contains,
+    taxon_fallback,
+)
 
 ECE_BINS = 15
 
@@ -41,18 +49,41 @@ def load_labelled_split(bundle_dir: Path, embeddings: Path | None,
 
 @dataclass
 class ScoredSet:
-    """One labelled set through the bundle: probabilities, decisions, truth."""
+    """One labelled set through the bundle's scorer: probabilities, decisions, truth.
 
-    p_common: np.ndarray  # [N, C]
-    p_proto: np.ndarray  # [N, S]
+    ``components`` keeps what a fused scorer combines (cosines, head logits,
+    head rows, kNN) so calibration can refit its weights without rescoring.
+    """
+
+    scores: Scores
     head_logits: np.ndarray  # [N, C] (unscaled by any softmax)
-    common_to_global: np.ndarray  # [C]
-    routed: Routed
     truth: np.ndarray  # [N] global species index, -1 when the bundle does not know it
     names: tuple[str, ...]
+    scorer: Scorer
+    components: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.truth)
+
+    @property
+    def p_common(self) -> np.ndarray:
+        return self.scores.p_common
+
+    @property
+    def p_proto(self) -> np.ndarray:
+        return self.scores.p_proto
+
+    @property
+    def common_to_global(self) -> np.ndarray:
+        return self.scores.common_to_global
+
+    @property
+    def routed(self) -> Routed:
+        return self.scores.routed
+
+    @property
+    def distribution(self) -> np.ndarray:
+        return self.scores.distribution
 
     @property
     def accepted(self) -> np.ndarray:
@@ -63,60 +94,69 @@ class ScoredSet:
         return self.accepted & (self.routed.species == self.truth)
 
     def reroute(self, thresholds: Thresholds) -> Routed:
-        return route_hybrid(self.p_common, self.p_proto, self.common_to_global, thresholds)
+        return self.scorer.decide(self.scores, thresholds).routed
 
-    def with_routed(self, routed: Routed) -> ScoredSet:
-        return ScoredSet(self.p_common, self.p_proto, self.head_logits, self.common_to_global,
-                         routed, self.truth, self.names)
+    def with_thresholds(self, thresholds: Thresholds) -> ScoredSet:
+        return replace(self, scores=self.scorer.decide(self.scores, thresholds))
 
     def row_scores(self, i: int) -> Scores:
-        return row_scores(self, i)
+        return row_scores(self.scores, i)
 
 
 def row_scores(scores: Scores | ScoredSet, i: int) -> Scores:
     """Row ``i`` as a one-row ``Scores``: ``rank_confidences`` takes a batch."""
+    scores = scores.scores if isinstance(scores, ScoredSet) else scores
     r = scores.routed
     return Scores(
         p_common=scores.p_common[i : i + 1],
         p_proto=scores.p_proto[i : i + 1],
         common_to_global=scores.common_to_global,
         routed=Routed(r.method[i : i + 1], r.species[i : i + 1], r.confidence[i : i + 1]),
+        distribution=scores.distribution[i : i + 1],
     )
+
+
+def concat_scores(parts: Sequence[Scores]) -> Scores:
+    return Scores(
+        p_common=np.concatenate([p.p_common for p in parts]),
+        p_proto=np.concatenate([p.p_proto for p in parts]),
+        common_to_global=parts[0].common_to_global,
+        routed=Routed(*(np.concatenate([getattr(p.routed, f) for p in parts])
+                        for f in ("method", "species", "confidence"))),
+        distribution=np.concatenate([p.distribution for p in parts]),
+    )
+
+
+def bundle_prototypes(bundle: Bundle) -> PrototypeSet:
+    return PrototypeSet(tuple(bundle.species), bundle.prototypes.astype(np.float32))
 
 
 def score_set(bundle: Bundle, embeddings: np.ndarray, species: Sequence[str],
-              batch_size: int = 4096) -> ScoredSet:
-    scorer = HybridScorer(bundle)
-    protos = PrototypeSet(tuple(bundle.species), bundle.prototypes.astype(np.float32))
+              batch_size: int = 4096, scorer: Scorer | None = None,
+              protos: PrototypeSet | None = None,
+              neighbours: NeighbourFn | None = None) -> ScoredSet:
+    """Score a labelled set as ``serve`` would (default: the bundle's own prototypes)."""
+    scorer = scorer or scorer_for(bundle)
+    protos = protos or bundle_prototypes(bundle)
     index = protos.index()
     truth = np.array([index.get(s, -1) for s in species], dtype=np.int64)
-    parts: list[Scores] = []
-    logits: list[np.ndarray] = []
-    for start in range(0, len(embeddings), batch_size):
-        chunk = np.asarray(embeddings[start : start + batch_size], dtype=np.float32)
-        parts.append(scorer.score(chunk, protos))
-        logits.append(scorer.head.logits(chunk) if scorer.head is not None
-                      else np.zeros((len(chunk), 0)))
-    if not parts:
-        empty = np.zeros(0)
-        routed = Routed(empty.astype(int), empty.astype(int), empty)
-        return ScoredSet(np.zeros((0, len(bundle.common))), np.zeros((0, len(bundle.species))),
-                         np.zeros((0, len(bundle.common))), bundle.common_to_global(), routed,
-                         truth, protos.names)
-    routed = Routed(
-        np.concatenate([p.routed.method for p in parts]),
-        np.concatenate([p.routed.species for p in parts]),
-        np.concatenate([p.routed.confidence for p in parts]),
-    )
-    return ScoredSet(
-        p_common=np.concatenate([p.p_common for p in parts]),
-        p_proto=np.concatenate([p.p_proto for p in parts]),
-        head_logits=np.concatenate(logits),
-        common_to_global=parts[0].common_to_global,
-        routed=routed,
-        truth=truth,
-        names=protos.names,
-    )
+    embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(truth), bundle.embedding_dim)
+    starts = range(0, max(len(embeddings), 1), batch_size)  # an empty set: one empty chunk
+    if isinstance(scorer, FusedScorer):
+        parts = [scorer.components(embeddings[s : s + batch_size], protos, neighbours)
+                 for s in starts]
+        cos, logits = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
+        knn = None if parts[0][3] is None else np.concatenate([p[3] for p in parts])
+        components = (cos, logits, parts[0][2], knn)
+        scores = scorer.from_components(*components)
+    else:
+        scores = concat_scores([scorer.score(embeddings[s : s + batch_size], protos,
+                                             neighbours=neighbours) for s in starts])
+        head = getattr(scorer, "head", None)
+        logits = (head.logits(embeddings) if head is not None
+                  else np.zeros((len(embeddings), 0)))
+        components = None
+    return ScoredSet(scores, logits, truth, protos.names, scorer, components)
 
 
 # ------------------------------------------------------------ calibration
@@ -211,18 +251,44 @@ def risk_coverage(routed: Routed, truth: np.ndarray) -> tuple[float, float]:
 def risk_coverage_curve(scored: ScoredSet) -> tuple[np.ndarray, np.ndarray]:
     """Coverage/risk as a single cut on the decision confidence sweeps from 1 to 0.
 
-    Rejected photos are given their best guess under the routing-consistent
+    Rejected photos are given their best guess under the decision's
     distribution, so the curve shows what lowering the bar would buy.
     """
-    from biolit_id.server.routing import routed_distribution
-
-    dist = routed_distribution(scored.routed.method, scored.p_common, scored.p_proto,
-                               scored.common_to_global)
-    guess = np.where(scored.accepted, scored.routed.species, dist.argmax(axis=1))
+    guess = best_guess(scored)
     order = np.argsort(-scored.routed.confidence, kind="stable")
     wrong = (guess[order] != scored.truth[order]).astype(np.float64)
     k = np.arange(1, len(order) + 1)
     return k / max(len(order), 1), np.cumsum(wrong) / k
+
+
+def best_guess(scored: ScoredSet) -> np.ndarray:
+    """The species each photo would get if the bar were lowered to its confidence."""
+    if not len(scored):
+        return np.zeros(0, dtype=np.int64)
+    return np.where(scored.accepted, scored.routed.species, scored.distribution.argmax(axis=1))
+
+
+def at_coverage(scored: ScoredSet, coverage: float, groups: dict[str, np.ndarray]) -> dict:
+    """Accuracy over the ``coverage`` most confident photos (one cut on the confidence).
+
+    ``groups`` (name -> row mask, e.g. common/rare) get their own accuracy
+    over the answered photos of that group.
+    """
+    n = len(scored)
+    if not n:
+        return {"coverage": 0.0, "threshold": None, "accuracy": None}
+    k = max(1, int(np.ceil(coverage * n - 1e-9)))
+    order = np.argsort(-scored.routed.confidence, kind="stable")
+    answered = np.zeros(n, dtype=bool)
+    answered[order[:k]] = True
+    right = best_guess(scored) == scored.truth
+    out = {"coverage": k / n, "threshold": float(scored.routed.confidence[order[k - 1]]),
+           "accuracy": float(right[answered].mean())}
+    for name, mask in groups.items():
+        sel = answered & mask
+        out[f"accuracy_{name}"] = float(right[sel].mean()) if sel.any() else None
+        out[f"coverage_{name}"] = float(sel.sum() / mask.sum()) if mask.any() else None
+    return out
 
 
 # ------------------------------------------------------------ rank-level answers
@@ -235,8 +301,7 @@ def rank_answers(scored: ScoredSet, rows: Sequence[int], catalog: Catalog
 
 
 def taxon_is_right(answer: RankAnswer, true_species: str, catalog: Catalog) -> bool:
-    record = catalog.get(true_species)
-    return bool(record and record.taxon_at(answer.rank) == answer.taxon)
+    return taxon_contains(answer.rank, answer.taxon, true_species, catalog)
 
 
 def fallback_outcomes(scored: ScoredSet, species: Sequence[str], catalog: Catalog,

@@ -7,7 +7,44 @@ for a rejection and the French rank names must stay exactly as they were.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
+from biolit_id.server.preprocess import CLIP_MEAN, CLIP_STD
 from biolit_id.server.routing import SEED_METHOD_NAMES, Method
+
+# Both generations' image preprocessing (REFERENCE.md, v4 and v2 §1): squash, CLIP constants.
+SEED_PREPROCESSING = {
+    "resize": "squash",  # Resize((224, 224)), no centre crop
+    "image_size": 224,
+    "mean": list(CLIP_MEAN),
+    "std": list(CLIP_STD),
+}
+
+
+class SeedImportError(ValueError):
+    """The seed files cannot be imported as they are; the message says why."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                      "(1) In PyTorch", "(2) Alternatively")
+
+
+def unpickler_reason(exc: Exception) -> str:
+    """The useful part of torch's long weights_only message (which global, which opcode)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
+    reason = " ".join(useful) or (lines[-1] if lines else type(exc).__name__)
+    reason = reason.split("WeightsUnpickler error:")[-1].strip()
+    return reason.split(" Please use `torch.serialization")[0]
 
 # REFERENCE.md, "Output CSV", in this order.
 SEED_COLUMNS: tuple[str, ...] = (

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from biolit_id.server.auth import SecurityConfigError
     from biolit_id.server.bundle import BundleError
     from biolit_id.server.catalog_store import CatalogStoreError
-    from biolit_id.server.runtimes import RuntimeUnavailableError
+    from biolit_id.server.embedders.base import RuntimeUnavailableError
 
     # Set-up errors a user can fix: one clear line, no traceback.
     try:

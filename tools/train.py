@@ -34,6 +34,7 @@ from biolit_id.cli.datasets import (
     stratified_split,
     write_embeddings,
 )
+from biolit_id.cli.fusion_fit import choose_alpha, fit_fused
 from biolit_id.cli.metrics import fit_logit_scale, top1_calibration
 from biolit_id.core.vectors import class_prototypes, fuse_prototypes
 from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
@@ -49,6 +50,7 @@ FRACTIONS = (0.70, 0.15, 0.15)
 DEFAULT_PCA_DIM = 256
 WHITENING_EPS = 1e-6
 INITIAL_TEMPERATURE = 10.0
+HEAD_MIN_COUNT = 5  # routing fused: training photos a species needs for a head class
 
 
 # ------------------------------------------------------------ pieces
@@ -107,7 +109,14 @@ class HeadSettings:
     # Weight of the "rare photos are none of the common species" loss (0 = seed's head);
     # 0.5 measured better on the synthetic long-tail set (README, "Training").
     rare_negatives: float = 0.5
+    # Logit adjustment (Menon et al. 2021): train on logits + tau * log(prior), so the raw
+    # logits are class-balanced and the long tail is not crushed; 0 = plain cross-entropy.
+    logit_adjust: float = 0.0
     threads: int = 1
+
+
+# routing fused: the head covers (almost) every species, balanced by logit adjustment.
+FUSED_HEAD = HeadSettings(logit_adjust=1.0)
 
 
 def train_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
@@ -158,6 +167,10 @@ def _train_head(x_train, y_train, x_val, y_val, num_classes, config, seed, setti
     xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32))
     yv = torch.from_numpy(y_val.astype(np.int64))
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    shift = torch.zeros(num_classes)
+    if settings.logit_adjust > 0:
+        prior = np.bincount(y_train[y_train >= 0], minlength=num_classes) + 1.0
+        shift = settings.logit_adjust * torch.from_numpy(np.log(prior / prior.sum())).float()
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     has_val = len(yv) > 0
     best = (-1.0, np.inf)
@@ -170,7 +183,7 @@ def _train_head(x_train, y_train, x_val, y_val, num_classes, config, seed, setti
         for start in range(0, len(order), settings.batch_size):
             idx = order[start : start + settings.batch_size]
             opt.zero_grad()
-            logits, y = net(xt[idx]), yt[idx]
+            logits, y = net(xt[idx]) + shift, yt[idx]
             pos = y >= 0
             loss = loss_fn(logits[pos], y[pos]) if pos.any() else logits.sum() * 0
             if not pos.all():
@@ -181,7 +194,7 @@ def _train_head(x_train, y_train, x_val, y_val, num_classes, config, seed, setti
         net.eval()
         with torch.no_grad():
             xe, ye = (xv, yv) if has_val else (xt[yt >= 0], yt[yt >= 0])
-            logits = net(xe)
+            logits = net(xe) + shift
             val_loss = float(torch.nn.functional.cross_entropy(logits, ye))
             val_acc = float((logits.argmax(1) == ye).float().mean())
         history.append((val_acc, val_loss))
@@ -213,16 +226,30 @@ def text_prompts(species: list[str], catalog: Catalog) -> list[str]:
 
 
 def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalog,
-                 alpha: float = 0.8, common_n: int | None = 50, min_count: int | None = None,
-                 seed: int = 0, pca_dim: int = DEFAULT_PCA_DIM, proto_iterations: int = 2,
-                 head: HeadSettings = HeadSettings(), progress: bool = True) -> Bundle:
-    """Everything but the split bookkeeping: data in, an in-memory bundle out."""
+                 alpha: float | None = None, common_n: int | None = 50,
+                 min_count: int | None = None, seed: int = 0, pca_dim: int = DEFAULT_PCA_DIM,
+                 proto_iterations: int = 2, head: HeadSettings | None = None,
+                 progress: bool = True, routing: str = "fused",
+                 head_min_count: int = HEAD_MIN_COUNT) -> Bundle:
+    """Everything but the split bookkeeping: data in, an in-memory bundle out.
+
+    ``routing="seed"``: the seed's head over the common species (``common_n``
+    most frequent, or ``min_count``) and its cascade. ``"fused"``: a
+    logit-adjusted head over every species with ``head_min_count`` photos and
+    the fused decision (``server.fused``); the common/rare split then only
+    groups the evaluation report.
+    """
+    if routing not in ("seed", "fused"):
+        raise ValueError(f"unknown routing {routing!r}")
+    head = head or (FUSED_HEAD if routing == "fused" else HeadSettings())
     np.random.seed(seed)
     counts = train.counts()
     species = sorted(counts)
     index = {s: i for i, s in enumerate(species)}
     common_set = choose_common(counts, common_n, min_count)
     common = [s for s in species if s in common_set]
+    head_classes = (common if routing == "seed"
+                    else [s for s in species if counts[s] >= head_min_count])
     y_train = np.array([index[s] for s in train.species], dtype=np.int64)
     y_val = np.array([index.get(s, -1) for s in val.species], dtype=np.int64)
     unknown_val = sorted({s for s in val.species if s not in index})
@@ -233,12 +260,12 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
     mu, w, whitening_info = fit_whitening(train.embeddings, pca_dim)
     bundle = Bundle(
         model_id=loaded.spec, model_fingerprint=loaded.fingerprint,
-        embedding_dim=loaded.embedding_dim, species=species, common=common,
+        embedding_dim=loaded.embedding_dim, species=species, common=head_classes,
         head_config=dict(DEFAULT_HEAD), head_state={},
         visual_prototypes=np.zeros((0, 0), np.float32),
         text_prototypes=np.zeros((0, 0), np.float32), prototypes=np.zeros((0, 0), np.float32),
-        whitening_mu=mu, whitening_W=w, temperature=INITIAL_TEMPERATURE, alpha=alpha,
-        thresholds=Thresholds(),
+        whitening_mu=mu, whitening_W=w, temperature=INITIAL_TEMPERATURE, alpha=0.8,
+        thresholds=Thresholds(), routing=routing,
         preprocessing=dict(train.meta.get("preprocessing") or {
             "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
             "resize": "squash"}),
@@ -248,34 +275,48 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
 
     prompts = text_prompts(species, catalog)
     bundle.text_prototypes = bundle.whiten(loaded.encode_text(prompts))
-    bundle.visual_prototypes = class_prototypes(
-        bundle.whiten(train.embeddings), y_train, len(species), proto_iterations
-    )
-    bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes, alpha)
+    train_w = bundle.whiten(train.embeddings).astype(np.float64)
+    bundle.visual_prototypes = class_prototypes(train_w, y_train, len(species), proto_iterations)
 
     # Prototype temperature by gradient on validation (falls back to train if val is empty).
     calib_x, calib_y, calib_on = val.embeddings[y_val >= 0], y_val[y_val >= 0], "val"
     if len(calib_y) == 0:
         log.warning("no validation photo of a known species: temperature fitted on train")
         calib_x, calib_y, calib_on = train.embeddings, y_train, "train"
-    sims = bundle.whiten(calib_x).astype(np.float64) @ bundle.prototypes.T.astype(np.float64)
+    calib_w = bundle.whiten(calib_x).astype(np.float64)
+    alpha_info = None
+    if alpha is None and routing == "fused":
+        alpha, alpha_info = choose_alpha(bundle.visual_prototypes, bundle.text_prototypes,
+                                         calib_w, calib_y, fit_logit_scale)
+    bundle.alpha = 0.8 if alpha is None else float(alpha)
+    bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes,
+                                        bundle.alpha)
+    sims = calib_w @ bundle.prototypes.T.astype(np.float64)
     bundle.temperature = fit_logit_scale(sims, calib_y, INITIAL_TEMPERATURE)
     ece_t1, nll_t1 = top1_calibration(masked_softmax(sims, None), calib_y)
     ece_t, nll_t = top1_calibration(masked_softmax(bundle.temperature * sims, None), calib_y)
     proto_acc = float((sims.argmax(1) == calib_y).mean()) if len(calib_y) else 0.0
 
-    head_info: dict = {}
-    if common:
-        cidx = {s: i for i, s in enumerate(common)}
+    def fit_head(classes: list[str], negatives: bool = True):
+        cidx = {s: i for i, s in enumerate(classes)}
         tr = np.array([s in cidx for s in train.species])
         va = np.array([s in cidx for s in val.species])
-        bundle.head_state, head_info = train_head(
+        return train_head(
             train.embeddings[tr], np.array([cidx[s] for s in np.asarray(train.species)[tr]]),
             val.embeddings[va], np.array([cidx[s] for s in np.asarray(val.species)[va]],
                                          dtype=np.int64),
-            len(common), bundle.head_config, seed, head, x_negative=train.embeddings[~tr],
-            progress=progress,
+            len(classes), bundle.head_config, seed, head,
+            x_negative=train.embeddings[~tr] if negatives else None, progress=progress,
         )
+
+    head_info: dict = {}
+    if head_classes:
+        bundle.head_state, head_info = fit_head(head_classes)
+    fusion_info = None
+    if routing == "fused":
+        bundle.fusion, fusion_info = fit_fused(
+            bundle, train_w, y_train, val, y_val, [index[s] for s in head_classes], seed,
+            lambda ids: fit_head([species[i] for i in ids], negatives=False)[0])
     bundle.metrics = {
         "validation": {
             "prototype_accuracy": proto_acc,
@@ -283,13 +324,19 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
             "prototype_ece_at_T1": ece_t1, "prototype_nll_at_T1": nll_t1,
             "prototype_ece": ece_t, "prototype_nll": nll_t,
             "head_accuracy": head_info.get("val_accuracy"),
+            **({"fused": fusion_info} if fusion_info else {}),
         }
     }
     bundle.extra = {
-        "training": {"seed": seed, "alpha": alpha, "common_rule": (
-            {"min_count": min_count} if min_count is not None else {"top_n": common_n}),
-            "prototype_iterations": proto_iterations, "head": head_info,
-            "whitening": whitening_info},
+        "training": {"seed": seed, "alpha": bundle.alpha, "alpha_fit": alpha_info,
+                     "routing": routing, "common_rule": (
+                         {"min_count": min_count} if min_count is not None
+                         else {"top_n": common_n}),
+                     "head_min_count": head_min_count if routing == "fused" else None,
+                     "prototype_iterations": proto_iterations, "head": head_info,
+                     "whitening": whitening_info},
+        # The long tail's two groups, for reports: the seed's rule (the most frequent).
+        "groups": {"common": common},
         "train_counts": {s: counts[s] for s in species},
         "catalog_version": catalog.version,
         "prompts": dict(zip(species, prompts, strict=True)),

@@ -18,23 +18,15 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Literal, overload
+from typing import IO, Any
 
 __all__ = ["atomic_open", "atomic_write", "fsync_dir"]
 
 
-@overload
-def atomic_open(
-    path: str | os.PathLike[str], mode: Literal["wb"] = "wb", encoding: None = None
-) -> contextlib.AbstractContextManager[IO[bytes]]: ...
-@overload
-def atomic_open(
-    path: str | os.PathLike[str], mode: Literal["w"], encoding: str = "utf-8"
-) -> contextlib.AbstractContextManager[IO[str]]: ...
-@contextlib.contextmanager  # type: ignore[misc]
+@contextlib.contextmanager
 def atomic_open(
     path: str | os.PathLike[str], mode: str = "wb", encoding: str | None = None
-) -> Iterator[IO]:
+) -> Iterator[IO[Any]]:
     """Yield a file to stream into (np.savez, json.dump, pyarrow); it replaces ``path``
     only when the block exits without an exception."""
     if mode not in ("wb", "w"):
@@ -43,17 +35,10 @@ def atomic_open(
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     # O_EXCL: never reuse another writer's temp; 0o666 lets the umask decide, as open() does.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    text = mode == "w"
     try:
-        if mode == "w":
-            f: IO = open(fd, "w", encoding=encoding or "utf-8", newline="")
-        else:
-            f = open(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        with f:
+        with open(fd, mode, encoding=(encoding or "utf-8") if text else None,
+                  newline="" if text else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from biolit_id.core.exemplar import ExemplarMeta
+
 
 @dataclass(frozen=True)
 class PrototypeSet:
@@ -23,15 +25,11 @@ class PrototypeSet:
         return {n: i for i, n in enumerate(self.names)}
 
 
-@dataclass
-class SimilarHit:
+@dataclass(frozen=True)
+class SimilarHit(ExemplarMeta):
     """One reference photo close to the query, with what a reply shows of it."""
 
     exemplar_id: int
     species: str
     score: float
-    source_uri: str = ""
     thumbnail: bytes = b""
-    license: str = ""
-    contributor: str = ""
-    observation_id: str = ""

@@ -19,6 +19,8 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_ZERO_SHOT: _ClassVar[Method]
     METHOD_REJECTED: _ClassVar[Method]
     METHOD_TAXON: _ClassVar[Method]
+    METHOD_FUSED: _ClassVar[Method]
+    METHOD_OBSERVATION: _ClassVar[Method]
 
 class Rank(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +41,8 @@ METHOD_PROTOTYPE: Method
 METHOD_ZERO_SHOT: Method
 METHOD_REJECTED: Method
 METHOD_TAXON: Method
+METHOD_FUSED: Method
+METHOD_OBSERVATION: Method
 RANK_UNSPECIFIED: Rank
 RANK_KINGDOM: Rank
 RANK_PHYLUM: Rank
@@ -51,7 +55,7 @@ RANK_SUBSPECIES: Rank
 RANK_SPECIES_GROUP: Rank
 
 class IdentifyRequest(_message.Message):
-    __slots__ = ("image", "embedding", "top_k", "num_similar", "restrict_to", "include_thumbnails", "request_id")
+    __slots__ = ("image", "embedding", "top_k", "num_similar", "restrict_to", "include_thumbnails", "request_id", "location", "observed_on")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +63,8 @@ class IdentifyRequest(_message.Message):
     RESTRICT_TO_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_THUMBNAILS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ON_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     embedding: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
@@ -66,7 +72,9 @@ class IdentifyRequest(_message.Message):
     restrict_to: _containers.RepeatedScalarFieldContainer[str]
     include_thumbnails: bool
     request_id: str
-    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., num_similar: _Optional[int] = ..., restrict_to: _Optional[_Iterable[str]] = ..., include_thumbnails: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    location: Location
+    observed_on: str
+    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., num_similar: _Optional[int] = ..., restrict_to: _Optional[_Iterable[str]] = ..., include_thumbnails: _Optional[bool] = ..., request_id: _Optional[str] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., observed_on: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
     __slots__ = ("species", "confidence", "method", "rank", "taxon")
@@ -145,20 +153,22 @@ class SimilarExemplar(_message.Message):
     def __init__(self, exemplar_id: _Optional[int] = ..., species: _Optional[str] = ..., score: _Optional[float] = ..., source_uri: _Optional[str] = ..., thumbnail: _Optional[bytes] = ..., license: _Optional[str] = ..., contributor: _Optional[str] = ..., observation_id: _Optional[str] = ...) -> None: ...
 
 class Versions(_message.Message):
-    __slots__ = ("model_id", "catalog_version", "bundle_id", "service_version", "gallery_version", "model_fingerprint")
+    __slots__ = ("model_id", "catalog_version", "bundle_id", "service_version", "gallery_version", "model_fingerprint", "prior_version")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
     GALLERY_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     catalog_version: str
     bundle_id: str
     service_version: str
     gallery_version: int
     model_fingerprint: str
-    def __init__(self, model_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., service_version: _Optional[str] = ..., gallery_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    prior_version: str
+    def __init__(self, model_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., service_version: _Optional[str] = ..., gallery_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., prior_version: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("decode_ms", "embed_ms", "score_ms", "search_ms", "queue_ms", "total_ms")
@@ -177,7 +187,7 @@ class Timing(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., embed_ms: _Optional[float] = ..., score_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class IdentifyResponse(_message.Message):
-    __slots__ = ("decision", "classifier_candidates", "prototype_candidates", "taxonomy", "similar", "versions", "timing", "request_id", "rank_confidences", "error")
+    __slots__ = ("decision", "classifier_candidates", "prototype_candidates", "taxonomy", "similar", "versions", "timing", "request_id", "rank_confidences", "error", "prior")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     PROTOTYPE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +198,7 @@ class IdentifyResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_CONFIDENCES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     classifier_candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     prototype_candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -198,7 +209,8 @@ class IdentifyResponse(_message.Message):
     request_id: str
     rank_confidences: _containers.RepeatedCompositeFieldContainer[RankConfidence]
     error: ItemError
-    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., classifier_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., prototype_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., taxonomy: _Optional[_Union[Taxonomy, _Mapping]] = ..., similar: _Optional[_Iterable[_Union[SimilarExemplar, _Mapping]]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ..., rank_confidences: _Optional[_Iterable[_Union[RankConfidence, _Mapping]]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+    prior: PriorEvidence
+    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., classifier_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., prototype_candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., taxonomy: _Optional[_Union[Taxonomy, _Mapping]] = ..., similar: _Optional[_Iterable[_Union[SimilarExemplar, _Mapping]]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ..., rank_confidences: _Optional[_Iterable[_Union[RankConfidence, _Mapping]]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., prior: _Optional[_Union[PriorEvidence, _Mapping]] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")
@@ -275,7 +287,7 @@ class Preprocessing(_message.Message):
     def __init__(self, image_size: _Optional[int] = ..., resize_mode: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., exif_transpose: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_image_pixels", "max_batch_size", "max_batch_wait_ms", "max_queue_size", "max_top_k", "max_num_similar", "max_restrict_to")
+    __slots__ = ("max_message_bytes", "max_image_pixels", "max_batch_size", "max_batch_wait_ms", "max_queue_size", "max_top_k", "max_num_similar", "max_restrict_to", "max_observation_photos")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +296,7 @@ class Limits(_message.Message):
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SIMILAR_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTRICT_TO_FIELD_NUMBER: _ClassVar[int]
+    MAX_OBSERVATION_PHOTOS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_image_pixels: int
     max_batch_size: int
@@ -292,23 +305,26 @@ class Limits(_message.Message):
     max_top_k: int
     max_num_similar: int
     max_restrict_to: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_wait_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_num_similar: _Optional[int] = ..., max_restrict_to: _Optional[int] = ...) -> None: ...
+    max_observation_photos: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_wait_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_num_similar: _Optional[int] = ..., max_restrict_to: _Optional[int] = ..., max_observation_photos: _Optional[int] = ...) -> None: ...
 
 class Thresholds(_message.Message):
-    __slots__ = ("classifier_high", "classifier_low", "prototype", "zero_shot", "temperature", "alpha")
+    __slots__ = ("classifier_high", "classifier_low", "prototype", "zero_shot", "temperature", "alpha", "answer")
     CLASSIFIER_HIGH_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_LOW_FIELD_NUMBER: _ClassVar[int]
     PROTOTYPE_FIELD_NUMBER: _ClassVar[int]
     ZERO_SHOT_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
     classifier_high: float
     classifier_low: float
     prototype: float
     zero_shot: float
     temperature: float
     alpha: float
-    def __init__(self, classifier_high: _Optional[float] = ..., classifier_low: _Optional[float] = ..., prototype: _Optional[float] = ..., zero_shot: _Optional[float] = ..., temperature: _Optional[float] = ..., alpha: _Optional[float] = ...) -> None: ...
+    answer: float
+    def __init__(self, classifier_high: _Optional[float] = ..., classifier_low: _Optional[float] = ..., prototype: _Optional[float] = ..., zero_shot: _Optional[float] = ..., temperature: _Optional[float] = ..., alpha: _Optional[float] = ..., answer: _Optional[float] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
     __slots__ = ("model_id", "embedding_dim", "preprocessing", "catalog_size", "gallery_size", "versions", "runtime", "precision", "mode", "thresholds", "limits", "gallery_backend")
@@ -461,3 +477,137 @@ class AddSpeciesRequest(_message.Message):
     description: str
     taxonomy: Taxonomy
     def __init__(self, scientific_name: _Optional[str] = ..., vernacular_names: _Optional[_Iterable[_Union[VernacularName, _Mapping]]] = ..., description: _Optional[str] = ..., taxonomy: _Optional[_Union[Taxonomy, _Mapping]] = ...) -> None: ...
+
+class Location(_message.Message):
+    __slots__ = ("latitude", "longitude", "uncertainty_m")
+    LATITUDE_FIELD_NUMBER: _ClassVar[int]
+    LONGITUDE_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_M_FIELD_NUMBER: _ClassVar[int]
+    latitude: float
+    longitude: float
+    uncertainty_m: float
+    def __init__(self, latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., uncertainty_m: _Optional[float] = ...) -> None: ...
+
+class ObservationPhoto(_message.Message):
+    __slots__ = ("image", "embedding")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, image: _Optional[bytes] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class IdentifyObservationRequest(_message.Message):
+    __slots__ = ("photos", "location", "observed_on", "top_k", "num_similar", "restrict_to", "include_thumbnails", "request_id")
+    PHOTOS_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ON_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    NUM_SIMILAR_FIELD_NUMBER: _ClassVar[int]
+    RESTRICT_TO_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_THUMBNAILS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    photos: _containers.RepeatedCompositeFieldContainer[ObservationPhoto]
+    location: Location
+    observed_on: str
+    top_k: int
+    num_similar: int
+    restrict_to: _containers.RepeatedScalarFieldContainer[str]
+    include_thumbnails: bool
+    request_id: str
+    def __init__(self, photos: _Optional[_Iterable[_Union[ObservationPhoto, _Mapping]]] = ..., location: _Optional[_Union[Location, _Mapping]] = ..., observed_on: _Optional[str] = ..., top_k: _Optional[int] = ..., num_similar: _Optional[int] = ..., restrict_to: _Optional[_Iterable[str]] = ..., include_thumbnails: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PriorShift(_message.Message):
+    __slots__ = ("species", "without_prior", "prior_factor", "with_prior", "rank_without_prior", "rank_with_prior")
+    SPECIES_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    WITH_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    RANK_WITHOUT_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    RANK_WITH_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    species: str
+    without_prior: float
+    prior_factor: float
+    with_prior: float
+    rank_without_prior: int
+    rank_with_prior: int
+    def __init__(self, species: _Optional[str] = ..., without_prior: _Optional[float] = ..., prior_factor: _Optional[float] = ..., with_prior: _Optional[float] = ..., rank_without_prior: _Optional[int] = ..., rank_with_prior: _Optional[int] = ...) -> None: ...
+
+class PriorEvidence(_message.Message):
+    __slots__ = ("applied", "used_location", "used_date", "weight", "answer_without_prior", "confidence_without_prior", "changed_answer", "shifts", "reason")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    USED_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    USED_DATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_WITHOUT_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_WITHOUT_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SHIFTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    used_location: bool
+    used_date: bool
+    weight: float
+    answer_without_prior: str
+    confidence_without_prior: float
+    changed_answer: bool
+    shifts: _containers.RepeatedCompositeFieldContainer[PriorShift]
+    reason: str
+    def __init__(self, applied: _Optional[bool] = ..., used_location: _Optional[bool] = ..., used_date: _Optional[bool] = ..., weight: _Optional[float] = ..., answer_without_prior: _Optional[str] = ..., confidence_without_prior: _Optional[float] = ..., changed_answer: _Optional[bool] = ..., shifts: _Optional[_Iterable[_Union[PriorShift, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PhotoEvidence(_message.Message):
+    __slots__ = ("index", "top_species", "top_probability", "answer_probability", "agrees", "outlier_probability", "excluded")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOP_SPECIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    AGREES_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    top_species: str
+    top_probability: float
+    answer_probability: float
+    agrees: bool
+    outlier_probability: float
+    excluded: bool
+    def __init__(self, index: _Optional[int] = ..., top_species: _Optional[str] = ..., top_probability: _Optional[float] = ..., answer_probability: _Optional[float] = ..., agrees: _Optional[bool] = ..., outlier_probability: _Optional[float] = ..., excluded: _Optional[bool] = ...) -> None: ...
+
+class ObservationEvidence(_message.Message):
+    __slots__ = ("combiner", "photo_weight", "effective_photos", "photos", "prior", "answer_from_photos", "confidence_from_photos")
+    COMBINER_FIELD_NUMBER: _ClassVar[int]
+    PHOTO_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_PHOTOS_FIELD_NUMBER: _ClassVar[int]
+    PHOTOS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FROM_PHOTOS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FROM_PHOTOS_FIELD_NUMBER: _ClassVar[int]
+    combiner: str
+    photo_weight: float
+    effective_photos: float
+    photos: _containers.RepeatedCompositeFieldContainer[PhotoEvidence]
+    prior: PriorEvidence
+    answer_from_photos: str
+    confidence_from_photos: float
+    def __init__(self, combiner: _Optional[str] = ..., photo_weight: _Optional[float] = ..., effective_photos: _Optional[float] = ..., photos: _Optional[_Iterable[_Union[PhotoEvidence, _Mapping]]] = ..., prior: _Optional[_Union[PriorEvidence, _Mapping]] = ..., answer_from_photos: _Optional[str] = ..., confidence_from_photos: _Optional[float] = ...) -> None: ...
+
+class IdentifyObservationResponse(_message.Message):
+    __slots__ = ("decision", "candidates", "taxonomy", "rank_confidences", "photos", "evidence", "versions", "timing", "request_id")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    TAXONOMY_FIELD_NUMBER: _ClassVar[int]
+    RANK_CONFIDENCES_FIELD_NUMBER: _ClassVar[int]
+    PHOTOS_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    taxonomy: Taxonomy
+    rank_confidences: _containers.RepeatedCompositeFieldContainer[RankConfidence]
+    photos: _containers.RepeatedCompositeFieldContainer[IdentifyResponse]
+    evidence: ObservationEvidence
+    versions: Versions
+    timing: Timing
+    request_id: str
+    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., taxonomy: _Optional[_Union[Taxonomy, _Mapping]] = ..., rank_confidences: _Optional[_Iterable[_Union[RankConfidence, _Mapping]]] = ..., photos: _Optional[_Iterable[_Union[IdentifyResponse, _Mapping]]] = ..., evidence: _Optional[_Union[ObservationEvidence, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...

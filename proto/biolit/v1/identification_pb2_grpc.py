@@ -86,6 +86,11 @@ class SpeciesIdentifierStub:
                 request_serializer=biolit_dot_v1_dot_identification__pb2.AddSpeciesRequest.SerializeToString,
                 response_deserializer=biolit_dot_v1_dot_identification__pb2.Species.FromString,
                 _registered_method=True)
+        self.IdentifyObservation = channel.unary_unary(
+                '/biolit.v1.SpeciesIdentifier/IdentifyObservation',
+                request_serializer=biolit_dot_v1_dot_identification__pb2.IdentifyObservationRequest.SerializeToString,
+                response_deserializer=biolit_dot_v1_dot_identification__pb2.IdentifyObservationResponse.FromString,
+                _registered_method=True)
 
 
 class SpeciesIdentifierServicer:
@@ -160,6 +165,15 @@ class SpeciesIdentifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IdentifyObservation(self, request, context):
+        """Several photos of one find, with where and when it was seen: one
+        decision for the observation, each photo's own answer, and which
+        evidence moved the answer (role "identify", like Identify).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpeciesIdentifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +226,11 @@ def add_SpeciesIdentifierServicer_to_server(servicer, server):
                     servicer.AddSpecies,
                     request_deserializer=biolit_dot_v1_dot_identification__pb2.AddSpeciesRequest.FromString,
                     response_serializer=biolit_dot_v1_dot_identification__pb2.Species.SerializeToString,
+            ),
+            'IdentifyObservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.IdentifyObservation,
+                    request_deserializer=biolit_dot_v1_dot_identification__pb2.IdentifyObservationRequest.FromString,
+                    response_serializer=biolit_dot_v1_dot_identification__pb2.IdentifyObservationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +505,33 @@ class SpeciesIdentifier:
             '/biolit.v1.SpeciesIdentifier/AddSpecies',
             biolit_dot_v1_dot_identification__pb2.AddSpeciesRequest.SerializeToString,
             biolit_dot_v1_dot_identification__pb2.Species.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IdentifyObservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/biolit.v1.SpeciesIdentifier/IdentifyObservation',
+            biolit_dot_v1_dot_identification__pb2.IdentifyObservationRequest.SerializeToString,
+            biolit_dot_v1_dot_identification__pb2.IdentifyObservationResponse.FromString,
             options,
             channel_credentials,
             insecure,

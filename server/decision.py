@@ -1,0 +1,32 @@
+"""Which decision rule a bundle gets: its manifest's ``routing`` names one here.
+
+A new rule (say per-rank heads) lives in its own module with a scorer class
+(``server.scoring.Scorer``) and adds one line to ``ROUTINGS``; nothing else
+in the service or the tools needs to know about it. Bundles without a
+``routing`` key are the seed's (``import-seed`` writes none), so they keep
+the seed's cascade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from biolit_id.server.bundle import Bundle, BundleError
+from biolit_id.server.fused import FusedScorer
+from biolit_id.server.scoring import HybridScorer, Scorer, ZeroShotScorer
+
+ROUTINGS: dict[str, Callable[[Bundle], Scorer]] = {
+    "seed": HybridScorer,  # REFERENCE.md's cascade, bit-exact
+    "fused": FusedScorer,  # one calibrated distribution over every species
+}
+
+
+def scorer_for(bundle: Bundle | None) -> Scorer:
+    """The bundle's scorer; zero-shot without a bundle."""
+    if bundle is None:
+        return ZeroShotScorer()
+    factory = ROUTINGS.get(bundle.routing)
+    if factory is None:
+        raise BundleError(f"bundle {bundle.bundle_id or ''} asks for routing "
+                          f"{bundle.routing!r}; this service knows {sorted(ROUTINGS)}")
+    return factory(bundle)

@@ -1,0 +1,32 @@
+"""What this CPU can do, so ``auto`` neither tries emulated bf16 nor reuses a
+speed ranking measured on another machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from biolit_id.server.embedders.threads import available_cores
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX); without them bf16 is emulated and slow."""
+    try:
+        flags = CPUINFO.read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_identity() -> str:
+    """CPU model and usable cores: a speed ranking measured elsewhere does not apply here."""
+    name = ""
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or 'unknown cpu'} x{available_cores()}"
