@@ -1,58 +1,9 @@
-"""The reference gallery: durable exemplars, one FAISS index, live prototypes.
+"""The reference gallery on FAISS: durable exemplars, one index, live prototypes.
 
-Curators add photos of a species while the service runs; the very next
-Identify uses them, and answers come with the nearest reference photos.
-
-Space (where vectors live). Prototypes live in the scoring space of the
-loaded scorer: with a bundle, its whitened 256-d space
-(``scorer.to_prototype_space``: whitening, then L2 norm); in zero-shot mode
-the raw 512-d unit embeddings. Exemplars are projected into the SAME space,
-so one FAISS index (inner product of unit vectors = cosine) holds both the
-fused prototype of every species (ids ``2**62 + row``) and every exemplar
-(ids = store row ids), and a prototype computed from exemplars is directly
-comparable with the bundle's. The store keeps the RAW embedding, the source
-of truth: switching bundles (another whitening) only rebuilds the index.
-Scoring still uses the dense ``PrototypeSet`` matrix (the softmax needs all
-S scores anyway, and it is a [S, P] product); FAISS serves similar-photo
-search, restricted to exemplar ids by an ID selector.
-
-Writes (``add_exemplar``, ``remove``, ``add_species``) are serialised by one
-writer lock: commit to SQLite (durable before the call returns), add to or
-remove from the FAISS index, recompute the affected species' prototype
-only, then publish a NEW immutable ``PrototypeSet`` (copy-on-write).
-Readers never take the writer lock: scoring grabs the current PrototypeSet
-object, searches share the index's readers/writer lock (see
-``faiss_index.py``). The MLP head is never touched. Runtime species
-(``AddSpecies``) are rows of the store's ``species`` table and are re-added
-to the catalog at start unless the catalog (overlay) already has them; the
-servicer also copies them to the catalog overlay for offline tools.
-
-Recovery: the index is derived data. At start it is loaded from the last
-snapshot and the store's change events after the snapshot's version are
-replayed (adds, and removals as tombstones); if the snapshot is missing,
-corrupt, made for another space or index kind, or disagrees with the store,
-the index is rebuilt from the store. Prototypes are always recomputed from
-the stored embeddings (deterministic, so a restart gives identical vectors).
-Snapshots are written at close, after a replay or rebuild, and in the
-background every ``snapshot_every`` writes.
-
-Duplicates: the same photo bytes (SHA-256) added again to the same species
-return the existing id and store nothing (idempotent, so an interrupted
-import can simply be re-run). The same photo under two species is two rows:
-the store does not arbitrate between curators.
-
-Files (``--data-dir``/gallery/): ``gallery.sqlite3`` (+ its WAL), the
-source of truth, and ``index.snapshot``, disposable. Configuration:
-``--gallery faiss`` (exact, default) or ``faiss:KIND[,key=value...]`` with
-KIND ``flat | ivf-flat | ivf-sq8 | ivf-pq | auto`` and keys ``nlist``, ``nprobe``,
-``pq_m``, ``auto_threshold`` (see ``faiss_index.py``); changing it rebuilds
-the index at the next start. ``ServerConfig.extra["gallery_snapshot_every"]``
-sets the background snapshot period (writes).
-
-Scaling note: a species' prototype is recomputed from all its stored
-photos, once per AddExemplars call (not per photo), so one call costs
-O(photos of the touched species); the snapshot is O(gallery) and runs in
-the background.
+Curators add photos while the service runs and the next Identify uses them.
+SQLite is the source of truth (raw embeddings), the FAISS index is derived
+and rebuildable, and each write publishes a new immutable prototype set, so
+readers never lock. Spaces, locking, recovery and options: docs/gallery.md.
 """
 
 from __future__ import annotations

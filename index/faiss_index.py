@@ -1,36 +1,10 @@
 """The FAISS index: exemplars and prototypes in one id space, safe for many threads.
 
-Ids: an exemplar's id is its store row id (< 2**62); a species' fused
-prototype has id ``PROTOTYPE_ID_BASE + row`` (its row in the PrototypeSet).
-Similar-photo search is restricted to exemplar ids with an ``IDSelector``,
-so both live in ONE index without prototypes ever showing up as photos.
-
-Index kinds (``--gallery faiss:KIND[,key=value...]``):
-
-* ``flat`` (default): exact inner product, ``IDMap2,Flat``. Right up to a few
-  hundred thousand photos (a search is a matrix-vector product).
-* ``ivf-flat``: ``IVF<nlist>,Flat`` trained from the store, ``nprobe`` lists
-  searched; exact distances inside the probed lists.
-* ``ivf-sq8``: ``IVF<nlist>,SQ8``: one byte per dimension (256 B for a
-  256-d vector, 4x less than Flat) with recall@10 ~0.98 at 1M photos
-  (docs/performance.md): what large galleries want.
-* ``ivf-pq``: ``IVF<nlist>,PQ<m>`` for memory (``m`` bytes per vector).
-* ``auto``: ``flat`` below ``auto_threshold`` vectors, ``ivf-sq8`` above;
-  decided when the index is (re)built.
-
-Every kind supports removal: IVF natively (with a hash-table direct map so
-removing one id does not scan all lists), flat through ``IndexIDMap2``. HNSW
-is not offered: FAISS cannot remove ids from it. An IVF index needs enough
-training vectors (39 per list, and 256 for PQ codebooks); with fewer, a flat
-index is built and the choice is logged; the next rebuild retries.
-
-Concurrency: FAISS does not allow a search while an add or remove mutates
-the same index, so every access goes through a writer-preferring
-readers/writer lock. Searches share it; a write holds it for the few
-microseconds of one add (copying the index per write would cost O(N) per
-added photo). Prototype updates of a flat index overwrite the vector in
-place rather than remove+add: ``IndexIDMap2.remove_ids`` compacts the whole
-array, which at 100k photos would cost milliseconds per added photo.
+One index holds both, so a prototype and a photo are comparable; searches
+are restricted to exemplar ids by a selector. Every kind offered supports
+removal (so no HNSW), and a readers/writer lock keeps searches off an index
+being mutated. Kinds and their measured cost: docs/gallery.md,
+docs/performance.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ loads only what it uses.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +18,8 @@ from biolit_id.core.catalog_view import CatalogView
 from biolit_id.core.types import PrototypeSet, SimilarHit
 from biolit_id.index.prototypes import PrototypeBuilder
 from biolit_id.index.store import ExemplarRow
+
+log = logging.getLogger(__name__)
 
 
 class GalleryConfigError(ValueError):
@@ -49,6 +53,18 @@ class UnknownExemplarError(GalleryError, KeyError):
 
 class SpeciesExistsError(GalleryError):
     pass
+
+
+_last_degraded_warning = [0.0]
+
+
+def warn_degraded(exc: Exception, every_s: float = 30.0) -> None:
+    """One log line per ``every_s`` while reads run without the backend."""
+    now = time.monotonic()
+    if now - _last_degraded_warning[0] >= every_s:
+        _last_degraded_warning[0] = now
+        log.warning("gallery backend unavailable (%s): answering from the prototypes alone, "
+                    "without similar photos, until it is back", exc)
 
 
 @dataclass(frozen=True)
@@ -108,8 +124,16 @@ class GalleryBase:
 
     def similar_search(self, embeddings: np.ndarray, n: int,
                        include_thumbnails: bool = False) -> list[list[SimilarHit]]:
-        """Identifier's ``similar_search``: n nearest exemplars per raw embedding row."""
-        return self.search(embeddings, n, include_thumbnails=include_thumbnails)
+        """Identifier's ``similar_search``: n nearest exemplars per raw embedding row.
+
+        A backend that is away (Milvus stopped) gives no similar photos rather than
+        failing the identification: the prototypes are in memory and still answer.
+        """
+        try:
+            return self.search(embeddings, n, include_thumbnails=include_thumbnails)
+        except GalleryError as exc:
+            warn_degraded(exc)
+            return [[] for _ in range(len(np.atleast_2d(embeddings)))]
 
     def search(self, embeddings: np.ndarray, k: int, species: Sequence[str] | None = None,
                include_thumbnails: bool = False,

@@ -64,6 +64,7 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from biolit_id.index.gallery_base import GalleryConfigError, GalleryError
+from biolit_id.index.milvus_client import ResilientClient
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,10 @@ def connect(target: MilvusTarget):
                 f"`milvus-lite server --data-dir {target.uri} --port 19530` and use "
                 f"--gallery milvus://127.0.0.1:19530/{target.collection}"
             ) from exc
-    try:
-        return MilvusClient(uri=target.uri, token=target.token or "", timeout=10)
+    try:  # survives the server being stopped and restarted (index/milvus_client.py)
+        return ResilientClient(lambda timeout: MilvusClient(  # dedicated: a new channel
+            uri=target.uri, token=target.token or "", timeout=timeout, dedicated=True),
+            target.uri)
     except Exception as exc:
         raise MilvusGalleryError(f"cannot reach Milvus at {target.uri} ({exc})") from exc
 

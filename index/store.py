@@ -1,37 +1,15 @@
 """The gallery's source of truth: one SQLite file in WAL mode.
 
-Why SQLite: one file, transactions, and ``synchronous=FULL`` in WAL mode
-means a commit has reached the disk (the WAL is fsynced) before
-``AddExemplars`` acknowledges it, so ``kill -9`` or a power cut loses nothing
-acknowledged and never leaves half a row: a row and its change event are one
-transaction.
-
-Tables:
-
-* ``exemplars``: one row per reference photo. The embedding is the model's
-  RAW L2-normalised vector (float32, little endian), not the projected one,
-  so the FAISS index can be rebuilt for any bundle (whitening) from it.
-  ``AUTOINCREMENT`` guarantees a removed id is never handed out again:
-  clients may keep ids. ``UNIQUE(species, content_sha256)`` makes a
-  re-sent photo idempotent.
-* ``species``: species added at runtime (``AddSpecies``), as catalog JSON.
-* ``prototype_rows``: species that got a prototype row beyond the base set
-  (runtime species, or catalog species without a bundle prototype), in the
-  order they got it, so a restart rebuilds the very same PrototypeSet.
-* ``events``: the change log (add/remove/species). Its sequence number is
-  the gallery version; a FAISS snapshot records the version it contains and
-  a restart replays only later events (removals included: the tombstones).
-  Events up to the newest snapshot are pruned; the sequence survives pruning
-  (``AUTOINCREMENT`` keeps it in ``sqlite_sequence``).
-* ``meta``: the model fingerprint and embedding size the vectors belong to.
-
-Writes go through one connection, serialised by the caller (the Gallery's
-writer lock) and an internal lock; every reading thread gets its own
-connection, and WAL lets them read while a write is in progress.
+SQLite because one file gives transactions and, with ``synchronous=FULL``, an
+acknowledged add survives ``kill -9``. Rows keep the RAW embedding so the
+index can be rebuilt for any bundle; the event log lets a restart replay only
+what a snapshot lacks. Tables: docs/gallery.md ("The store").
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -127,6 +105,22 @@ def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
+def lock_store(path: Path, exclusive: bool = False) -> int:
+    """Hold ``<store>.lock`` (flock; released when the fd closes or the process dies).
+
+    Every process with the store open holds it shared; ``gallery restore`` takes
+    it exclusive, so a file is never swapped under a running server or tool.
+    """
+    fd = os.open(Path(path).with_name(Path(path).name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"the gallery store {path} is in use by another process "
+                         f"(a running server or tool); stop it first") from None
+    return fd
+
+
 def _corrupt_message(path: Path, reason: str) -> str:
     return (f"the gallery store {path} is corrupt ({reason}); the service will not start on "
             "it. Restore it from a backup (biolit-id gallery restore), see docs/operations.md")
@@ -150,13 +144,18 @@ class GalleryStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
+        self._lock_fd = lock_store(self.path)
         try:
             self._writer = self._connect()
             _check_not_corrupt(self._writer, self.path)
             self._writer.executescript(SCHEMA)
+            self._check_model(model_fingerprint, embedding_dim)
         except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"...
+            os.close(self._lock_fd)
             raise StoreError(_corrupt_message(self.path, str(exc))) from None
-        self._check_model(model_fingerprint, embedding_dim)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     # ---------------------------------------------------------- connections
 
@@ -191,6 +190,7 @@ class GalleryStore:
             self._readers.clear()
         with self._write_lock:
             self._writer.close()
+        os.close(self._lock_fd)
 
     def _check_model(self, fingerprint: str, dim: int) -> None:
         rows = dict(self._writer.execute("SELECT key, value FROM meta").fetchall())

@@ -20,6 +20,8 @@ from biolit_id.server.limits import GuardInterceptor
 from biolit_id.server.observability import Metrics, ObservabilityInterceptor, configure_access_log
 from biolit_id.server.service import SpeciesIdentifierServicer
 from biolit_id.server.state import ServiceState, build_state
+from biolit_id.server.streams import StreamGuardInterceptor
+from biolit_id.server.web.runner import HttpServer, HttpStartError, start_http
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeciesIdentifier"].full_name
@@ -30,18 +32,21 @@ class RunningServer:
 
     def __init__(self, server: grpc.Server, port: int, state: ServiceState,
                  health_servicer: health.HealthServicer, metrics: Metrics | None = None,
-                 tls: bool = False) -> None:
+                 tls: bool = False, http: HttpServer | None = None) -> None:
         self.server = server
         self.port = port
         self.state = state
         self.health = health_servicer
         self.metrics = metrics
         self.tls = tls
+        self.http = http  # the web page and JSON API, when config.http_port is set
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, stop taking calls, let in-flight calls finish."""
         self.health.enter_graceful_shutdown()
         grace = self.state.config.grace_seconds if grace is None else grace
+        if self.http is not None:
+            self.http.stop(grace)
         self.server.stop(grace).wait()
         if self.metrics is not None:
             self.metrics.close()
@@ -70,6 +75,7 @@ def start_server(config: ServerConfig, state: ServiceState | None = None) -> Run
     interceptors.append(
         GuardInterceptor(on_deadline_drop=lambda m: metrics.deadline_dropped.labels(m).inc())
     )
+    interceptors.append(StreamGuardInterceptor(config.stream_limit, config.stream_idle_timeout_s))
     interceptors.append(ErrorInterceptor())  # innermost: servicers raise, it sets the status
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -82,7 +88,8 @@ def start_server(config: ServerConfig, state: ServiceState | None = None) -> Run
         maximum_concurrent_rpcs=config.max_workers * 16,
         interceptors=interceptors,
     )
-    pb_grpc.add_SpeciesIdentifierServicer_to_server(SpeciesIdentifierServicer(state), server)
+    servicer = SpeciesIdentifierServicer(state)
+    pb_grpc.add_SpeciesIdentifierServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -97,13 +104,19 @@ def start_server(config: ServerConfig, state: ServiceState | None = None) -> Run
     if config.metrics_port is not None:
         metrics.serve(config.host, config.metrics_port)
     server.start()
+    # The same servicer instance: HTTP calls run the gRPC methods in-process.
+    try:
+        http = start_http(config, servicer, keys) if config.http_port is not None else None
+    except HttpStartError:
+        server.stop(0)
+        raise
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("biolit-id serving %s on %s:%d (%s mode, %s, %s)", config.model, config.host, port,
              state.scorer.mode, "TLS" if credentials is not None else "plaintext",
              f"{len(keys)} API keys" if keys is not None else "no API keys")
     return RunningServer(server, port, state, health_servicer, metrics,
-                         tls=credentials is not None)
+                         tls=credentials is not None, http=http)
 
 
 def serve_forever(config: ServerConfig) -> None:
@@ -118,4 +131,6 @@ def serve_forever(config: ServerConfig) -> None:
     signal.signal(signal.SIGTERM, _graceful)
     signal.signal(signal.SIGINT, _graceful)
     print(f"biolit-id listening on {config.host}:{running.port}", flush=True)
+    if running.http is not None:
+        print(f"biolit-id web page and JSON API: {running.http.url}", flush=True)
     done.wait()

@@ -1,18 +1,9 @@
 """API keys and roles, checked by a server interceptor.
 
-Key file: one ``<role> <key>`` per line (``#`` comments and blank lines
-ignored). Role ``identify`` may call the read-only RPCs; ``curate`` may call
-everything. Clients send ``authorization: Bearer <key>``.
-
-* No key, or a key the server does not know -> UNAUTHENTICATED.
-* A known key whose role does not cover the method -> PERMISSION_DENIED.
-* Health and reflection stay open, so that load balancers and grpcurl work
-  without a key.
-
-Keys are compared as SHA-256 digests with ``hmac.compare_digest`` against
-every configured key (no early exit), so neither the length nor the prefix of
-a valid key leaks through timing. Keys never appear in logs or error
-messages; a malformed key file is reported by line number only.
+One check in front of every servicer, so no RPC can forget it: a method not
+known to be read-only needs ``curate`` (deny by default). Keys are compared
+by digest in constant time and never logged. Roles, codes and the key file:
+docs/security.md.
 """
 
 from __future__ import annotations
@@ -42,7 +33,7 @@ MIN_KEY_LENGTH = 16
 
 SERVICE = "biolit.v1.SpeciesIdentifier"
 IDENTIFY_METHODS = frozenset({
-    "Identify", "IdentifyStream", "SearchSimilar",
+    "Identify", "IdentifyStream", "IdentifyObservation", "SearchSimilar",
     "ListSpecies", "GetSpecies", "GetServiceInfo", "ListExemplars",
 })
 OPEN_SERVICES = frozenset({

@@ -1,26 +1,12 @@
 """Dynamic micro-batching: concurrent calls share one model forward.
 
-A ViT forward over 8 photos costs far less than 8 forwards of one on a CPU
-(the weights are read once, the matmuls are bigger), so photos from
-concurrent Identify calls and from a stream's read-ahead are queued and run
-together by one thread. Callers decode in their own (gRPC) threads before
-they submit, so decoding overlaps the model.
-
-Policy: the batch closes when it holds ``max_batch_size`` photos or when the
-oldest waiting photo has waited ``max_batch_wait_ms``. The queue holds at most
-``max_queue_size`` photos; beyond that ``submit`` fails fast with
-``QueueFullError`` (RESOURCE_EXHAUSTED) instead of letting latency grow
-without bound. A photo whose deadline passed before its batch runs is
-dropped, not computed: the caller gets ``DeadlineExceededError``.
-
-The wait is spent only when it can pay: callers announce a photo on its
-way (``request_scope``, entered before decoding), and the batcher waits for
-more photos only while announced photos are still being decoded. An idle
-server therefore runs a lone photo at once, with no added latency.
-
-Deadlines are absolute ``time.monotonic()`` values. The service sets the
-current call's deadline with ``request_scope`` (or ``deadline_scope``) so
-that the pipeline, which knows nothing of gRPC, need not pass it through.
+On a CPU one forward over several photos costs far less than one per photo,
+so photos from concurrent calls and a stream's read-ahead are queued and run
+together by one thread; callers decode in their own threads meanwhile. The
+queue is bounded and expired photos are dropped, so overload fails fast. The
+wait is spent only while announced photos are still decoding. Deadlines are
+``time.monotonic()`` values set by ``request_scope``, so the pipeline need not
+know gRPC. Policy and measurements: docs/performance.md.
 """
 
 from __future__ import annotations

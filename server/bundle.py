@@ -25,7 +25,8 @@ FORMAT = "biolit-id-bundle/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOOL_VERSION = "0.1.0"
-# REFERENCE.md's head: LayerNorm, 512->512, GELU, Dropout .5, 512->256, GELU, Dropout .25, ->C
+# The seed's head (docs/seed-v4.md, "Head"):
+# LayerNorm, 512->512, GELU, Dropout .5, 512->256, GELU, Dropout .25, ->C
 DEFAULT_HEAD = {"type": "mlp", "hidden": [512, 256], "dropout": [0.5, 0.25], "layernorm": True}
 
 

@@ -53,6 +53,10 @@ class SpeciesRecord:
     authorship: str = ""
     added_at_runtime: bool = False
     gbif: GbifMatch = field(default_factory=GbifMatch)
+    # Which seed generations know the species: "v4" (100 species), "v2" (215, BioCLIP-2).
+    generations: tuple[str, ...] = ()
+    # Where each rank of ``taxonomy`` came from (rank -> source), for the shipped catalog.
+    taxonomy_source: dict[str, str] = field(default_factory=dict)
 
     def lineage(self) -> list[tuple[str, str]]:
         """(rank, name) pairs from kingdom to species, skipping unknown ranks."""
@@ -91,6 +95,8 @@ class SpeciesRecord:
             "description": self.description,
             "added_at_runtime": self.added_at_runtime,
             "gbif": self.gbif.__dict__ if self.gbif.match_type else {},
+            "generations": list(self.generations),
+            "taxonomy_source": dict(self.taxonomy_source),
         }
 
     @classmethod
@@ -108,6 +114,8 @@ class SpeciesRecord:
             authorship=data.get("authorship", ""),
             added_at_runtime=bool(data.get("added_at_runtime", False)),
             gbif=GbifMatch(**(data.get("gbif") or {})),
+            generations=tuple(data.get("generations") or ()),
+            taxonomy_source={r: str(v) for r, v in (data.get("taxonomy_source") or {}).items()},
         )
 
 
@@ -184,6 +192,10 @@ class Catalog:
 
     def names(self) -> list[str]:
         return [r.scientific_name for r in self._records]
+
+    def of_generation(self, generation: str) -> Catalog:
+        """The species one seed generation knows ("v4": the first catalog's 100), in order."""
+        return Catalog([r for r in self if generation in r.generations], self.version)
 
     def get(self, name: str) -> SpeciesRecord | None:
         i = self._index.get(name)

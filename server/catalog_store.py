@@ -1,15 +1,8 @@
 """The catalog a service runs with: the shipped default plus an overlay in data_dir.
 
-The shipped catalog is read-only package data; what ``biolit-id enrich`` (and
-a runtime ``AddSpecies``) learn must survive restarts and upgrades without
-editing it. So ``data_dir/catalog.json`` holds whole records keyed by
-scientific name: a record for a shipped species replaces it (same index, so
-prototype rows do not move), any other name is appended. Writers upsert under
-a file lock and replace the file atomically, so the server and an ``enrich``
-run never lose each other's records and a crash never leaves half a file.
-
-The catalog version becomes ``<shipped>+<overlay digest>``: text prompts may
-have changed, and clients that cache answers must see it.
+What ``enrich`` and ``AddSpecies`` learn must survive restarts without editing
+package data, so it lives in ``data_dir/catalog.json``, upserted under a file
+lock and replaced atomically. Rules and versioning: docs/taxonomy.md.
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ class ServerConfig:
     search_threads: int = 1
     # Photos of one IdentifyStream decoded/queued concurrently; 0 = max_batch_size.
     stream_read_ahead: int = 0
+    # Client streams (AddExemplars, IdentifyStream) open at once; each holds a worker
+    # thread while it waits for its client, so 0 = half of max_workers, leaving the
+    # rest to unary calls. A stream whose client sends nothing this long is cancelled.
+    max_streams: int = 0
+    stream_idle_timeout_s: float = 60.0
     # Real photos for the runtime fidelity gate and int8 calibration (else synthetic).
     calibration_dir: Path | None = None
     gallery: str = "faiss"
@@ -43,8 +48,15 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int | None = None
+    # The web page and JSON API (biolit_id.server.web), same host, keys and TLS
+    # as gRPC; None = off, 0 = a free port.
+    http_port: int | None = None
     grace_seconds: float = 10.0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def stream_limit(self) -> int:
+        return self.max_streams or max(1, self.max_workers // 2)
 
     @property
     def address(self) -> str:

@@ -1,21 +1,9 @@
 """Gallery RPCs: AddExemplars, RemoveExemplars, ListExemplars, SearchSimilar, AddSpecies.
 
-Mixed into ``SpeciesIdentifierServicer``; the work is done by
-``index.faiss_gallery.Gallery`` (``state.gallery``), this module validates and
-decodes photos; it raises, and ``server.errors`` maps each error to its status:
-
-* unknown species on add -> NOT_FOUND, with a hint to call AddSpecies;
-* bytes that are not an image, a bad embedding, a missing field ->
-  INVALID_ARGUMENT (the message says which stream message failed);
-* unknown exemplar id -> NOT_FOUND (RemoveExemplars removes nothing then);
-* AddSpecies of an existing name -> ALREADY_EXISTS.
-
-AddExemplars stream semantics (also in the proto): each message is
-validated, decoded, embedded and committed durably before the next one is
-read. When a message fails, the call ends with its error status; every
-message before it stays stored (and indexed, and in the prototypes), nothing
-from the failing one is. Re-sending the whole stream is safe: a photo already
-stored for the same species returns its existing id.
+Mixed into ``SpeciesIdentifierServicer``: this module validates and decodes,
+the gallery (``state.gallery``) does the work, and errors are raised for
+``server.errors`` to map, so every RPC reports a failure with one code.
+Stream semantics and codes: docs/api.md.
 """
 
 from __future__ import annotations

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from biolit_id.server.bundle import Bundle, BundleError
 from biolit_id.server.fused import FusedScorer
 from biolit_id.server.scoring import HybridScorer, Scorer, ZeroShotScorer
+from biolit_id.server.seed_v2 import SeedV2Scorer
 
 ROUTINGS: dict[str, Callable[[Bundle], Scorer]] = {
-    "seed": HybridScorer,  # REFERENCE.md's cascade, bit-exact
+    "seed": HybridScorer,  # docs/seed-v4.md, "Routing", bit-exact
     "fused": FusedScorer,  # one calibrated distribution over every species
+    "seed-v2": SeedV2Scorer,  # the seed's second generation: Proto-CLIP, then rank heads
 }
 
 

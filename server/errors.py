@@ -68,6 +68,7 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+RETRY_AFTER_S = 2.0  # what a client should wait before retrying a backend that is away
 DISK_FULL_MESSAGE = ("the server's disk is full: this photo was not stored; free space on "
                      "the data directory and retry")
 
@@ -78,6 +79,7 @@ class Rule:
     code: grpc.StatusCode
     message: Callable[[BaseException], str] = message_of
     when: Callable[[BaseException], bool] | None = None  # only errors it accepts
+    retry_after_s: float | None = None  # sent as trailing metadata "retry-after-s"
 
     def matches(self, exc: BaseException) -> bool:
         return isinstance(exc, self.errors) and (self.when is None or self.when(exc))
@@ -96,7 +98,8 @@ TABLE: tuple[Rule, ...] = (
          lambda e: f"GBIF look-up failed ({e}); retry, or send the taxonomy"),
     Rule((GbifError,), Code.FAILED_PRECONDITION,
          lambda e: f"GBIF answered unexpectedly ({e}); send the taxonomy"),
-    Rule((GalleryError,), Code.UNAVAILABLE),
+    Rule((GalleryError,), Code.UNAVAILABLE,
+         lambda e: f"{message_of(e)}; retry in a few seconds", retry_after_s=RETRY_AFTER_S),
     Rule((QueueFullError,), Code.RESOURCE_EXHAUSTED),
     Rule((MemoryError,), Code.RESOURCE_EXHAUSTED,
          lambda e: "the server is out of memory for this photo; retry later"),
@@ -109,6 +112,8 @@ TABLE: tuple[Rule, ...] = (
 HANDLED_ERRORS: tuple[type[BaseException], ...] = tuple(
     cls for rule in TABLE for cls in rule.errors
 )
+# What a caller of a servicer method catches before asking ``status_of`` (the HTTP bridge).
+MAPPED_ERRORS: tuple[type[BaseException], ...] = (*HANDLED_ERRORS, ContextualError)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -116,10 +121,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, ContextualError):
         inner = status_of(exc.cause)
         return None if inner is None else (inner[0], f"{exc.prefix}{inner[1]}{exc.suffix}")
-    for rule in TABLE:
-        if rule.matches(exc):
-            return rule.code, rule.message(exc)
-    return None
+    rule = rule_of(exc)
+    return None if rule is None else (rule.code, rule.message(exc))
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -144,7 +147,16 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     found = status_of(exc)
     if found is None:
         raise exc
+    rule = rule_of(exc)
+    if rule is not None and rule.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after-s", f"{rule.retry_after_s:g}"),))
     context.abort(*found)
+
+
+def rule_of(exc: BaseException) -> Rule | None:
+    if isinstance(exc, ContextualError):
+        return rule_of(exc.cause)
+    return next((rule for rule in TABLE if rule.matches(exc)), None)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -159,7 +171,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def mapped(request, context):
                 try:
                     return behavior(request, context)
-                except (*HANDLED_ERRORS, ContextualError) as exc:
+                except MAPPED_ERRORS as exc:
                     _abort(context, exc)
             return mapped
 
@@ -167,7 +179,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def mapped(request, context):
                 try:
                     yield from behavior(request, context)
-                except (*HANDLED_ERRORS, ContextualError) as exc:
+                except MAPPED_ERRORS as exc:
                     _abort(context, exc)
             return mapped
 

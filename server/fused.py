@@ -1,28 +1,9 @@
 """``routing: fused``: one calibrated probability distribution over every species.
 
-The seed's cascade asks the head first and the prototypes second, so a rare
-species loses whenever the head — which never saw it — is fairly sure of a
-common one. Here every component speaks in one log-linear model, fitted on
-validation data by ``biolit-id train``/``calibrate``:
-
-* species the head knows (``bundle.common``: every species with enough
-  training photos): ``z = w_proto * cos + w_head * log_softmax(head) +
-  w_prior * log(train prior)``. The head is trained logit-adjusted (Menon et
-  al. 2021), so its own output is class-balanced and ``w_prior`` puts back
-  exactly as much of the long tail's prior as validation asks for;
-* every other species — added at runtime by ``AddSpecies``/``AddExemplars``,
-  or too rare to train a head class on: ``z = w_novel_proto * cos +
-  w_novel_knn * knn + offset``, where ``knn`` is the mean cosine to its
-  nearest reference photos (its prototype stands in when it has none). These
-  three weights are fitted by simulating the runtime case during training:
-  a second head is trained without some species, whose prototypes and
-  reference photos are then built from 20 photos as the gallery would, so the
-  new species' probabilities are calibrated against the head's, not guessed.
-
-``p = softmax(z)`` over the live prototype set; the answer is its argmax,
-given when its probability passes ``thresholds.answer``. ``cos`` is the
-cosine to the live fused prototypes (the gallery's ``PrototypeSet``), so a
-species added at runtime is answerable on the very next request.
+The seed's cascade asks the head first, so a rare species loses whenever the
+head, which never saw it, is fairly sure of a common one. Here the head, the
+prototypes and (for runtime species) their nearest photos are terms of one
+log-linear model fitted on validation data. The model: docs/training.md.
 """
 
 from __future__ import annotations
@@ -33,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from biolit_id.core.types import PrototypeSet
+from biolit_id.index.gallery_base import GalleryError, warn_degraded
 from biolit_id.server.bundle import Bundle
 from biolit_id.server.routing import Thresholds, route_fused
 from biolit_id.server.scoring import (
@@ -124,7 +106,11 @@ def gallery_neighbours(gallery, k: int = NEIGHBOURS, extra: int = 64) -> Neighbo
         if not len(names):
             return out
         column = {n: j for j, n in enumerate(names)}
-        hits = gallery.search(embeddings, k * len(names) + extra, species=list(names))
+        try:
+            hits = gallery.search(embeddings, k * len(names) + extra, species=list(names))
+        except GalleryError as exc:  # backend away (Milvus stopped): prototypes stand in
+            warn_degraded(exc)
+            return out
         for i, row in enumerate(hits):
             seen: dict[str, list[float]] = {}
             for hit in row:  # best first

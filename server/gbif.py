@@ -1,30 +1,14 @@
 """Taxonomy and vernacular names from GBIF's species API, with an honest match record.
 
-The HTTP side is ``gbif_http`` (requests + urllib3 ``Retry``, not pygbif: the
-base URL must be configurable for mirrors and the tests' fake server, every
-call must give up by its gRPC deadline, and answers are cached on disk).
-
-Match policy (GBIF's ``matchType`` and ``status``, never silently exact):
-
-* ``EXACT`` + ``ACCEPTED``/``DOUBTFUL``: taxonomy (kingdom..genus) and fr/en
-  vernacular names are trusted and may replace the catalog's.
-* ``SYNONYM`` status: the taxonomy and vernacular names are those of the
-  accepted usage (``acceptedUsageKey``, fetched), but the record keeps the
-  user's name; ``status=SYNONYM`` and ``accepted_name`` say so.
-* ``FUZZY``: recorded as FUZZY with the name GBIF matched in
-  ``accepted_name``; its ranks only fill ranks the record lacks, never replace
-  curated ones.
-* ``HIGHERRANK``: only the ranks GBIF actually returned (e.g. kingdom..genus)
-  are kept; nothing at species level is invented and no vernacular names are
-  taken (the genus' "limpets" is not the species' name).
-* ``NONE``: no taxonomy at all is stored; the name is kept as given, with
-  ``match_type=NONE`` recorded (stored, not refused: a regional species GBIF
-  does not know yet is still useful to a curator).
+GBIF's answer is kept for what it is (exact, synonym, fuzzy, higher rank,
+none) and never silently treated as exact, so curated ranks are only replaced
+by exact matches. The HTTP side is ``gbif_http``. Policy: docs/taxonomy.md.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +27,8 @@ __all__ = [
 ]
 
 CACHE_DIRNAME = "gbif-cache"
+LOOKUP_BUDGET_S = 8.0  # one AddSpecies look-up (match, synonym, vernacular pages), all tries
+REPLY_MARGIN_S = 0.25  # left of the call's deadline to send UNAVAILABLE back
 # Ranks a GBIF match may fill, highest first; "species" is always the catalog's own name.
 HIGHER_RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus")
 _RANK_LEVEL = {r.upper(): i for i, r in enumerate(HIGHER_RANKS)}
@@ -226,8 +212,15 @@ def client_for(gbif_url: str | None, data_dir: Path) -> GbifClient | None:
 def lookup_for_config(config, name: str, deadline: float | None = None) -> GbifLookup | None:
     """What ``AddSpecies`` calls when a request has no taxonomy.
 
-    None when the server has no GBIF URL. Raises GbifUnavailableError (UNAVAILABLE),
-    by ``deadline`` at the latest, or GbifError (FAILED_PRECONDITION).
+    None when the server has no GBIF URL. Raises GbifUnavailableError (UNAVAILABLE)
+    or GbifError (FAILED_PRECONDITION). ``deadline`` is the gRPC call's (monotonic):
+    the look-up gives up ``REPLY_MARGIN_S`` before it, so the curator reads
+    UNAVAILABLE rather than DEADLINE_EXCEEDED, and within ``LOOKUP_BUDGET_S``
+    when the call has no deadline.
     """
     client = client_for(getattr(config, "gbif_url", None), config.data_dir)
-    return None if client is None else lookup_species(client, name, deadline=deadline)
+    if client is None:
+        return None
+    budget = time.monotonic() + LOOKUP_BUDGET_S
+    deadline = budget if deadline is None else min(budget, deadline - REPLY_MARGIN_S)
+    return lookup_species(client, name, deadline=deadline)

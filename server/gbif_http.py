@@ -152,7 +152,11 @@ class GbifClient:
     def _fetch(self, url: str, deadline: float | None) -> dict:
         timeout = self.timeout
         if deadline is not None:
-            timeout = max(0.01, min(timeout, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GbifUnavailableError(
+                    f"GBIF at {self.base_url} too slow: no time left before the deadline")
+            timeout = min(timeout, left)
         with _call(deadline, timeout) as call:
             try:
                 response = self._session.get(url, timeout=timeout)

@@ -1,4 +1,4 @@
-"""The MLP head for the common species (REFERENCE.md's architecture by default).
+"""The MLP head for the common species (the seed's, docs/seed-v4.md "Head", by default).
 
 Built from the bundle's ``head`` config so a retrained head with other widths
 loads without code changes. It never changes at runtime: new species go

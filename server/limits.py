@@ -30,6 +30,8 @@ MAX_DESCRIPTION_LENGTH = 8192
 MAX_LIST_LENGTH = 1000
 # Floats in a client embedding; the exact model dimension is checked later.
 MAX_EMBEDDING_VALUES = 4096
+# Photos in one IdentifyObservation (ServerConfig.extra["max_observation_photos"] overrides).
+MAX_OBSERVATION_PHOTOS = 8
 
 NAME_FIELDS = frozenset({"species", "scientific_name", "taxon", "restrict_to", "name", "language"})
 TEXT_FIELDS = frozenset({"description"})

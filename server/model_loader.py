@@ -1,6 +1,8 @@
 """Load BioCLIP (or any open_clip model) from a model spec, never hanging offline.
 
-Specs: ``hf-hub:ORG/REPO`` (default ``hf-hub:imageomics/bioclip``) or
+Specs: ``hf-hub:ORG/REPO`` (default ``hf-hub:imageomics/bioclip``, ViT-B-16,
+512-d; ``hf-hub:imageomics/bioclip-2`` is ViT-L-14, 768-d; any open_clip
+model of any width loads the same way) or
 ``local-dir:PATH`` — a folder with ``open_clip_config.json`` and the weights,
 exactly what ``huggingface-cli download imageomics/bioclip --local-dir PATH``
 writes, and what ``biolit-id demo-model`` writes for offline tests.
@@ -16,7 +18,10 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,6 +40,11 @@ WEIGHT_FILES = (
     "open_clip_pytorch_model.bin",
 )
 HUB_PROBE_TIMEOUT_S = 3.0
+# torch.nn.init's in-place initialisers: what building a model spends its time in.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "orthogonal_")
+_INIT_LOCK = threading.Lock()
 
 
 class ModelUnavailableError(RuntimeError):
@@ -149,6 +159,36 @@ class LoadedModel:
         return np.concatenate(chunks).astype(np.float32)
 
 
+@contextmanager
+def skipping_random_init() -> Iterator[None]:
+    """Build modules without drawing random initial weights.
+
+    A checkpoint that open_clip loads strictly overwrites every parameter, so
+    the random draw is wasted: for ViT-L-14 it is most of the load time on a
+    small CPU. The initialisers are swapped for no-ops only while one model is
+    built (a lock keeps two loads from interleaving), as Hugging Face's
+    ``no_init_weights`` does.
+    """
+    import torch
+
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    with _INIT_LOCK:
+        saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+        try:
+            for name in saved:
+                setattr(torch.nn.init, name, keep)
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.nn.init, name, fn)
+
+
+def has_weights(model_dir: Path) -> bool:
+    return any((model_dir / name).is_file() for name in WEIGHT_FILES)
+
+
 def load_model(spec: str = DEFAULT_MODEL) -> LoadedModel:
     import open_clip
     import torch
@@ -157,7 +197,12 @@ def load_model(spec: str = DEFAULT_MODEL) -> LoadedModel:
     model_dir = resolve_model_dir(spec)
     config = json.loads((model_dir / CONFIG_FILE).read_text("utf-8"))
     preprocess_cfg = config.get("preprocess_cfg", {})
-    model = open_clip.create_model(f"{LOCAL_PREFIX}{model_dir}", device="cpu")
+    if not has_weights(model_dir):
+        raise ModelUnavailableError(
+            f"{spec}: {model_dir} has {CONFIG_FILE} but no weights ({', '.join(WEIGHT_FILES)})"
+        )
+    with skipping_random_init():  # the checkpoint is loaded strictly over every tensor
+        model = open_clip.create_model(f"{LOCAL_PREFIX}{model_dir}", device="cpu")
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

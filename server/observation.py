@@ -132,7 +132,7 @@ def combine_batch(photos: np.ndarray, mask: np.ndarray, params: CombinerParams,
     """
     photos = np.asarray(photos, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
-    n_obs, _, n_species = photos.shape
+    n_species = photos.shape[2]
     n = mask.sum(axis=1)
     u = _uniform(allowed, n_species)
     eps = np.where(n >= 2, params.outlier, 0.0)[:, None, None]  # a lone photo is the find
@@ -141,9 +141,7 @@ def combine_batch(photos: np.ndarray, mask: np.ndarray, params: CombinerParams,
         log_mix = np.log(mix)
     log_q, weight = _product(log_mix, mask, params.rho)
     q = _softmax_rows(log_q)
-    # P(photo i shows another organism | all photos) = sum_s q(s) eps u(s) / mix_i(s).
-    off = np.einsum("ns,nks->nk", q, eps * u / np.maximum(mix, _TINY))
-    off = np.where(mask & (n >= 2)[:, None], off, 0.0)
+    off = _off_target(photos, log_mix, mask, params, u)
     kept = mask.copy()
     if params.trim:
         kept = _trim(off, mask, n)
@@ -158,6 +156,27 @@ def combine_batch(photos: np.ndarray, mask: np.ndarray, params: CombinerParams,
         with np.errstate(divide="ignore"):
             probs = _softmax_rows(np.log(q) + log_prior)
     return Combined(probs, photos_only, off, kept, weight, kept.sum(axis=1))
+
+
+def _off_target(photos: np.ndarray, log_mix: np.ndarray, mask: np.ndarray,
+                params: CombinerParams, u: np.ndarray) -> np.ndarray:
+    """[N, K] P(photo i shows another organism | the other photos).
+
+    The others' combination ``q_-i`` predicts photo i, if it shows the same
+    species, with Bayes factor ``sum_s q_-i(s) p_i(s) / u(s)`` against an
+    off-target photo (whose likelihood does not depend on the species).
+    """
+    n = mask.sum(axis=1)
+    eps = params.outlier
+    if eps <= 0.0:
+        return np.zeros(mask.shape)
+    w_rest = photo_weight(n - 1, params.rho)[:, None, None]
+    total = np.where(mask[:, :, None], log_mix, 0.0).sum(axis=1, keepdims=True)
+    q_rest = _softmax_rows(w_rest * (total - np.where(mask[:, :, None], log_mix, 0.0)))
+    ratio = np.where(u > 0, photos / np.where(u > 0, u, 1.0), 0.0)
+    bayes = np.einsum("nks,nks->nk", q_rest, ratio)
+    off = eps / (eps + (1.0 - eps) * bayes)
+    return np.where(mask & (n >= 2)[:, None], off, 0.0)
 
 
 def _trim(off: np.ndarray, mask: np.ndarray, n: np.ndarray) -> np.ndarray:

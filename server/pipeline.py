@@ -58,6 +58,9 @@ class Identification:
     rank_confidences: list[RankAnswer] = field(default_factory=list)
     similar: list[SimilarHit] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    # The decision's species distribution over ``names`` (observations combine these).
+    distribution: np.ndarray | None = None
+    names: tuple[str, ...] = ()
 
 
 SimilarSearch = Callable[[np.ndarray, int, bool], list[list[SimilarHit]]]
@@ -177,6 +180,10 @@ class Identifier:
             allowed = self.allowed_mask(protos, opts.restrict_to)
             scores = self.scorer.score(row[None, :], protos, allowed, self.neighbours)
             result = self._explain(scores, protos, opts)
+            own = getattr(self.scorer, "explain", None)  # a rule with its own rank answers
+            if own is not None:
+                result = own(result, scores, self.catalog)
+            result.distribution, result.names = scores.distribution[0], protos.names
             t1 = time.perf_counter()
             if opts.num_similar and self.similar_search is not None:
                 result.similar = self.similar_search(

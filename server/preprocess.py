@@ -1,18 +1,10 @@
-"""Photo bytes -> BioCLIP input tensor, safely and fast.
+"""Photo bytes -> model input tensor, safely and fast.
 
-BioCLIP's (and the seed's) preprocessing is RGB, ``Resize((224, 224))``
-(a squash, no centre crop, bilinear like torchvision on PIL images), then the
-CLIP mean/std. Two additions matter for phone photos:
-
-* EXIF orientation is applied, so a portrait shot is not seen sideways.
-* Fast decode: a 12-Mpx JPEG is decoded at a reduced DCT scale
-  (``Image.draft``) and box-reduced to at most twice the target before the
-  exact resize. That cuts decode from ~105 ms to ~24 ms; the embedding
-  difference it causes is measured by ``biolit-id bench`` (cosine vs the
-  plain path) and documented in the README.
-
-The pixel budget is checked from the header, before any pixel is decoded, so
-a decompression bomb costs nothing.
+The seed's preprocessing (squash to 224 x 224, CLIP mean/std), plus EXIF
+orientation, since phone photos are often stored sideways, and a reduced-scale
+JPEG decode before the exact resize, since decode dominates a large photo's
+cost. The pixel budget is checked from the header, so a decompression bomb
+costs nothing. Measurements: docs/performance.md ("Fast decode").
 """
 
 from __future__ import annotations

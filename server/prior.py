@@ -7,9 +7,13 @@ priors, Mac Aodha et al. 2019). Space: von Mises–Fisher kernels on the sphere
 around each record (a Gaussian in haversine distance at these bandwidths);
 season: von Mises kernels on the day-of-year circle. Because both kernels
 integrate to one, a request with only a place or only a date uses the exact
-marginal. How strongly the factor counts (``weight``) and the floor kept by
-species never recorded nearby are fitted on validation observations
-(``server.observation.CombinerParams``), not here.
+marginal. Space and season are estimated apart and multiplied,
+``p(place | s) p(day | s)``: a joint kernel needs records close in both at
+once, which a few hundred records per species do not give (measured in
+docs/observations.md). Each species gets its own bandwidths, chosen by
+leave-one-out likelihood when it is fitted. How strongly the factor counts
+(``weight``) and the floor kept by species never recorded nearby are fitted
+on validation observations (``server.observation.CombinerParams``), not here.
 
 Files (``biolit-id prior fit`` writes them, into ``BUNDLE/prior/`` or
 ``DATA_DIR/prior/``): ``prior.npz`` (records as unit vectors and day angles,
@@ -107,25 +111,26 @@ def check_location(latitude: float, longitude: float, uncertainty_m: float) -> W
 # ---------------------------------------------------------------- kernels
 
 
-def spatial_concentration(bandwidth_km: float, uncertainty_km: float = 0.0) -> float:
+def spatial_concentration(bandwidth_km, uncertainty_km: float = 0.0) -> np.ndarray:
     """vMF kappa for a kernel of this std (km); the position's uncertainty widens it."""
-    sigma = np.hypot(bandwidth_km, uncertainty_km) / EARTH_RADIUS_KM
-    return float(1.0 / max(sigma, 1e-9) ** 2)
+    sigma = np.hypot(np.asarray(bandwidth_km, dtype=np.float64), uncertainty_km)
+    return 1.0 / np.maximum(sigma / EARTH_RADIUS_KM, 1e-9) ** 2
 
 
-def seasonal_concentration(season_days: float) -> float:
-    sigma = 2.0 * np.pi * season_days / 365.25
-    return float(min(1.0 / max(sigma, 1e-9) ** 2, 700.0))  # np.i0 overflows past ~713
+def seasonal_concentration(season_days) -> np.ndarray:
+    sigma = 2.0 * np.pi * np.asarray(season_days, dtype=np.float64) / 365.25
+    return np.minimum(1.0 / np.maximum(sigma, 1e-9) ** 2, 700.0)  # np.i0 overflows past ~713
 
 
-def vmf_sphere(cosines: np.ndarray, kappa: float) -> np.ndarray:
+def vmf_sphere(cosines: np.ndarray, kappa) -> np.ndarray:
     """von Mises–Fisher density on S^2 (per steradian), stable for large kappa."""
-    norm = kappa / (2.0 * np.pi * -np.expm1(-2.0 * kappa))
+    norm = kappa / (2.0 * np.pi * -np.expm1(-2.0 * np.asarray(kappa)))
     return norm * np.exp(kappa * (cosines - 1.0))
 
 
-def von_mises(delta: np.ndarray, kappa: float) -> np.ndarray:
+def von_mises(delta: np.ndarray, kappa) -> np.ndarray:
     """von Mises density on the circle (per radian)."""
+    kappa = np.asarray(kappa, dtype=np.float64)
     return np.exp(kappa * (np.cos(delta) - 1.0)) / (2.0 * np.pi * np.i0(kappa) * np.exp(-kappa))
 
 
@@ -134,20 +139,24 @@ def von_mises(delta: np.ndarray, kappa: float) -> np.ndarray:
 
 @dataclass
 class SpaceSeasonPrior:
-    """Occurrence records grouped by species, and the kernels' bandwidths."""
+    """Occurrence records grouped by species, and each species' kernel bandwidths."""
 
     species: tuple[str, ...]
     points: np.ndarray  # [M, 3] unit vectors
     days: np.ndarray  # [M] day angle in radians, NaN for records without a date
     offsets: np.ndarray  # [S + 1] records of species i are offsets[i]:offsets[i+1]
-    bandwidth_km: float
-    season_days: float
+    bandwidth_km: np.ndarray  # [S] spatial kernel std
+    season_days: np.ndarray  # [S] seasonal kernel std
     meta: dict = field(default_factory=dict)
     version: str = ""
 
     def __post_init__(self) -> None:
+        self.bandwidth_km = np.asarray(self.bandwidth_km, dtype=np.float64)
+        self.season_days = np.asarray(self.season_days, dtype=np.float64)
         self._owner = np.repeat(np.arange(len(self.species)), np.diff(self.offsets))
         self._counts = np.diff(self.offsets).astype(np.float64)
+        dated = ~np.isnan(self.days)
+        self._dated = np.bincount(self._owner[dated], minlength=len(self.species))
         self._index = {name: i for i, name in enumerate(self.species)}
 
     @property
@@ -163,21 +172,25 @@ class SpaceSeasonPrior:
         """
         if where is None and day is None:
             raise ValueError("densities needs a place, a date or both")
-        kernel = np.ones(len(self.points))
+        n = len(self.species)
+        per_species = np.ones(n)
         background = BACKGROUND
         if where is not None:
-            kappa = spatial_concentration(self.bandwidth_km, where.uncertainty_km)
+            kappa = spatial_concentration(self.bandwidth_km, where.uncertainty_km)[self._owner]
             query = unit_vectors(np.array([where.latitude]), np.array([where.longitude]))[0]
-            kernel = kernel * vmf_sphere(self.points @ query, kappa)
+            kernel = vmf_sphere(self.points @ query, kappa)
+            per_species *= np.bincount(self._owner, weights=kernel, minlength=n) / np.maximum(
+                self._counts, 1.0)
             background /= 4.0 * np.pi
         if day is not None:
-            kappa_t = seasonal_concentration(self.season_days)
-            season = np.where(np.isnan(self.days), 1.0 / (2.0 * np.pi),
-                              von_mises(np.nan_to_num(self.days) - day, kappa_t))
-            kernel = kernel * season
+            dated = ~np.isnan(self.days)
+            kappa_t = seasonal_concentration(self.season_days)[self._owner[dated]]
+            kernel = von_mises(self.days[dated] - day, kappa_t)
+            season = np.bincount(self._owner[dated], weights=kernel, minlength=n)
+            # A species with no dated record: its season is unknown, i.e. uniform.
+            per_species *= np.where(self._dated > 0, season / np.maximum(self._dated, 1),
+                                    1.0 / (2.0 * np.pi))
             background /= 2.0 * np.pi
-        per_species = np.bincount(self._owner, weights=kernel, minlength=len(self.species))
-        per_species = per_species / np.maximum(self._counts, 1.0)
         out = np.full(len(names), np.nan)
         for i, name in enumerate(names):
             j = self._index.get(name)
@@ -194,14 +207,18 @@ class SpaceSeasonPrior:
         np.savez_compressed(
             buffer, species=np.array(self.species, dtype=object).astype(str),
             points=self.points.astype(np.float64), days=self.days.astype(np.float64),
-            offsets=self.offsets.astype(np.int64),
+            offsets=self.offsets.astype(np.int64), bandwidth_km=self.bandwidth_km,
+            season_days=self.season_days,
         )
         payload = buffer.getvalue()
         self.version = hashlib.sha256(payload).hexdigest()[:16]
         atomic_write(directory / PRIOR_NPZ, payload)
         meta = {**self.meta, "format": FORMAT, "version": self.version,
-                "bandwidth_km": self.bandwidth_km, "season_days": self.season_days,
-                "species": self.record_counts}
+                "species": {name: {"records": count, "bandwidth_km": float(bw),
+                                   "season_days": float(sd)}
+                            for (name, count), bw, sd in zip(
+                                self.record_counts.items(), self.bandwidth_km,
+                                self.season_days, strict=True)}}
         atomic_write(directory / PRIOR_JSON, json.dumps(meta, indent=2, ensure_ascii=False))
         return directory
 
@@ -214,6 +231,7 @@ def load_prior(directory: Path) -> SpaceSeasonPrior:
         arrays = np.load(io.BytesIO(payload), allow_pickle=False)
         species = tuple(str(s) for s in arrays["species"])
         points, days, offsets = arrays["points"], arrays["days"], arrays["offsets"]
+        bandwidth, season = arrays["bandwidth_km"], arrays["season_days"]
     except (OSError, ValueError, KeyError) as exc:
         raise PriorError(f"cannot read the prior in {directory}: {exc}") from None
     if meta.get("format") != FORMAT:
@@ -221,10 +239,11 @@ def load_prior(directory: Path) -> SpaceSeasonPrior:
     version = hashlib.sha256(payload).hexdigest()[:16]
     if meta.get("version") != version:
         raise PriorError(f"{directory}: {PRIOR_NPZ} does not match {PRIOR_JSON} (half-written?)")
-    if len(offsets) != len(species) + 1 or offsets[-1] != len(points) or len(days) != len(points):
+    if (len(offsets) != len(species) + 1 or offsets[-1] != len(points)
+            or len(days) != len(points) or len(bandwidth) != len(species)
+            or len(season) != len(species)):
         raise PriorError(f"{directory}: inconsistent record arrays")
-    return SpaceSeasonPrior(species, points, days, offsets, float(meta["bandwidth_km"]),
-                            float(meta["season_days"]), meta, version)
+    return SpaceSeasonPrior(species, points, days, offsets, bandwidth, season, meta, version)
 
 
 def relative_factor(density: np.ndarray, known: np.ndarray, background: float,

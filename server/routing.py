@@ -1,6 +1,6 @@
 """Decision rules, as pure vectorised numpy shared by the service and the tools.
 
-``route_hybrid`` is the BioLit seed's cascade (``REFERENCE.md``, "Routing",
+``route_hybrid`` is the BioLit seed's cascade (``docs/seed-v4.md``, "Routing",
 bundles with ``routing: seed``), kept bit-exact so imported seed bundles
 decide as the seed did. ``route_fused`` is the rule of ``routing: fused``
 bundles: one calibrated distribution over every species, one cut on the
@@ -28,7 +28,7 @@ class Method(enum.IntEnum):
     FUSED = 7
 
 
-# The seed's CSV spelling of each method (REFERENCE.md), one-to-one.
+# The seed's CSV spelling of each method (docs/seed-v4.md, "Routing"), one-to-one.
 SEED_METHOD_NAMES: dict[Method, str] = {
     Method.CLASSIFIER: "classifier_top50",
     Method.CLASSIFIER_LOW: "classifier_top50_low",
@@ -142,7 +142,7 @@ def routed_distribution(
 ) -> np.ndarray:
     """Species distribution consistent with each routing decision ([B, S]).
 
-    REFERENCE.md, "Taxonomic confidence": classifier methods -> p_common on
+    docs/seed-v4.md, "Taxonomic confidence": classifier methods -> p_common on
     the global species (rare = 0); prototype -> p_proto; rejected -> 0.5
     p_common + 0.5 p_proto for common species, 0.5 p_proto for rare ones,
     renormalised. Zero-shot answers use p_proto (the text prototypes).

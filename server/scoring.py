@@ -1,17 +1,9 @@
 """Scores for a batch of embeddings: the components, the decision and its distribution.
 
-``REFERENCE.md``, "Scoring": ``p_common = softmax(MLP(f))`` over the head's
-common species, ``p_proto = softmax(T * whiten(f) @ prototypes.T)`` over all
-species. Without a bundle (zero-shot) the prototypes are the catalog's text
-embeddings in the raw 512-d space and ``T`` is CLIP's logit scale.
-
-Every scorer also returns ``distribution``: the one species distribution its
-decision stands on (rank answers sum it over the lineage). Here: the seed's
-routing-consistent mixture and the zero-shot text softmax; ``server.fused``
-adds the fused distribution of ``routing: fused`` bundles.
-
-``allowed`` restricts a request to some species: disallowed species get
--inf logits, so every softmax renormalises over the allowed ones only.
+The seed's scoring (docs/seed-v4.md, "Scoring") and the zero-shot text
+softmax. Every scorer also returns the one species distribution its decision
+stands on, so rank answers sum that and not another. ``allowed`` gives
+excluded species -inf logits, so each softmax renormalises over the rest.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import grpc
 
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
+from biolit_id.server import observation_rpc as observation
 from biolit_id.server.batcher import (
     DeadlineExceededError,
     current_queue_ms,
@@ -20,7 +21,7 @@ from biolit_id.server.batcher import (
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.curation import CurationServicer
 from biolit_id.server.errors import NotFoundError, status_of
-from biolit_id.server.limits import check_request, deadline_passed
+from biolit_id.server.limits import MAX_OBSERVATION_PHOTOS, check_request, deadline_passed
 from biolit_id.server.messages import identify_response, species_message
 from biolit_id.server.pipeline import Identification, InvalidRequestError
 from biolit_id.server.state import ServiceState
@@ -37,6 +38,7 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
     def _identify_one(self, request: pb.IdentifyRequest) -> Identification:
         ident = self.state.identifier
         check_request(request)  # field limits; IdentifyStream reports them per item
+        observation.identify_place_date(request)  # a bad location or date, before any work
         has_image = bool(request.image)
         has_embedding = len(request.embedding) > 0
         if has_image and has_embedding:
@@ -69,7 +71,15 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
         return batcher.request_scope(deadline, announce=has_photo)
 
     def _respond(self, request: pb.IdentifyRequest, result: Identification) -> pb.IdentifyResponse:
-        return identify_response(result, self.state.versions(), request.request_id)
+        response = identify_response(result, self.state.versions(), request.request_id)
+        observation.identify_with_prior(self.state, request, result, response)  # place, date
+        return response
+
+    def IdentifyObservation(self, request: pb.IdentifyObservationRequest,
+                            context: grpc.ServicerContext):
+        has_photo = any(photo.image for photo in request.photos)
+        with self._call_scope(grpc_deadline(context), has_photo):
+            return observation.identify_observation(self.state, request)
 
     def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext):
         with self._call_scope(grpc_deadline(context), bool(request.image)):
@@ -182,6 +192,8 @@ class SpeciesIdentifierServicer(CurationServicer, pb_grpc.SpeciesIdentifierServi
                 max_top_k=MAX_TOP_K,
                 max_num_similar=MAX_NUM_SIMILAR,
                 max_restrict_to=MAX_RESTRICT_TO,
+                max_observation_photos=int(cfg.extra.get("max_observation_photos",
+                                                         MAX_OBSERVATION_PHOTOS)),
             ),
             gallery_backend=cfg.gallery.split(":", 1)[0],
         )

@@ -21,6 +21,7 @@ from biolit_id.server.embedders.base import Embedder
 from biolit_id.server.embedders.threads import configure_threads
 from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.model_loader import LoadedModel, load_model
+from biolit_id.server.observation_rpc import ObservationSetup, load_observation_setup
 from biolit_id.server.pipeline import Identifier
 from biolit_id.server.preprocess import ImagePolicy
 from biolit_id.server.decision import scorer_for
@@ -45,6 +46,7 @@ class ServiceState:
     gallery: object | None = None
     batcher: MicroBatcher | None = None
     started_at: float = field(default_factory=time.time)
+    observations: ObservationSetup = field(default_factory=ObservationSetup)  # prior, combiner
 
     def versions(self) -> pb.Versions:
         return pb.Versions(
@@ -54,6 +56,7 @@ class ServiceState:
             service_version=SERVICE_VERSION,
             gallery_version=getattr(self.gallery, "version", 0),
             model_fingerprint=self.model.fingerprint,
+            prior_version=self.observations.version,
         )
 
 
@@ -93,6 +96,7 @@ def build_state(config: ServerConfig) -> ServiceState:
     if config.bundle is not None:
         bundle = load_bundle(config.bundle, model.fingerprint, model.embedding_dim)
     scorer = scorer_for(bundle)  # the bundle's routing: seed cascade, fused...
+    observations = load_observation_setup(config.bundle, config.data_dir)  # prior, combiner
     text_cache = TextPrototypeCache(model, config.data_dir)
     threads = configure_threads(config.model_threads, config.search_threads)
     embedder = build_embedder(model, config.runtime, config.precision, config.data_dir,
@@ -125,5 +129,6 @@ def build_state(config: ServerConfig) -> ServiceState:
         identifier=identifier,
         gallery=gallery,
         batcher=batcher,
+        observations=observations,
     )
 

@@ -1,20 +1,9 @@
 """Answers above species level: probability mass per taxon, and the fallback rule.
 
-When the species is not sure the photo is often certainly *a limpet*: the
-decision's own species distribution (``Scores.distribution``: the fused one,
-or the seed's routing-consistent mixture, REFERENCE.md "Taxonomic
-confidence") is summed per taxon at genus, family, order and class, and the
-finest rank whose mass passes its own calibrated threshold answers (the
-common-ancestor rule iNaturalist uses). Thresholds come from ``biolit-id
-calibrate``; without them there is no fallback, only an honest rejection.
-
-Species names that are groups sit where they belong in the tree. ``Patella
-sp.`` and ``Ulva spp.`` are leaves under their genus (their mass counts for
-*Patella*, *Ulva*), ``Littorina fabalis/obtusata`` a leaf under *Littorina*;
-``Magallana gigas / Ostrea edulis`` spans two genera, so it counts for the
-family Ostreidae and no genus. Answering one of these classes is a
-species-level decision (``species_group``), never a genus answer in
-disguise: a genus answer only ever comes from the genus mass.
+An unsure species is often a sure genus: the decision's own distribution is
+summed per taxon and the finest rank over its calibrated threshold answers,
+so a rank answer always agrees with the species mass under it. Group names
+(``Patella sp.``) stay species-level answers. Rules: docs/taxonomy.md.
 """
 
 from __future__ import annotations

@@ -24,6 +24,21 @@ def _key(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
+def _load(path: Path, dim: int) -> dict[str, np.ndarray]:
+    """The cached vectors; raises when the file is damaged. The zip's CRCs catch flipped
+    or missing bytes; the checks below catch a file that unzips into the wrong shape."""
+    with np.load(path, allow_pickle=False) as data:
+        keys, vectors = data["keys"], data["vectors"]
+    if vectors.ndim != 2 or vectors.shape != (len(keys), dim):
+        raise ValueError(f"vectors {vectors.shape} for {len(keys)} keys of {dim}-d")
+    if not np.isfinite(vectors).all():
+        raise ValueError("non-finite values")
+    norms = np.linalg.norm(vectors, axis=1)
+    if len(norms) and not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError("vectors are not unit length")
+    return {str(k): v for k, v in zip(keys, vectors, strict=True)}
+
+
 class TextPrototypeCache:
     def __init__(self, model: LoadedModel, cache_dir: Path | None) -> None:
         self._model = model
@@ -34,13 +49,11 @@ class TextPrototypeCache:
         self._vectors: dict[str, np.ndarray] = {}
         if self._path is not None and self._path.is_file():
             try:
-                with np.load(self._path) as data:
-                    for key, vec in zip(data["keys"], data["vectors"], strict=True):
-                        self._vectors[str(key)] = vec
-            except Exception as exc:  # a cache is never worth refusing to start
-                log.warning("text prototype cache %s unreadable (%s): recomputing",
-                            self._path, exc)
-                self._vectors.clear()
+                self._vectors = _load(self._path, model.embedding_dim)
+            except Exception as exc:  # derived data: never worth refusing to start
+                log.warning("text prototype cache %s is corrupt (%s): recomputing it from "
+                            "the model", self._path, exc)
+                self._vectors = {}
         self.computed = 0  # prompts embedded since start (tests check the cache works)
 
     def embed(self, prompts: list[str]) -> np.ndarray:

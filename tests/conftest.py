@@ -17,11 +17,18 @@ from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.config import ServerConfig
 
 SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "seed-v4"
+SEED_V2_DIR = SEED_DIR.parent / "seed-v2"
 
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture(scope="session")
+def vit_l14_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BioCLIP-2's architecture (ViT-L-14, 768-d), random weights; once per session (~10 s)."""
+    return write_demo_model(tmp_path_factory.mktemp("vit-l-14"), arch="ViT-L-14")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""Routing and calibration on a feature-level long tail: 100 species, 50 rare (10-50 photos).
+"""The seed's cascade (``routing: seed``) and its calibration on a feature-level long tail:
+100 species, 50 rare (10-50 photos). The fused decision has its own tests
+(``test_fused_*.py``); these keep the cascade's calibration honest.
 
 The embeddings are Gaussian clusters laid out along the catalog's real
 taxonomy (tests/training_data.py), so congeneric species are close and some
@@ -25,9 +27,10 @@ from biolit_id.cli.metrics import (
     score_set,
 )
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.bundle import load_bundle
+from biolit_id.server.bundle import Bundle, load_bundle
 from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import Routed, Thresholds, route_hybrid
+from biolit_id.server.routing import Routed, Thresholds, route_hybrid, routed_distribution
+from biolit_id.server.scoring import HybridScorer, Scores
 from biolit_id.server.taxonomy import taxon_fallback
 from conftest import stub_for
 
@@ -42,7 +45,7 @@ def trained(tmp_path_factory, demo_model_spec):
     bundle = root / "bundle"
     assert main(["train", "--embeddings", str(root / "emb.parquet"), "--model", demo_model_spec,
                  "--out", str(bundle), "--alpha", "1.0", "--patience", "5",
-                 "--no-progress"]) == 0
+                 "--routing", "seed", "--no-progress"]) == 0
     return {"root": root, "bundle": bundle, "data": data}
 
 
@@ -153,6 +156,17 @@ def test_service_gives_the_rank_answers_evaluate_counted(coverage_bundle, make_s
 # ------------------------------------------------------------ unit level
 
 
+def cascade(names: list[str]) -> HybridScorer:
+    """The seed's cascade over ``names``, prototypes only (no head)."""
+    s, dim = len(names), 4
+    zeros = np.zeros((s, dim), np.float32)
+    return HybridScorer(Bundle(
+        model_id="test", model_fingerprint="", embedding_dim=dim, species=list(names),
+        common=[], head_config={}, head_state={}, visual_prototypes=zeros,
+        text_prototypes=zeros, prototypes=zeros, whitening_mu=None, whitening_W=None,
+        temperature=1.0, alpha=1.0, thresholds=Thresholds()))
+
+
 def _scored(p_proto: np.ndarray, names: list[str], truth: list[str],
             thresholds: Thresholds) -> ScoredSet:
     n = len(p_proto)
@@ -160,8 +174,10 @@ def _scored(p_proto: np.ndarray, names: list[str], truth: list[str],
     c2g = np.zeros(0, dtype=np.int64)
     routed = route_hybrid(empty, p_proto, c2g, thresholds)
     index = {s: i for i, s in enumerate(names)}
-    return ScoredSet(empty, p_proto, empty, c2g, routed,
-                     np.array([index[t] for t in truth]), tuple(names))
+    scores = Scores(empty, p_proto, c2g, routed,
+                    routed_distribution(routed.method, empty, p_proto, c2g))
+    return ScoredSet(scores, empty, np.array([index[t] for t in truth]), tuple(names),
+                     cascade(names))
 
 
 def test_two_congeneric_species_splitting_the_mass_give_the_genus():

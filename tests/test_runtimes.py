@@ -21,10 +21,15 @@ from biolit_id.server.embedders.calibration import (
     calibration_tag,
     synthetic_photos,
 )
-from biolit_id.server.embedders.export import artifact_root
+from biolit_id.server.embedders.export import (
+    artifact_root,
+    onnx_int8_weight_type,
+    quantize_onnx_int8,
+)
 from biolit_id.server.embedders.factory import make_embedder
 from biolit_id.server.embedders.gate import fidelity
-from biolit_id.server.embedders.hardware import cpu_has_bf16
+from biolit_id.server.embedders.hardware import cpu_has_bf16, cpu_has_vnni
+from biolit_id.server.embedders.onnx import OnnxEmbedder
 from biolit_id.server.embedders.threads import configure_threads
 from conftest import stub_for
 
@@ -76,6 +81,22 @@ def test_onnx_int8_is_smaller_and_passes_the_gate_here(loaded_demo_model, cache_
     out = embedder.embed(pixels)
     assert not np.allclose(out, reference, atol=1e-6)  # really quantised
     assert fidelity(reference, out, "onnx", "int8").passed
+
+
+def test_onnx_int8_weight_type_follows_the_cpu_and_u8_passes_everywhere(
+        loaded_demo_model, cache_dir, pixels, reference):
+    # u8 x s8 saturates without VNNI; the default must avoid it on this CPU.
+    assert onnx_int8_weight_type() == ("s8" if cpu_has_vnni() else "u8")
+    default = build_embedder(loaded_demo_model, "onnx", "int8", cache_dir).path
+    assert default.parent.name == f"onnx-int8-{onnx_int8_weight_type()}"
+    assert json.loads((default.parent / "meta.json").read_text())["weight_type"] == (
+        onnx_int8_weight_type())
+    # u8 weights never saturate, whatever the CPU: they pass the gate on any machine.
+    u8 = quantize_onnx_int8(loaded_demo_model, cache_dir, weight_type="u8")
+    embedder = OnnxEmbedder(u8, "int8", loaded_demo_model.embedding_dim)
+    assert fidelity(reference, embedder.embed(pixels), "onnx", "int8").passed
+    with pytest.raises(ValueError, match="s8 or u8"):
+        quantize_onnx_int8(loaded_demo_model, cache_dir, weight_type="s4")
 
 
 def test_openvino_runs_the_precision_that_was_asked(loaded_demo_model, cache_dir, pixels,

@@ -1,6 +1,6 @@
-"""Served with the imported seed bundle, Identify decides exactly as REFERENCE.md says.
+"""Served with the imported seed bundle, Identify decides exactly as docs/seed-v4.md says.
 
-The reference below is written from REFERENCE.md alone, on the raw seed files
+The reference below is written from docs/seed-v4.md alone, on the raw seed files
 (its own MLP class loaded with the seed's ``net.*`` state dict, the seed's
 whitening, temperature and thresholds) and deliberately imports nothing from
 ``server.routing`` or ``server.scoring``. The fused prototypes are read from
@@ -41,7 +41,7 @@ def _load_raw(path: Path) -> dict:
 
 
 class SeedMLP(nn.Module):
-    """REFERENCE.md's classifier, attribute ``net`` so the seed's keys load as they are."""
+    """docs/seed-v4.md's "Head", attribute ``net`` so the seed's keys load as they are."""
 
     def __init__(self, dim: int, classes: int) -> None:
         super().__init__()
@@ -55,7 +55,7 @@ class SeedMLP(nn.Module):
 
 
 class SeedReference:
-    """REFERENCE.md's "Scoring" and "Routing", one image at a time."""
+    """docs/seed-v4.md's "Scoring" and "Routing", one image at a time."""
 
     def __init__(self, fused: np.ndarray) -> None:
         clf, protos = _load_raw(CLASSIFIER), _load_raw(PROTOTYPES)

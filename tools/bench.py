@@ -1,27 +1,8 @@
 """``biolit-id bench``: the seed's path vs the service, runtimes, and the gallery at scale.
 
-One run, same photos, side by side (JSON plus a printed table):
-
-* decode: full-size JPEG decode vs draft-mode decode (ms/photo) and the
-  embedding difference the fast path causes (cosine to the plain path).
-* seed: the seed's way of working: eager fp32 open_clip, full decode, one
-  Python loop over photos.
-* forward: the image tower alone per runtime and precision: ms at batch 1,
-  photos/s batched, cosine to torch fp32 and the fidelity gate.
-* service: the real server over gRPC on loopback at concurrency 1, 4, 16:
-  photos/s, p50/p95/p99 latency, per-stage times (server timings and the
-  micro-batcher's counters), and the idle single-photo overhead vs the bare
-  forward of the same runtime.
-* adds: AddExemplars with embedding input through gRPC (durable), and
-  whether the next query sees the added photo.
-* gallery: search p50/p95, recall@10 and bytes per exemplar at 10k, 100k
-  and 1M vectors (see tools/bench_gallery.py).
-* start: server start time with a large gallery (see tools/bench_gallery.py).
-
-Every number is the median of ``--repeats`` runs. Cost does not depend on
-weight values, so ``biolit-id demo-model DIR --arch ViT-B-16`` is what to
-time offline. ``--quick`` shrinks everything so a smoke run takes seconds.
-Speed targets are checked here and reported in ``targets``; never in tests.
+Speed is judged here, on one machine and the same photos side by side, never
+in unit tests. Writes JSON plus a printed table. Sections, how to run it, and
+the measured results with the machine they came from: docs/performance.md.
 """
 
 from __future__ import annotations

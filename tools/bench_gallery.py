@@ -1,19 +1,9 @@
 """Gallery search at scale for ``biolit-id bench``: speed, recall@10 and memory.
 
-Vectors are synthetic unit vectors drawn around random centres (one centre
-per ~500 photos, like photos of one species), because uniformly random
-vectors in 256-d have no neighbourhood structure at all: every IVF or PQ
-index looks bad on them and says nothing about real embeddings. Queries are
-new draws from the same centres (a new photo of a known species). Recall@10
-is measured against exact search on the same vectors; ``--gallery-data
-uniform`` runs the worst case instead.
-
-Every index is searched the way the service searches it, one query per call
-through ``index.faiss_index.VectorIndex.search_exemplars`` (exemplar-only ID
-selector included). The IVF coarse quantiser is trained once per size and
-shared by all IVF candidates, so the comparison is between codecs, not
-between k-means runs. Every candidate is a kind the gallery offers
-(``--gallery faiss:KIND``).
+Vectors are clustered around synthetic "species" centres, because uniform
+random vectors have no neighbourhood structure and make every IVF/PQ index
+look useless. Each index is searched the way the service searches it. Method
+and results: docs/performance.md ("Gallery at scale").
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
 """``biolit-id calibrate``: fit temperatures, routing and rank thresholds on validation data.
 
-Three steps, all on the validation embeddings and all through the service's
-own scorer and routing (``routing`` in the bundle's manifest):
-
-1. Temperatures. ``routing: fused``: the fusion weights of the head-side
-   terms (their scale is the distribution's temperature) are refitted by
-   NLL. ``routing: seed``: the head's logits get a temperature (folded into
-   its last layer, so ``serve`` needs no extra code) and the prototype
-   temperature is refitted. ECE is reported before and after.
-2. The answer cut. Fused: one threshold on the answer's probability.
-   Seed: the cascade's ``classifier_high``, ``classifier_low`` and
-   ``prototype`` by search. ``--coverage C`` minimises the error rate among
-   answers subject to answering at least C of the photos; ``--max-risk R``
-   answers as many photos as possible with an error rate at most R.
-3. Rank thresholds (genus, family, order, class) for the photos still
-   rejected, from the decision's own distribution summed over the lineage:
-   per rank, finest first, the lowest taxon mass whose answers reach
-   ``--taxon-precision`` (iNaturalist's common-ancestor rule). A rank with
-   too few rejected photos to judge is left without a threshold, so it
-   never answers.
+Thresholds are chosen by the coverage or risk the operator asks for, not
+guessed, and through the service's own scorer, so what is calibrated is what
+serves. The three steps: docs/training.md ("calibrate").
 """
 
 from __future__ import annotations
@@ -57,6 +41,9 @@ DEFAULT_COVERAGE = 0.88
 DEFAULT_TAXON_PRECISION = 0.90
 MIN_TAXON_SUPPORT = 5  # rejected photos a rank needs before its precision means anything
 MIN_TAXON_THRESHOLD = 0.5  # above half the mass the answered taxon is unambiguous
+# z of the Wilson lower bound a rank's validation precision must reach the target with
+# (0: the plain precision; the threshold floor below already keeps a margin).
+TAXON_CONFIDENCE_Z = 0.0
 GRID = 21
 FINE = 201
 
@@ -237,9 +224,20 @@ def answer_threshold(scored: ScoredSet, target_coverage: float | None = None,
 # ------------------------------------------------------------ rank thresholds
 
 
+def wilson_lower(p: np.ndarray, n: np.ndarray, z: float) -> np.ndarray:
+    """Lower end of the Wilson score interval of a proportion ``p`` over ``n`` trials."""
+    p, n = np.asarray(p, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    if z <= 0:
+        return p
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half
+
+
 def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog,
                          precision: float = DEFAULT_TAXON_PRECISION,
-                         min_support: int = MIN_TAXON_SUPPORT) -> tuple[dict[str, float], dict]:
+                         min_support: int = MIN_TAXON_SUPPORT,
+                         z: float = TAXON_CONFIDENCE_Z) -> tuple[dict[str, float], dict]:
     """Per rank, finest first, on the photos no finer rank has answered.
 
     The threshold is the lowest taxon mass (>= 0.5) at which the answers at
@@ -270,8 +268,9 @@ def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog
             continue
         order = np.argsort(-masses_arr[eligible], kind="stable")
         m_sorted = masses_arr[eligible][order]
-        cum_precision = np.cumsum(right_arr[eligible][order]) / np.arange(1, len(order) + 1)
-        ok = np.flatnonzero(cum_precision >= precision)
+        answered_n = np.arange(1, len(order) + 1)
+        cum_precision = np.cumsum(right_arr[eligible][order]) / answered_n
+        ok = np.flatnonzero(wilson_lower(cum_precision, answered_n, z) >= precision)
         # Only cut between distinct masses: ties all pass or all fail together.
         ok = [k for k in ok if k + 1 == len(m_sorted) or m_sorted[k + 1] < m_sorted[k]]
         ok = [k for k in ok if k + 1 >= min_support]
@@ -279,8 +278,15 @@ def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog
             info["disabled"] = f"no threshold reaches precision {precision:.2f}"
             report["ranks"][rank] = info
             continue
-        k = max(ok)
-        threshold = float(m_sorted[k])
+        # Never below the precision itself: where the masses are calibrated (routing
+        # fused) answers above a mass t are right at least t of the time, which holds on
+        # new photos better than the few rejected validation photos can show.
+        threshold = max(float(m_sorted[max(ok)]), precision)
+        k = int((m_sorted >= threshold).sum()) - 1
+        if k < 0:
+            info["disabled"] = f"no rejected photo with mass >= {threshold:.2f}"
+            report["ranks"][rank] = info
+            continue
         thresholds[rank] = threshold
         info.update(threshold=threshold, answered=int(k + 1),
                     precision=float(cum_precision[k]))

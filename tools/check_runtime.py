@@ -1,17 +1,9 @@
 """``biolit-id check-runtime``: is a faster runtime still the same model on YOUR photos?
 
-The fidelity gate (every embedding within cosine 0.999 of eager torch fp32)
-is what the service's ``auto`` choice checks on a calibration set. int8 is
-opt-in precisely because its error depends on the real weights and the real
-photos: whoever deploys it runs this on the real model and a folder of real
-field photos, and reads two numbers:
-
-* cosine of each photo's embedding to the fp32 one (min, 1st percentile, mean);
-* top-1 agreement: the share of photos for which the service's decision
-  (species or rejection, and the method) is the same as with fp32, and the
-  share with the same nearest prototype.
-
-Exit status 0 when the gate passes, 1 when it does not, 2 on usage errors.
+int8's error depends on the real weights and photos, so it is never picked
+automatically; whoever deploys it runs this first. Prints cosine to fp32 and
+decision agreement; exit 0 when the gate passes, 1 when not, 2 on usage
+errors. docs/performance.md ("The fidelity gate and auto").
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("biolit_id.cli.train", "train the head, prototypes and whitening into a bundle"),
     "calibrate": ("biolit_id.cli.calibrate", "fit routing thresholds on validation embeddings"),
     "evaluate": ("biolit_id.cli.evaluate", "evaluate a bundle and write metrics and plots"),
+    "longtail": ("biolit_id.cli.longtail", "write the synthetic long-tail benchmark set"),
+    "bench-quality": ("biolit_id.cli.longtail_bench",
+                      "measure identification quality on the synthetic long tail"),
     "import-seed": ("biolit_id.cli.import_seed", "import the BioLit seed's trained artifacts"),
     "infer-csv": ("biolit_id.cli.infer_csv", "identify a folder offline into the seed's CSV"),
     "enrich": ("biolit_id.cli.enrich", "refresh catalog taxonomy and names from GBIF"),
@@ -27,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("biolit_id.cli.bench", "benchmark runtimes, the service and the gallery"),
     "check-runtime": ("biolit_id.cli.check_runtime", "compare a runtime's embeddings with fp32"),
     "protogen": ("biolit_id.cli.protogen", "regenerate the gRPC stubs from proto/"),
+    "prior": ("biolit_id.cli.prior", "fit the place-and-season prior and observation combiner"),
 }
 
 

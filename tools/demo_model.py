@@ -1,16 +1,10 @@
 """``biolit-id demo-model DIR``: a random-weight model in BioCLIP's on-disk format.
 
-No model hub is reachable from CI or these machines, so the real loading path
-(``local-dir:`` -> open_clip) is exercised on a model with BioCLIP's layout:
-``open_clip_config.json`` (model_cfg + preprocess_cfg) and
-``open_clip_pytorch_model.bin``. Its predictions mean nothing.
-
-``--arch ViT-B-16`` is BioCLIP's architecture (512-d), ``--arch ViT-L-14``
-BioCLIP-2's (768-d): cost does not depend on weight values, so these are what
-the benchmark times. Full-size weights are stored in fp16 (half the disk and
-write time; open_clip loads them into its fp32 parameters, as it would a
-half-precision checkpoint from the hub). ``--embed-dim`` changes the width of
-the tiny model, for quick tests of services that are not 512-d.
+No model hub is reachable from CI, so the real ``local-dir:`` loading path is
+exercised on a model with BioCLIP's layout. Its predictions mean nothing.
+``--arch ViT-B-16`` (BioCLIP, 512-d) and ``ViT-L-14`` (BioCLIP-2, 768-d) are
+what the benchmark times, since cost does not depend on weight values;
+full-size weights are stored in fp16; ``--embed-dim`` sets the tiny model's width.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """``biolit-id embed``: a labelled photo set -> an embeddings parquet file.
 
-Input is a CSV manifest (columns ``image``, ``species``; relative paths are
-resolved against the CSV's folder) or a folder with one subfolder per
-species. Photos go through the service's own preprocessing and embedder, so
-training sees exactly the vectors serving will see.
-
-Embedding a few thousand photos on a CPU takes a while, so the work is
-resumable: every vector is cached under the sha256 of the file's bytes (plus
-the model fingerprint, preprocessing, runtime and precision: an int8 or bf16
-vector is not an fp32 one), flushed to small parquet parts as
-it goes. A rerun after a crash, or after adding photos, embeds only what is
-new. Unreadable photos are listed in ``OUT.errors.csv`` and skipped.
+Photos go through the service's own preprocessing and embedder, so training
+sees the vectors serving will see. Embedding on a CPU is slow, so every
+vector is cached by file hash and model settings and a rerun embeds only what
+is new. docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """``biolit-id enrich``: refresh catalog taxonomy and vernacular names from GBIF.
 
-Results go to the overlay ``DATA_DIR/catalog.json`` (server/catalog_store.py),
-which ``serve --data-dir DATA_DIR`` loads at start; the shipped catalog is
-never edited. Every name is matched on GBIF's backbone with the policy of
-server/gbif.py: only EXACT matches replace curated ranks; FUZZY, SYNONYM,
-HIGHERRANK and NONE matches are recorded as such and listed for review.
-
-Offline: after the first name GBIF cannot be reached for, the run goes
-cache-only (no more timeouts); names without a cached answer keep their
-existing data, the run says so, and exits 3. Exit codes: 0 every name looked
-up; 2 a --species name is not in the catalog; 3 some names were not looked
-up (GBIF unreachable or answering errors), existing data kept for those.
+Writes the catalog overlay, never the shipped catalog, with the match policy
+of ``server.gbif``. Offline it keeps existing data and says so. Exit codes: 0
+all looked up, 2 unknown ``--species``, 3 some not looked up. docs/taxonomy.md.
 """
 
 from __future__ import annotations

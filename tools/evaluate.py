@@ -1,11 +1,9 @@
 """``biolit-id evaluate``: a bundle on held-out embeddings -> metrics.json and an HTML report.
 
-Accuracies follow the seed's convention (REFERENCE.md, "Published
-results"): ``accuracy_common``, ``accuracy_rare`` and ``accuracy_global``
-count only the answers given (rejections excluded), with ``coverage`` saying
-how many were given; ``accuracy_all`` counts a rejection as wrong. Rank-level
-answers (genus... class instead of "don't know") are reported separately:
-how often they happen and how often the taxon is right.
+Accuracies follow the seed's convention (docs/seed-v4.md, "Published
+results") so numbers compare with the seed's; bundles are also compared at
+equal coverage, and ``--compare-seed`` runs the seed's method on the same
+photos. Metrics: docs/training.md ("evaluate").
 """
 
 from __future__ import annotations
@@ -14,13 +12,16 @@ import argparse
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from biolit_id.cli import evaluate_observations as observations
 from biolit_id.cli.datasets import DatasetError, EmbeddingSet, fingerprint
 from biolit_id.cli.metrics import (
     ScoredSet,
+    at_coverage,
     ece,
     fallback_outcomes,
     load_labelled_split,
@@ -29,24 +30,33 @@ from biolit_id.cli.metrics import (
     score_set,
     top1_calibration,
 )
-from biolit_id.server.bundle import Bundle, BundleError
+from biolit_id.server.bundle import Bundle, BundleError, load_bundle
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.routing import SEED_METHOD_NAMES, Method
 
 log = logging.getLogger(__name__)
 
 TOP_CONFUSIONS = 15
+REPORT_COVERAGES = (0.74, 0.88)  # the seed's own coverage on this kind of data, and BioLit's
 
 
 def _ratio(num: float, den: float) -> float | None:
     return float(num) / float(den) if den else None
 
 
+def common_species(bundle: Bundle) -> list[str]:
+    """The long tail's head for reports: what train recorded (the most frequent species),
+    else the head's classes (a seed bundle's 50 common species)."""
+    return list((bundle.extra.get("groups") or {}).get("common") or bundle.common)
+
+
 def compute_metrics(bundle: Bundle, data: EmbeddingSet, scored: ScoredSet,
-                    catalog: Catalog) -> dict:
+                    catalog: Catalog, common: Sequence[str] | None = None) -> dict:
+    """Every number of the report; ``common`` overrides the common/rare split (so two
+    bundles compared on one test set are grouped alike)."""
     truth, routed = scored.truth, scored.routed
     accepted, correct = scored.accepted, scored.correct
-    common = set(bundle.common)
+    common = set(common_species(bundle) if common is None else common)
     is_common = np.array([s in common for s in data.species], dtype=bool)
     known = truth >= 0
     is_rare = known & ~is_common
@@ -54,7 +64,9 @@ def compute_metrics(bundle: Bundle, data: EmbeddingSet, scored: ScoredSet,
 
     outcome = fallback_outcomes(scored, data.species, catalog, bundle)
     per_method = {}
-    for method in (Method.CLASSIFIER, Method.CLASSIFIER_LOW, Method.PROTOTYPE, Method.REJECTED):
+    methods = ((Method.FUSED, Method.REJECTED) if bundle.routing == "fused" else
+               (Method.CLASSIFIER, Method.CLASSIFIER_LOW, Method.PROTOTYPE, Method.REJECTED))
+    for method in methods:
         mask = routed.method == int(method)
         per_method[SEED_METHOD_NAMES[method]] = {
             "count": int(mask.sum()),
@@ -111,6 +123,13 @@ def compute_metrics(bundle: Bundle, data: EmbeddingSet, scored: ScoredSet,
         "coverage_common": _ratio((accepted & is_common).sum(), is_common.sum()),
         "coverage_rare": _ratio((accepted & is_rare).sum(), is_rare.sum()),
         "ece": ece(routed.confidence[accepted], correct[accepted]),
+        "routing": bundle.routing,
+        # One cut on the decision's confidence answering exactly this share of the photos.
+        "at_coverage": {f"{c:.2f}": at_coverage(scored, c, {"common": is_common,
+                                                            "rare": is_rare})
+                        for c in REPORT_COVERAGES},
+        "rank_answer_precision": _ratio(outcome["correct"], outcome["fallbacks"]),
+        "rank_answers": outcome["fallbacks"],
         # Area under the risk-coverage curve: one number to compare bundles across coverages.
         "aurc": float(curve_risk.mean()) if len(curve_risk) else None,
         "ece_head": head_ece,
@@ -133,6 +152,7 @@ def compute_metrics(bundle: Bundle, data: EmbeddingSet, scored: ScoredSet,
         ],
         "per_species": per_species,
         "thresholds": {**bundle.thresholds.__dict__, "taxon": bundle.taxon_thresholds},
+        "groups": {"common": sorted(common)},
         "bundle_id": bundle.bundle_id,
         "test_fingerprint": test_fp,
         "test_is_bundle_split": (recorded == test_fp) if recorded else None,
@@ -140,6 +160,7 @@ def compute_metrics(bundle: Bundle, data: EmbeddingSet, scored: ScoredSet,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    observations.add_arguments(parser)  # --observations, --prior
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--embeddings", type=Path, default=None,
                         help="test parquet (default: BUNDLE/split/test.parquet)")
@@ -147,14 +168,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", type=Path, default=None)
     parser.add_argument("--record", action="store_true",
                         help="also store the headline metrics in the bundle's manifest")
+    parser.add_argument("--compare-seed", type=Path, default=None, metavar="BUNDLE",
+                        help="a bundle with the seed's method (import-seed, or train "
+                             "--routing seed) to evaluate on the same photos, side by side")
 
 
 HEADLINE = ("coverage", "accuracy_global", "accuracy_common", "accuracy_rare", "accuracy_all",
-            "ece", "taxon_fallback_rate", "taxon_fallback_accuracy")
+            "ece", "aurc", "taxon_fallback_rate", "rank_answer_precision")
 
 
 def run(args: argparse.Namespace) -> int:
     from biolit_id.cli.report import write_report
+
+    if args.observations is not None:  # observations, not photos: tools/evaluate_observations
+        return observations.run(args)
 
     try:
         bundle, data, path = load_labelled_split(args.bundle, args.embeddings, "test")
@@ -167,11 +194,23 @@ def run(args: argparse.Namespace) -> int:
     catalog = Catalog.load(args.catalog) if args.catalog else Catalog.load_default()
     scored = score_set(bundle, data.embeddings, data.species)
     metrics = compute_metrics(bundle, data, scored, catalog)
+    coverage, risk = risk_coverage_curve(scored)
+    curves = {"coverage": coverage, "risk": risk}
+    if args.compare_seed is not None:
+        try:
+            seed = load_bundle(args.compare_seed, bundle.model_fingerprint, bundle.embedding_dim)
+        except BundleError as exc:
+            log.error("--compare-seed: %s", exc)
+            return 2
+        seed_scored = score_set(seed, data.embeddings, data.species)
+        metrics["compare_seed"] = compare(seed, data, seed_scored, catalog, metrics)
+        seed_cov, seed_risk = risk_coverage_curve(seed_scored)
+        curves["seed"] = {"coverage": seed_cov, "risk": seed_risk,
+                          "label": f"seed's method ({args.compare_seed.name})"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), "utf-8")
-    coverage, risk = risk_coverage_curve(scored)
-    write_report(out, metrics, {"coverage": coverage, "risk": risk}, bundle)
+    write_report(out, metrics, curves, bundle)
     if args.record:
         bundle.metrics = {**bundle.metrics, "test": {k: metrics[k] for k in HEADLINE}}
         bundle.save(Path(args.bundle))
@@ -180,7 +219,28 @@ def run(args: argparse.Namespace) -> int:
     for key in HEADLINE:
         value = metrics[key]
         print(f"  {key:24s} {'n/a' if value is None else f'{value:.4f}'}")
+    for cov, at in metrics["at_coverage"].items():
+        print(f"  at coverage {cov}: accuracy {_fmt(at['accuracy'])}, common "
+              f"{_fmt(at['accuracy_common'])}, rare {_fmt(at['accuracy_rare'])}")
     counts = ", ".join(f"{k} {v['count']}" for k, v in metrics["per_method"].items())
     print(f"  methods: {counts}")
+    if "compare_seed" in metrics:
+        c = metrics["compare_seed"]
+        print(f"  seed's method: coverage {_fmt(c['coverage'])}, accuracy "
+              f"{_fmt(c['accuracy_global'])} (common {_fmt(c['accuracy_common'])}, rare "
+              f"{_fmt(c['accuracy_rare'])}), ECE {_fmt(c['ece'])}")
     return 0
+
+
+def compare(seed: Bundle, data: EmbeddingSet, scored: ScoredSet, catalog: Catalog,
+            ours: dict) -> dict:
+    """The seed's method on the same photos, grouped as ours: the headline numbers."""
+    full = compute_metrics(seed, data, scored, catalog, common=ours["groups"]["common"])
+    keep = (*HEADLINE, "accuracy_all_rare", "accuracy_all_common", "coverage_rare",
+            "at_coverage", "per_method", "routing", "rank_answers", "bundle_id")
+    return {k: full[k] for k in keep}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 

@@ -1,25 +1,10 @@
 """``biolit-id gallery add|remove|list|import|add-species``: curate reference photos.
 
-(``gallery export`` and ``gallery import X.parquet``, moving a whole gallery,
-live in ``tools/gallery_migrate.py`` and work on stores directly.)
-
-It talks to a RUNNING server over gRPC rather than opening the data
-directory itself, because the server is the gallery's only writer: its FAISS
-index and prototypes live in memory, so rows written behind its back would
-be invisible until a restart, and two processes writing the store and the
-snapshot would race. Going through the RPCs also means one validation path
-(same decoding, same embedding model, same status codes) and no model load
-in the CLI. The cost is that a server must be up, which is the normal state.
-
-``import MANIFEST.csv`` adds photos in bulk. Columns: ``path`` (relative to
-the manifest's folder), ``species``, and optionally ``source_uri``,
-``license``, ``observation_id``, ``contributor``. It is resumable: the
-content hashes already stored (ListExemplars) are read first and those rows
-are skipped, so re-running after an interruption only sends what is
-missing (and the server is idempotent for a photo it already holds anyway).
-Photos go in AddExemplars streams of ``--batch-size``; a batch that fails is
-re-sent one photo per call to find the bad row, which is reported in
-``MANIFEST.failed.csv`` while the import goes on.
+It talks to a RUNNING server over gRPC, because the server is the gallery's
+only writer (its index and prototypes live in memory) and the RPCs are the
+one validation path. ``export``/Parquet ``import`` live in
+``gallery_migrate``, ``backup``/``restore`` in ``gallery_backup``. Manifest
+format and resumable import: docs/gallery.md.
 """
 
 from __future__ import annotations
@@ -37,6 +22,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from biolit_id.cli.gallery_backup import add_backup_arguments, run_backup_command
 from biolit_id.cli.identify_client import open_channel
 from biolit_id.core.exemplar import META_FIELDS, ExemplarMeta
 from biolit_id.proto import identification_pb2 as pb
@@ -77,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from biolit_id.cli.gallery_migrate import add_migrate_arguments
 
     add_migrate_arguments(sub, imp)  # `gallery export`, and `import X.parquet`'s options
+    add_backup_arguments(sub)  # `gallery backup` / `gallery restore`: files, no server call
 
     species = sub.add_parser("add-species", help="add a species unknown to the catalog")
     species.add_argument("name", help="scientific name")
@@ -103,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     if wants_migration(args):  # export / import of a .parquet: no server involved
         return run_migration(args)
+    if args.gallery_command in ("backup", "restore"):
+        return run_backup_command(args)
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
     with open_channel(args.server, args.tls_ca) as channel:
         client = Client(pb_grpc.SpeciesIdentifierStub(channel), metadata, args.timeout)

@@ -1,22 +1,9 @@
 """``biolit-id gallery export OUT.parquet`` and ``gallery import OUT.parquet``: move a gallery.
 
-Export reads a gallery directly (no server needed): the FAISS gallery's
-SQLite store under ``--data-dir`` (safe while a server runs: WAL readers do
-not block it), or a Milvus gallery (``--gallery milvus-lite:PATH`` |
-``milvus://HOST:PORT/NAME``). The file holds every exemplar's id, species,
-RAW embedding, metadata and thumbnail, plus the runtime species (AddSpecies)
-and the model fingerprint, in Parquet (columnar, compressed, streamable).
-
-Import writes an export into a Milvus gallery, keeping the ids (clients may
-hold them). It loads the model and bundle the servers use, because vectors
-are stored projected into the scoring space and prototypes are recomputed
-(same code as the servers): that is also how a gallery moves to a new bundle
-(export, import into a new collection). It is resumable: ids already in the
-collection are skipped, and rows are upserts anyway. Servers running on the
-target collection pick up the new prototypes at their next sync, so a live
-Milvus gallery can be imported into without a restart.
-
-Prototypes are not exported: they are derived data, recomputed on import.
+Export reads a store directly (no server needed); import writes into Milvus
+with the servers' model and bundle, keeping ids and recomputing the derived
+prototypes, which is also how a gallery moves to a new bundle. Resumable.
+docs/gallery.md ("Moving a gallery"), docs/deploy.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """``biolit-id import-seed``: turn the BioLit seed's trained files into a bundle.
 
-The seed (``REFERENCE.md``) ships two torch pickles: the MLP head
-(``best_model_top50.pth``) and the Proto-CLIP prototypes with their
-whitening (``prototypes_v4.pt``). Unpickling runs whatever code a file names,
-so both are read with ``weights_only=True`` and only the numpy globals the
-prototype file really needs are allow-listed; anything else is refused.
-
-What is kept exactly: the head weights (keys ``net.*`` -> ``*``), the visual
-prototypes, the whitening, temperature, alpha and thresholds, and the species
-names as the seed spells them. What is recomputed: the text prototypes, from
-``--model``'s text tower (the seed's own hand-written prompts were not
-published), so the fused prototypes follow the model that will serve them.
+The seed (``docs/seed-v4.md``) ships torch pickles, and unpickling runs
+whatever code a file names, so they are read with ``weights_only=True`` and a
+minimal allow-list. Weights, thresholds and names are kept exactly; text
+prototypes are remade from ``--model``. docs/training.md.
 """
 
 from __future__ import annotations
@@ -39,7 +32,7 @@ from biolit_id.server.routing import Thresholds
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "net."
-# REFERENCE.md: the reference's fallback text for a species without a description.
+# docs/seed-v4.md, "Proto-CLIP fusion": the seed's text for a species without a description.
 GENERIC_PROMPT = "a photo of {name}, marine species on rocky coastal shore"
 # ------------------------------------------------------------------ loading
 
@@ -284,7 +277,7 @@ def import_seed(classifier: Path, prototypes: Path, model_spec: str,
         thresholds=seed.thresholds,
         preprocessing=dict(SEED_PREPROCESSING),
     )
-    # REFERENCE.md, "Proto-CLIP fusion": normalised text embedding, whitened, normalised.
+    # docs/seed-v4.md, "Proto-CLIP fusion": normalised text embedding, whitened, normalised.
     bundle.text_prototypes = bundle.whiten(model.encode_text(prompts))
     bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes,
                                         bundle.alpha)

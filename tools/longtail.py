@@ -1,22 +1,9 @@
 """``biolit-id longtail``: a synthetic long-tail benchmark built on the seed's real classes.
 
-No labelled BioLit photos ship with the project, so quality is measured on
-embeddings generated from the seed's *real* class structure: the 100 visual
-prototypes of ``prototypes_v4.pt`` (whitened 256-d space, where congeneric
-species really are close: mean cosine 0.44 within a genus, 0.04 across
-families of a class) are mapped back to 512-d through the seed's real
-whitening, ``v = mu + kappa * w @ pinv(W)``. In the whitened space each class
-is a mixture of a few *views* (a limpet from above, from the side...): unit
-directions around its prototype, plus isotropic noise, so the raw 512-d
-vectors get BioCLIP's real covariance shape. Photo counts follow BioLit's long
-tail (the seed's 50 common species 60-400 photos, its 50 rare ones 12-60,
-log-uniform), the split is the usual stratified 70/15/15, and a share of the
-*training* labels is wrong (half a confusable species, half any species).
-Validation and test labels are clean so the numbers measure the method, not
-the noise.
-
-Everything here is synthetic: a number measured on it says how the decision
-rule behaves on data shaped like BioLit's, never how it does on real photos.
+No labelled BioLit photos ship with the project, so embeddings are generated
+from the seed's real class structure and BioLit's long tail. Everything here
+is synthetic: it says how a decision rule behaves on data shaped like
+BioLit's, never how it does on real photos. docs/training.md.
 """
 
 from __future__ import annotations

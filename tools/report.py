@@ -31,14 +31,23 @@ def plot_risk_coverage(path: Path, curve: dict, metrics: dict) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.plot(curve["coverage"], curve["risk"], color="#1f77b4", lw=2,
-            label="one cut on decision confidence")
+            label=f"this bundle ({metrics.get('routing', 'seed')}), one cut on its confidence")
     if metrics["accuracy_global"] is not None:
-        ax.scatter([metrics["coverage"]], [1 - metrics["accuracy_global"]], color="#d62728",
-                   zorder=3, s=50, label="calibrated routing (this bundle)")
+        ax.scatter([metrics["coverage"]], [1 - metrics["accuracy_global"]], color="#1f77b4",
+                   zorder=3, s=50, edgecolors="black", label="this bundle as calibrated")
+    seed, compared = curve.get("seed"), metrics.get("compare_seed")
+    if seed is not None:
+        ax.plot(seed["coverage"], seed["risk"], color="#ff7f0e", lw=2, ls="--",
+                label=seed.get("label", "seed's method"))
+        if compared and compared["accuracy_global"] is not None:
+            ax.scatter([compared["coverage"]], [1 - compared["accuracy_global"]],
+                       color="#ff7f0e", zorder=3, s=50, edgecolors="black",
+                       label="seed's method at its thresholds")
+    risks = [r for c in (curve, seed) if c is not None for r in c["risk"]]
     ax.set_xlabel("coverage (share of photos answered)")
     ax.set_ylabel("risk (error rate among answers)")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, max(0.05, float(np.nanmax(curve["risk"])) * 1.1 if len(curve["risk"]) else 1))
+    ax.set_ylim(0, max(0.05, float(np.nanmax(risks)) * 1.1 if len(risks) else 1))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Risk–coverage")
@@ -151,6 +160,34 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def _at(coverage: str, key: str):
+    return lambda m: (m.get("at_coverage") or {}).get(coverage, {}).get(key)
+
+
+HEADLINE_ROWS = (
+    ("routing", lambda m: m.get("routing")),
+    ("coverage (as calibrated)", lambda m: m["coverage"]),
+    ("accuracy (answers, all species)", lambda m: m["accuracy_global"]),
+    ("accuracy (answers, common)", lambda m: m["accuracy_common"]),
+    ("accuracy (answers, rare)", lambda m: m["accuracy_rare"]),
+    ("accuracy (rejections wrong)", lambda m: m["accuracy_all"]),
+    ("accuracy at coverage 0.74", _at("0.74", "accuracy")),
+    ("  common / rare at 0.74", lambda m: _pair(_at("0.74", "accuracy_common")(m),
+                                                _at("0.74", "accuracy_rare")(m))),
+    ("accuracy at coverage 0.88", _at("0.88", "accuracy")),
+    ("  common / rare at 0.88", lambda m: _pair(_at("0.88", "accuracy_common")(m),
+                                                _at("0.88", "accuracy_rare")(m))),
+    ("ECE of answers", lambda m: m["ece"]),
+    ("AURC (lower is better)", lambda m: m.get("aurc")),
+    ("rank answers (photos)", lambda m: m.get("rank_answers")),
+    ("rank answers right", lambda m: m.get("rank_answer_precision")),
+)
+
+
+def _pair(a, b) -> str:
+    return f"{_fmt(a)} / {_fmt(b)}"
+
+
 def write_report(out: Path, metrics: dict, curve: dict, bundle: Bundle) -> Path:
     out = Path(out)
     for name, fn, _ in PLOTS:
@@ -158,18 +195,16 @@ def write_report(out: Path, metrics: dict, curve: dict, bundle: Bundle) -> Path:
             fn(out / name, curve, metrics)
         else:
             fn(out / name, metrics)
-    headline = [
-        ("photos", metrics["samples"]), ("coverage", metrics["coverage"]),
-        ("accuracy (answers, all species)", metrics["accuracy_global"]),
-        ("accuracy (answers, common)", metrics["accuracy_common"]),
-        ("accuracy (answers, rare)", metrics["accuracy_rare"]),
-        ("accuracy (rejections wrong)", metrics["accuracy_all"]),
-        ("ECE of answers", metrics["ece"]),
-        ("rank fallback rate", metrics["taxon_fallback_rate"]),
-        ("rank fallback accuracy", metrics["taxon_fallback_accuracy"]),
-        ("species unknown to the bundle (photos)", metrics["unknown_species_samples"]),
-    ]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in headline)
+    seed = metrics.get("compare_seed")
+    columns = [metrics] + ([seed] if seed else [])
+    head = "<tr><th></th><th>this bundle</th>" + ("<th>seed's method</th>" if seed else "")
+    rows = head + "</tr>" + "".join(
+        f"<tr><th>{html.escape(label)}</th>"
+        + "".join(f"<td>{_fmt(get(m))}</td>" for m in columns) + "</tr>"
+        for label, get in HEADLINE_ROWS
+    ) + (f"<tr><th>photos</th><td>{metrics['samples']}</td></tr>"
+         f"<tr><th>species unknown to the bundle (photos)</th>"
+         f"<td>{metrics['unknown_species_samples']}</td></tr>")
     methods = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v['count']}</td><td>{_fmt(v['accuracy'])}</td></tr>"
         for k, v in metrics["per_method"].items()

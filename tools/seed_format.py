@@ -1,7 +1,7 @@
 """The BioLit seed's file conventions, in one place.
 
 The seed's users have scripts and spreadsheets built on its CSV
-(``REFERENCE.md``, "Output CSV"): column names, method spellings, the ``?``
+(``docs/seed-v4.md``, "Output CSV"): column names, method spellings, the ``?``
 for a rejection and the French rank names must stay exactly as they were.
 """
 
@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
 from biolit_id.server.preprocess import CLIP_MEAN, CLIP_STD
 from biolit_id.server.routing import SEED_METHOD_NAMES, Method
 
-# Both generations' image preprocessing (REFERENCE.md, v4 and v2 §1): squash, CLIP constants.
+# Both generations' image preprocessing (docs/seed-v4.md "Embedding"; docs/seed-v2.md for
+# v2): squash, CLIP constants.
 SEED_PREPROCESSING = {
     "resize": "squash",  # Resize((224, 224)), no centre crop
     "image_size": 224,
@@ -46,7 +49,7 @@ def unpickler_reason(exc: Exception) -> str:
     reason = reason.split("WeightsUnpickler error:")[-1].strip()
     return reason.split(" Please use `torch.serialization")[0]
 
-# REFERENCE.md, "Output CSV", in this order.
+# docs/seed-v4.md, "Output CSV", in this order.
 SEED_COLUMNS: tuple[str, ...] = (
     "image",
     "espece_pred",
@@ -77,7 +80,7 @@ CONFIDENCE_DECIMALS = 4
 
 
 def taxonomy_columns() -> list[str]:
-    """``pred_genre, conf_genre, pred_genre_2, conf_genre_2, ...`` (REFERENCE.md)."""
+    """``pred_genre, conf_genre, pred_genre_2, conf_genre_2, ...`` (docs/seed-v4.md)."""
     columns = []
     for rank in SEED_RANKS:
         columns += [f"pred_{rank}", f"conf_{rank}", f"pred_{rank}_2", f"conf_{rank}_2"]
@@ -93,3 +96,52 @@ def confidence_text(value: float | None) -> str:
     if value is None:
         return ""
     return f"{round(float(value), CONFIDENCE_DECIMALS):.{CONFIDENCE_DECIMALS}f}"
+
+
+# ------------------------------------------------------------------ seed v2 (BioCLIP-2)
+
+# ../shared/seed-v2/REFERENCE.md §7, predictions.csv, in this order.
+SEED_V2_COLUMNS: tuple[str, ...] = (
+    "image",
+    "best_level",
+    "best_label",
+    "best_score",
+    "margin",
+    "path",
+    "top1_espece",
+    "conf_espece",
+    "top2_espece",
+)
+V2_SPECIES_LEVEL = "species_name"
+V2_REJECTED_LEVEL = "rejeté"
+V2_REJECTED_LABEL = "—"
+V2_PATH_SPECIES, V2_PATH_HEADS = "proto_clip", "mlp"
+
+
+def v2_percent(value: float) -> str:
+    """Python's ``.0%``, as the seed writes best_score ("67%")."""
+    return f"{float(value):.0%}"
+
+
+def v2_rounded_percent(value: float) -> str:
+    """conf_espece: rounded to 4 decimals first, then ``.0%``."""
+    return f"{round(float(value), 4):.0%}"
+
+
+def v2_margin(value: float) -> str:
+    """margin: rounded to 4 decimals, printed with 3."""
+    return f"{round(float(value), 4):.3f}"
+
+
+def read_feature_cache(path: Path) -> tuple[list[str], np.ndarray]:
+    """The seed v2's ``bioclip_features.npz`` (image_paths, features): file names without
+    their (Windows-style) folders, and the [N, D] float32 features. No pickle is allowed."""
+    with np.load(path, allow_pickle=False) as npz:
+        if not {"features", "image_paths"} <= set(npz.files):
+            raise ValueError(f"{path}: expected arrays 'features' and 'image_paths', "
+                             f"found {sorted(npz.files)}")
+        features = np.asarray(npz["features"], dtype=np.float32)
+        paths = [str(p) for p in npz["image_paths"]]
+    if features.ndim != 2 or len(features) != len(paths):
+        raise ValueError(f"{path}: {features.shape} features for {len(paths)} image paths")
+    return [p.replace("\\", "/").rsplit("/", 1)[-1] for p in paths], features

@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FAISS threads per search (default: %(default)s)")
     parser.add_argument("--stream-read-ahead", type=int, default=defaults.stream_read_ahead,
                         help="photos of one IdentifyStream in flight (0 = max batch size)")
+    parser.add_argument("--max-streams", type=int, default=defaults.max_streams,
+                        help="client streams open at once (0 = half of --max-workers)")
+    parser.add_argument("--stream-idle-timeout", dest="stream_idle_timeout_s", type=float,
+                        default=defaults.stream_idle_timeout_s,
+                        help="cancel a stream whose client sends nothing this long "
+                             "(seconds; default: %(default)s)")
     parser.add_argument("--gallery", default=defaults.gallery,
                         help="faiss (default) | milvus-lite:PATH | milvus://HOST:PORT/COLLECTION")
     parser.add_argument("--gbif-url", help="GBIF API base URL, for AddSpecies look-ups")
@@ -55,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics here")
+    parser.add_argument("--http-port", type=int, default=defaults.http_port,
+                        help="also serve the web page and the JSON API (/v1/) here, same "
+                             "host, keys and TLS as gRPC; 0 = a free port (default: off; "
+                             "tools/dev.sh serve turns it on at 8080)")
+    parser.add_argument("--no-http", dest="http_port", action="store_const", const=None,
+                        help="no web page and JSON API (undoes an earlier --http-port)")
     parser.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,
                         help="how long SIGTERM waits for in-flight calls")
 
@@ -73,13 +85,14 @@ def run(args: argparse.Namespace) -> int:
     from biolit_id.server.bundle import BundleError
     from biolit_id.server.catalog_store import CatalogStoreError
     from biolit_id.server.embedders.base import RuntimeUnavailableError
+    from biolit_id.server.web.runner import HttpStartError
 
     # Set-up errors a user can fix: one clear line, no traceback.
     try:
         serve_forever(config_from_args(args))
     except (ModelUnavailableError, BundleError, SecurityConfigError, RuntimeUnavailableError,
             CatalogStoreError, StoreError, GalleryConfigError, GalleryError,
-            IndexSpecError) as exc:
+            IndexSpecError, HttpStartError) as exc:
         print(f"biolit-id serve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,20 +1,9 @@
-"""``biolit-id train``: embeddings -> a bundle (head, prototypes, whitening, temperature).
+"""``biolit-id train``: embeddings -> a bundle (head, prototypes, whitening, fusion weights).
 
-The seed's recipe (REFERENCE.md), made reproducible: PCA whitening fitted on
-the training split, similarity-weighted visual prototypes for every species,
-Proto-CLIP fusion with the catalog's text prompts, a prototype temperature
-learned on validation, and the MLP head for the common species early-stopped
-on validation. One change from the seed, kept because it measured better
-(synthetic long-tail set; README): the head also sees the rare species'
-photos, trained towards a uniform output (``--rare-negatives``, outlier
-exposure), so a rare species stops getting confident common answers through
-routing rule 1. ``--rare-negatives 0`` is the seed's head.
-
-Without ``--val`` a seeded stratified 70/15/15 split is made; the test part
-is written next to the bundle and recorded in its manifest so ``evaluate``
-can never be fed training photos by accident.
-
-Routing thresholds stay at the seed's values; ``biolit-id calibrate`` fits them.
+The seed's recipe made reproducible (seeded split recorded in the bundle, so
+``evaluate`` never sees training photos), for both decision rules
+(``--routing fused`` or ``seed``). Steps, options and departures from the
+seed: docs/training.md.
 """
 
 from __future__ import annotations
@@ -352,13 +341,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model that made the embeddings (text prompts use it too)")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    parser.add_argument("--alpha", type=float, default=0.8,
-                        help="visual weight in the prototype fusion (1.0 = visual only)")
+    parser.add_argument("--routing", choices=("fused", "seed"), default="fused",
+                        help="decision rule: 'fused' (default: one calibrated distribution "
+                             "over every species) or 'seed' (the seed's cascade)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="visual weight in the prototype fusion (1.0 = visual only; "
+                             "default: fitted on validation for fused, 0.8 for seed)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--common", type=int, default=None,
-                       help="the N most frequent species get the MLP head (default 50)")
+                       help="the N most frequent species are 'common' (default 50): the "
+                            "seed routing's head, the report's common group")
     group.add_argument("--min-count", type=int, default=None,
-                       help="species with at least this many training photos get the head")
+                       help="species with at least this many training photos are 'common'")
+    parser.add_argument("--head-min-count", type=int, default=HEAD_MIN_COUNT,
+                        help="fused: training photos a species needs for a head class "
+                             "(default %(default)s; others are scored like runtime species)")
+    parser.add_argument("--logit-adjust", type=float, default=None, metavar="TAU",
+                        help="logit-adjusted head loss (default 1.0 for fused, 0 for seed)")
     parser.add_argument("--catalog", type=Path, default=None,
                         help="species catalog JSON for prompts (default: the built-in one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -413,6 +412,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("no training photos")
         return 2
     catalog = Catalog.load(args.catalog) if args.catalog else Catalog.load_default()
+    tau = args.logit_adjust
+    if tau is None:
+        tau = FUSED_HEAD.logit_adjust if args.routing == "fused" else 0.0
     bundle = build_bundle(
         train, val, loaded, catalog, alpha=args.alpha,
         common_n=args.common if args.common is not None else 50, min_count=args.min_count,
@@ -420,14 +422,17 @@ def run(args: argparse.Namespace) -> int:
         head=HeadSettings(epochs=args.epochs, patience=args.patience,
                           batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, balanced=args.balanced,
-                          rare_negatives=args.rare_negatives, threads=args.threads),
-        progress=not args.no_progress,
+                          rare_negatives=args.rare_negatives, logit_adjust=tau,
+                          threads=args.threads),
+        progress=not args.no_progress, routing=args.routing,
+        head_min_count=args.head_min_count,
     )
     bundle.extra["split"] = split_info
     bundle.save(out)
     v = bundle.metrics["validation"]
     head_acc = v["head_accuracy"]
-    print(f"wrote bundle {out} ({len(bundle.species)} species, {len(bundle.common)} common, "
+    print(f"wrote bundle {out} (routing {bundle.routing}, {len(bundle.species)} species, "
+          f"{len(bundle.common)} in the head, "
           f"whitening {bundle.prototype_dim}-d, T={bundle.temperature:.2f})")
     print(f"validation: prototype accuracy {v['prototype_accuracy']:.3f}"
           + (f", head accuracy {head_acc:.3f}" if head_acc is not None else "")

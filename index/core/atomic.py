@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write", "fsync_dir"]
+__all__ = ["atomic_open", "atomic_path", "atomic_write", "fsync_dir"]
 
 
 @contextlib.contextmanager
@@ -32,7 +32,7 @@ def atomic_open(
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes whole files: mode 'wb' or 'w', not {mode!r}")
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    tmp = _temp_name(target)
     # O_EXCL: never reuse another writer's temp; 0o666 lets the umask decide, as open() does.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     text = mode == "w"
@@ -47,6 +47,30 @@ def atomic_open(
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temp path for writers that need a file name (SQLite's backup API);
+    once the block exits cleanly it is fsynced and replaces ``path``."""
+    target = Path(path)
+    tmp = _temp_name(target)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def _temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, encoding: str = "utf-8") -> None:

@@ -5,9 +5,9 @@ restart only loads files:
 
     <data_dir>/runtimes/<fingerprint>-v<EXPORT_VERSION>/
         onnx-fp32/model.onnx        exported graph (the input of the others)
-        onnx-int8/model.onnx        onnxruntime dynamic quantisation (QInt8 weights)
+        onnx-int8-<s8|u8>/model.onnx  onnxruntime dynamic quantisation (weight type per CPU)
         openvino-fp32/model.xml     converted from the ONNX file (bf16 is a compile hint)
-        openvino-int8-<calib>/...   NNCF post-training quantisation on a calibration set
+        openvino-int8-<calib>-<s8|s7>/  NNCF post-training quantisation on a calibration set
 
 Each folder is built under a temporary name and renamed into place, so two
 processes starting at once never read a half-written model.
@@ -15,6 +15,7 @@ processes starting at once never read a half-written model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,11 +27,12 @@ from pathlib import Path
 
 from biolit_id.server.embedders.base import RuntimeUnavailableError, require
 from biolit_id.server.embedders.calibration import calibration_pixels, calibration_tag
+from biolit_id.server.embedders.hardware import cpu_has_vnni
 from biolit_id.server.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: int8 ONNX weight type chosen per CPU (see onnx_int8_weight_type)
 ONNX_OPSET = 18
 
 _export_lock = threading.Lock()
@@ -43,17 +45,22 @@ def artifact_root(loaded: LoadedModel, cache_dir: str | Path | None) -> Path:
 
 
 def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` and rename the folder into place; reuse what exists."""
-    if final.is_dir():
-        return final
+    """Run ``build(tmp_dir)`` and rename the folder into place; reuse what exists
+    when its files still match their checksums, else rebuild it (a log line says so)."""
     with _export_lock:
         if final.is_dir():
-            return final
+            damage = _damage(final)
+            if damage is None:
+                return final
+            log.warning("runtime export %s is corrupt (%s); rebuilding it from the model",
+                        final, damage)
+            shutil.rmtree(final, ignore_errors=True)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             build(tmp)
+            _write_checksums(tmp)
             try:
                 tmp.rename(final)
             except OSError:  # another process won the race; its copy is as good
@@ -62,6 +69,36 @@ def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+CHECKSUMS = "checksums.json"
+
+
+def _write_checksums(folder: Path) -> None:
+    """SHA-256 of every file the build wrote, checked each time the export is reused."""
+    sums = {p.relative_to(folder).as_posix(): _sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), "utf-8")
+
+
+def _damage(folder: Path) -> str | None:
+    """Why ``folder`` cannot be trusted (truncated, flipped bits, files missing), or None."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text("utf-8"))
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is missing or unreadable"
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _image_tower(visual):
@@ -114,9 +151,24 @@ def export_onnx(loaded: LoadedModel, cache_dir: str | Path | None) -> Path:
     return build_atomically(artifact_root(loaded, cache_dir) / "onnx-fp32", build) / "model.onnx"
 
 
-def quantize_onnx_int8(loaded: LoadedModel, cache_dir: str | Path | None) -> Path:
-    """Dynamic int8 (QInt8 weights, activations quantised on the fly): no calibration."""
+def onnx_int8_weight_type() -> str:
+    """``s8`` where the CPU has VNNI/AMX, else ``u8``.
+
+    ONNX Runtime's fast u8 x s8 kernel on AVX2 without VNNI adds pairs of
+    products in saturating int16, which broke the fidelity gate; u8 x u8
+    weights do not saturate (docs/performance.md has the cosines). With
+    VNNI the u8 x s8 path is exact and the fastest.
+    """
+    return "s8" if cpu_has_vnni() else "u8"
+
+
+def quantize_onnx_int8(loaded: LoadedModel, cache_dir: str | Path | None,
+                       weight_type: str | None = None) -> Path:
+    """Dynamic int8 (int8 weights, activations quantised on the fly): no calibration."""
     source = export_onnx(loaded, cache_dir)
+    kind = weight_type or onnx_int8_weight_type()
+    if kind not in ("s8", "u8"):
+        raise ValueError(f"int8 weight type must be s8 or u8, not {kind!r}")
 
     def build(tmp: Path) -> None:
         require("onnxruntime", "onnx")
@@ -125,14 +177,18 @@ def quantize_onnx_int8(loaded: LoadedModel, cache_dir: str | Path | None) -> Pat
         started = time.perf_counter()
         root = logging.getLogger()
         level = root.level
-        root.setLevel(max(level, logging.WARNING))  # the quantiser logs every tensor at INFO
+        root.setLevel(max(level, logging.ERROR))  # the quantiser logs every tensor at INFO
         try:
-            quantize_dynamic(str(source), str(tmp / "model.onnx"), weight_type=QuantType.QInt8)
+            quantize_dynamic(
+                str(source), str(tmp / "model.onnx"),
+                weight_type=QuantType.QInt8 if kind == "s8" else QuantType.QUInt8,
+            )
         finally:
             root.setLevel(level)
-        _write_meta(tmp, loaded, "onnx", "int8", time.perf_counter() - started)
+        _write_meta(tmp, loaded, "onnx", "int8", time.perf_counter() - started,
+                    weight_type=kind)
 
-    final = artifact_root(loaded, cache_dir) / "onnx-int8"
+    final = artifact_root(loaded, cache_dir) / f"onnx-int8-{kind}"
     return build_atomically(final, build) / "model.onnx"
 
 
@@ -153,7 +209,11 @@ def convert_openvino(loaded: LoadedModel, cache_dir: str | Path | None) -> Path:
 
 def quantize_openvino_int8(loaded: LoadedModel, cache_dir: str | Path | None,
                            calibration_dir: Path | None = None) -> Path:
-    """NNCF post-training int8 (weights and activations) on a calibration set."""
+    """NNCF post-training int8 (weights and activations) on a calibration set.
+
+    Without VNNI, weights are kept to 7 bits in every layer (NNCF's overflow
+    fix) so the u8 x s8 kernels cannot saturate; with VNNI only the first.
+    """
     source = convert_openvino(loaded, cache_dir)
 
     def build(tmp: Path) -> None:
@@ -169,15 +229,24 @@ def quantize_openvino_int8(loaded: LoadedModel, cache_dir: str | Path | None,
         pixels = calibration_pixels(loaded, calibration_dir)
         dataset = nncf.Dataset([pixels[i : i + 1] for i in range(len(pixels))])
         model = ov.Core().read_model(str(source))
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters,
+            OverflowFix,
+        )
+
+        # Same saturation as ONNX Runtime's without VNNI: 7-bit weights in every layer.
+        overflow = OverflowFix.ENABLE if weights == "s7" else OverflowFix.FIRST_LAYER
         quantized = nncf.quantize(
-            model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(pixels)
+            model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(pixels),
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow),
         )
         ov.save_model(quantized, str(tmp / "model.xml"), compress_to_fp16=False)
         _write_meta(tmp, loaded, "openvino", "int8", time.perf_counter() - started,
-                    calibration=calibration_tag(calibration_dir))
+                    calibration=calibration_tag(calibration_dir), weight_type=weights)
 
     tag = calibration_tag(calibration_dir)
-    final = artifact_root(loaded, cache_dir) / f"openvino-int8-{tag}"
+    weights = "s8" if cpu_has_vnni() else "s7"
+    final = artifact_root(loaded, cache_dir) / f"openvino-int8-{tag}-{weights}"
     return build_atomically(final, build) / "model.xml"
 
 

@@ -19,6 +19,19 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_has_vnni() -> bool:
+    """u8 x s8 int8 dot products without int16 saturation (AVX-VNNI, AVX512-VNNI, AMX).
+
+    Without them ONNX Runtime's u8 x s8 kernel (``vpmaddubsw``) saturates on
+    pairs of large products, which costs int8 fidelity; see export.py.
+    """
+    try:
+        flags = CPUINFO.read_text().split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx_vnni", "avx512_vnni", "amx_int8"))
+
+
 def cpu_identity() -> str:
     """CPU model and usable cores: a speed ranking measured elsewhere does not apply here."""
     name = ""
