@@ -40,7 +40,7 @@ def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
                   project=space.project, space_id=space.space_id)
     if uri.startswith("milvus"):
         from biolit_id.index.milvus_gallery import MilvusGallery
-        from biolit_id.index.milvus_index import parse_target
+        from biolit_id.index.milvus_target import parse_target
 
         return MilvusGallery(parse_target(uri), **common)
     backend, _, options = uri.partition(":")

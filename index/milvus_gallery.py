@@ -68,17 +68,17 @@ from biolit_id.index.gallery_base import (
     UnknownSpeciesError,
     similar_hit,
 )
-from biolit_id.index.milvus_index import (
+from biolit_id.index.milvus_errors import MilvusGalleryError
+from biolit_id.index.milvus_index import MilvusIndex
+from biolit_id.index.milvus_rows import (
     EXEMPLAR_META_FIELDS,
-    MilvusGalleryError,
-    MilvusIndex,
-    MilvusTarget,
     SpeciesRow,
-    decode_thumbnail,
     digest_source,
     exemplar_id_for,
     ids_digest,
 )
+from biolit_id.index.milvus_target import MilvusTarget
+from biolit_id.index.milvus_thumbnail import decode_thumbnail
 from biolit_id.index.prototypes import PrototypeBuilder
 from biolit_id.index.store import ExemplarRow, NewExemplar
 

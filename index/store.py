@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +157,29 @@ class GalleryStore:
             os.close(self._lock_fd)
             raise
 
+    @classmethod
+    def open_existing(cls, path: Path) -> GalleryStore:
+        """Open a store made by any model (export, inspection): its own meta says which."""
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"no gallery store at {path}")
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(_corrupt_message(path, str(exc))) from None
+        if "model_fingerprint" not in meta:
+            raise StoreError(f"{path} is not a gallery store (no model recorded)")
+        return cls(path, meta["model_fingerprint"], int(meta["embedding_dim"]))
+
+    def model(self) -> tuple[str, int]:
+        """(model fingerprint, embedding size) the stored vectors belong to."""
+        rows = dict(self._reader().execute("SELECT key, value FROM meta").fetchall())
+        return rows["model_fingerprint"], int(rows["embedding_dim"])
+
     # ---------------------------------------------------------- connections
 
     def _connect(self) -> sqlite3.Connection:
@@ -245,29 +268,53 @@ class GalleryStore:
 
     def insert_exemplar(self, item: NewExemplar, new_prototype_row: bool) -> tuple[int, bool, int]:
         """(id, created, version). An existing (species, content) pair returns its id."""
-        vec = np.asarray(item.embedding, dtype=np.float32)
+        (outcome,), version = self.insert_exemplars(
+            [item], {item.species} if new_prototype_row else ())
+        return outcome[0], outcome[1], version
+
+    def insert_exemplars(self, items: Sequence[NewExemplar],
+                         new_prototype_rows: Collection[str] = ()
+                         ) -> tuple[list[tuple[int, bool]], int]:
+        """Store many exemplars in ONE transaction: ([(id, created)], version).
+
+        The durable path commits one photo at a time (``insert_exemplar``);
+        bulk loads (benchmarks, imports) would spend their time in fsyncs.
+        Each created row leaves its change event, as a single add does.
+        """
+        vectors = [self._checked(item.embedding) for item in items]
+        out: list[tuple[int, bool]] = []
+        with self._transaction() as conn:
+            for item, vec in zip(items, vectors, strict=True):
+                out.append(self._insert(conn, item, vec))
+            for name in new_prototype_rows:
+                conn.execute("INSERT OR IGNORE INTO prototype_rows (name) VALUES (?)", (name,))
+            version = self._version(conn)
+        return out, version
+
+    def _checked(self, embedding: np.ndarray) -> np.ndarray:
+        vec = np.asarray(embedding, dtype=np.float32)
         if vec.shape != (self.embedding_dim,):
             raise ValueError(f"embedding must have {self.embedding_dim} values, got {vec.size}")
-        with self._transaction() as conn:
-            found = conn.execute(
-                "SELECT id FROM exemplars WHERE species = ? AND content_sha256 = ?",
-                (item.species, item.content_sha256),
-            ).fetchone()
-            if found is not None:
-                return int(found[0]), False, self._version(conn)
-            meta = item.meta_dict()
-            cur = conn.execute(
-                f"INSERT INTO exemplars (species, embedding, thumbnail, {', '.join(meta)}, "
-                f"added_at, content_sha256) VALUES (?, ?, ?, {', '.join('?' * len(meta))}, ?, ?)",
-                (item.species, _blob(vec), item.thumbnail, *meta.values(), time.time(),
-                 item.content_sha256),
-            )
-            new_id = int(cur.lastrowid)
-            if new_prototype_row:
-                conn.execute("INSERT OR IGNORE INTO prototype_rows (name) VALUES (?)",
-                             (item.species,))
-            version = self._event(conn, "add", new_id, item.species)
-        return new_id, True, version
+        return vec
+
+    def _insert(self, conn: sqlite3.Connection, item: NewExemplar,
+                vec: np.ndarray) -> tuple[int, bool]:
+        found = conn.execute(
+            "SELECT id FROM exemplars WHERE species = ? AND content_sha256 = ?",
+            (item.species, item.content_sha256),
+        ).fetchone()
+        if found is not None:
+            return int(found[0]), False
+        meta = item.meta_dict()
+        cur = conn.execute(
+            f"INSERT INTO exemplars (species, embedding, thumbnail, {', '.join(meta)}, "
+            f"added_at, content_sha256) VALUES (?, ?, ?, {', '.join('?' * len(meta))}, ?, ?)",
+            (item.species, _blob(vec), item.thumbnail, *meta.values(), time.time(),
+             item.content_sha256),
+        )
+        new_id = int(cur.lastrowid)
+        self._event(conn, "add", new_id, item.species)
+        return new_id, True
 
     def delete_exemplars(self, ids: Sequence[int]) -> tuple[list[tuple[int, str]], int]:
         """All or nothing: raises KeyError listing unknown ids, else deletes them all."""

@@ -172,7 +172,9 @@ def _off_target(photos: np.ndarray, log_mix: np.ndarray, mask: np.ndarray,
         return np.zeros(mask.shape)
     w_rest = photo_weight(n - 1, params.rho)[:, None, None]
     total = np.where(mask[:, :, None], log_mix, 0.0).sum(axis=1, keepdims=True)
-    q_rest = _softmax_rows(w_rest * (total - np.where(mask[:, :, None], log_mix, 0.0)))
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a species no photo allows
+        rest = total - np.where(mask[:, :, None], log_mix, 0.0)
+    q_rest = _softmax_rows(w_rest * np.where(np.isnan(rest), -np.inf, rest))
     ratio = np.where(u > 0, photos / np.where(u > 0, u, 1.0), 0.0)
     bayes = np.einsum("nks,nks->nk", q_rest, ratio)
     off = eps / (eps + (1.0 - eps) * bayes)

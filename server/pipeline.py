@@ -182,7 +182,7 @@ class Identifier:
             result = self._explain(scores, protos, opts)
             own = getattr(self.scorer, "explain", None)  # a rule with its own rank answers
             if own is not None:
-                result = own(result, scores, self.catalog)
+                result = own(result, scores, protos, self.catalog, row[None, :])
             result.distribution, result.names = scores.distribution[0], protos.names
             t1 = time.perf_counter()
             if opts.num_similar and self.similar_search is not None:

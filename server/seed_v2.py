@@ -219,8 +219,8 @@ class SeedV2Scorer:
                 return SpeciesRecord(taxon, rank=rank, taxonomy={**taxonomy, rank: taxon})
         return SpeciesRecord(taxon, rank=rank, taxonomy={rank: taxon})
 
-    def explain(self, result: Identification, scores: Scores, catalog: Catalog
-                ) -> Identification:
+    def explain(self, result: Identification, scores: Scores, protos: PrototypeSet,
+                catalog: Catalog, embedding: np.ndarray) -> Identification:
         """The pipeline's answer made the seed's: its rank answers, its confidences."""
         assert isinstance(scores, SeedV2Scores)
         rank, taxon = str(scores.rank[0]), str(scores.taxon[0])

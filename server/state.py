@@ -16,17 +16,18 @@ from biolit_id.server.bundle import Bundle, load_bundle
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.catalog_store import load_catalog
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.decision import scorer_for
 from biolit_id.server.embedders.auto import build_embedder
 from biolit_id.server.embedders.base import Embedder
 from biolit_id.server.embedders.threads import configure_threads
+from biolit_id.server.fused import gallery_neighbours
 from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.model_loader import LoadedModel, load_model
 from biolit_id.server.observation_rpc import ObservationSetup, load_observation_setup
 from biolit_id.server.pipeline import Identifier
 from biolit_id.server.preprocess import ImagePolicy
-from biolit_id.server.decision import scorer_for
-from biolit_id.server.fused import gallery_neighbours
 from biolit_id.server.scoring import Scorer
+from biolit_id.server.seed_v2_ranks import with_rank_heads
 from biolit_id.server.text_prototypes import TextPrototypeCache
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def build_state(config: ServerConfig) -> ServiceState:
     bundle = None
     if config.bundle is not None:
         bundle = load_bundle(config.bundle, model.fingerprint, model.embedding_dim)
-    scorer = scorer_for(bundle)  # the bundle's routing: seed cascade, fused...
+    # the bundle's routing (seed cascade, fused, seed-v2), with its trained rank heads if any
+    scorer = with_rank_heads(scorer_for(bundle))
     observations = load_observation_setup(config.bundle, config.data_dir)  # prior, combiner
     text_cache = TextPrototypeCache(model, config.data_dir)
     threads = configure_threads(config.model_threads, config.search_threads)

@@ -34,7 +34,7 @@ from biolit_id.server.scoring import HybridScorer, Scores
 from biolit_id.server.taxonomy import taxon_fallback
 from conftest import stub_for
 
-CATALOG = Catalog.load_default()
+CATALOG = Catalog.load_default().of_generation("v4")  # the species of training_data
 
 
 @pytest.fixture(scope="module")

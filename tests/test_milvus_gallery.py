@@ -17,7 +17,7 @@ from gallery_helpers import open_test_gallery, whitened_bundle
 
 from biolit_id.core.vectors import fuse_prototypes
 from biolit_id.index.gallery_base import UnknownExemplarError, UnknownSpeciesError
-from biolit_id.index.milvus_index import exemplar_id_for
+from biolit_id.index.milvus_rows import exemplar_id_for
 from biolit_id.index.store import NewExemplar
 from biolit_id.server.bundle import Bundle
 from biolit_id.server.catalog import Catalog, SpeciesRecord

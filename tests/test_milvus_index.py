@@ -2,7 +2,7 @@
 
 Real milvus-lite (the embedded Milvus, installed by the ``milvus`` extra) and
 real FAISS; the vectors are the gallery benchmark's synthetic species-like
-clusters (``tools.bench_gallery.synthetic_vectors``), 100 "species" of ~30.
+clusters (``tools/bench_vectors.synthetic_vectors``), 100 "species" of ~30.
 """
 
 from __future__ import annotations
@@ -13,18 +13,13 @@ import json
 import numpy as np
 import pytest
 
-from biolit_id.cli.bench_gallery import exact_neighbours, recall_at_k, synthetic_vectors
+from biolit_id.cli.bench_vectors import exact_neighbours, recall_at_k, synthetic_vectors
 from biolit_id.index.faiss_index import IndexSpec, VectorIndex
-from biolit_id.index.milvus_index import (
-    MAX_ID,
-    THUMBNAIL_MAX_CHARS,
-    MilvusConfigError,
-    MilvusIndex,
-    decode_thumbnail,
-    encode_thumbnail,
-    exemplar_id_for,
-    parse_target,
-)
+from biolit_id.index.milvus_errors import MilvusConfigError, MilvusGalleryError, milvus_errors
+from biolit_id.index.milvus_index import MilvusIndex
+from biolit_id.index.milvus_rows import MAX_ID, exemplar_id_for
+from biolit_id.index.milvus_target import parse_target
+from biolit_id.index.milvus_thumbnail import THUMBNAIL_MAX_CHARS, decode_thumbnail, encode_thumbnail
 from conftest import photo_bytes
 
 DIM = 256
@@ -262,3 +257,25 @@ def test_targets_parse_options():
     assert lite.uri == "/tmp/somewhere/gallery.db" and lite.collection == "biolit_gallery"
     assert parse_target("milvus-lite:/tmp/g.db?index=ivf-pq&pq_m=32").build_params(256) == {
         "nlist": 1024, "m": 32, "nbits": 8}
+
+
+def test_milvus_failures_become_gallery_errors_and_ours_pass_through(tmp_path):
+    """One mapping for every call: pymilvus' errors become MilvusGalleryError (UNAVAILABLE),
+    the gallery's own errors keep their type and message."""
+    index = open_index(tmp_path / "errors.db")
+    try:
+        with pytest.raises(MilvusGalleryError, match=r"^Milvus query failed: "):
+            index.query("no_such_field == 1", ["id"], 1)
+        with pytest.raises(MilvusGalleryError, match=r"^Milvus upsert failed: "):
+            index.insert([{"id": 1, "species": "S"}])  # a row without its vector
+        assert index.exemplar_count == 0
+    finally:
+        index.close()
+    with pytest.raises(MilvusConfigError, match="pq_m"), milvus_errors("anything"):
+        parse_target("milvus-lite:/tmp/x.db?index=ivf-pq&pq_m=7").build_params(DIM)
+    with pytest.raises(MilvusGalleryError, match=r"^Milvus flush failed: closed"):
+        @milvus_errors("flush")
+        def failing() -> None:
+            raise RuntimeError("closed")
+
+        failing()

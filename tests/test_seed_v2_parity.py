@@ -152,7 +152,7 @@ def test_embeddings_of_another_width_are_refused(v2_server) -> None:
 
 def test_restrict_to_never_leaks_through_the_rank_heads(v2_server) -> None:
     """Restricted to the crabs' order, no head may answer a taxon outside it."""
-    names, features = crops()
+    _, features = crops()
     stub = stub_for(v2_server)
     for f in features[:20]:
         resp = stub.Identify(pb.IdentifyRequest(embedding=f.tolist(), restrict_to=["Decapoda"]))

@@ -136,8 +136,11 @@ def test_train_records_the_held_out_split(pipeline):
     assert split["counts"]["test"] == len(parts["test"]) == len(split["test_rows"])
     assert all(parts["test"].counts().get(n, 0) >= 1 for n in NAMES)  # rare ones too
     assert bundle.extra["train_counts"] == parts["train"].counts()
-    # The 6 most frequent species get the head, the rest are prototype-only.
-    assert bundle.common == sorted(NAMES[:6])
+    # The 6 most frequent are the report's "common" group; the fused head covers every
+    # species with enough photos (all twelve have at least 5 training photos).
+    assert bundle.routing == "fused"
+    assert bundle.extra["groups"]["common"] == sorted(NAMES[:6])
+    assert bundle.common == sorted(NAMES)
     assert bundle.prototypes.shape[0] == len(NAMES)
     assert bundle.whitening_W.shape[1] == bundle.extra["training"]["whitening"]["output_dim"]
 
@@ -155,7 +158,8 @@ def test_end_to_end_accuracy_well_above_chance_and_coverage_near_target(pipeline
     bundle = load_bundle(pipeline["bundle"])
     calibration = bundle.metrics["calibration"]
     assert calibration["routing"]["coverage"] >= TARGET  # the target holds where it was fitted
-    assert "head" in calibration["temperature"] and "prototype" in calibration["temperature"]
+    fused = calibration["temperature"]["fused"]
+    assert fused["nll_after"] <= fused["nll_before"] + 1e-9  # refitting never hurts validation
 
 
 def test_report_has_readable_plots(pipeline):

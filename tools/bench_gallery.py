@@ -1,74 +1,38 @@
-"""Gallery search at scale for ``biolit-id bench``: speed, recall@10 and memory.
+"""FAISS index kinds at scale for ``biolit-id bench``: speed, recall@10, memory; start time.
 
-Vectors are clustered around synthetic "species" centres, because uniform
-random vectors have no neighbourhood structure and make every IVF/PQ index
-look useless. Each index is searched the way the service searches it. Method
-and results: docs/performance.md ("Gallery at scale").
+Each index is searched the way the service searches it (one query per call,
+exemplar-only selector), over ``bench_vectors``' clustered synthetic vectors.
+The IVF coarse quantiser is trained once per size and shared by every IVF
+codec, so the comparison is between codecs, not k-means runs. Method and
+results: docs/performance.md ("Gallery at scale").
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
+from biolit_id.cli.bench_common import start_bench_server
+from biolit_id.cli.bench_vectors import K, exact_neighbours, recall_at_k, synthetic_vectors
+from biolit_id.index.faiss_gallery import STORE_FILE, TRAINING_SAMPLE
+from biolit_id.index.faiss_index import IndexSpec, VectorIndex
+from biolit_id.index.store import GalleryStore, NewExemplar, StoreError
+from biolit_id.server.catalog import Catalog
+from biolit_id.server.embedders.threads import resolve_threads
+from biolit_id.server.model_loader import load_model
+
 log = logging.getLogger(__name__)
 
-K = 10
-TRAIN_SAMPLE = 200_000  # what index/gallery.py trains on too
 NPROBES = (8, 16, 32, 64, 128)
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return x
-
-
-def synthetic_vectors(n: int, dim: int, kind: str = "clustered", seed: int = 0,
-                      per_cluster: int = 500, spread: float = 0.8,
-                      centres: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """[n, dim] float32 unit rows and the centres they were drawn around.
-
-    Clustered: centres ("species", one per ``per_cluster`` photos) are drawn
-    around fewer super-centres ("genera", ten species each), so neighbouring
-    clusters overlap as related species do, instead of sitting orthogonally
-    apart as independent random directions in 256-d would.
-    """
-    rng = np.random.default_rng(seed)
-    if centres is None and kind != "uniform":
-        clusters = max(10, n // per_cluster)
-        genera = unit_rows(rng.standard_normal((max(1, clusters // 10), dim), dtype=np.float32))
-        parent = rng.integers(0, len(genera), size=clusters)
-        jitter = rng.standard_normal((clusters, dim), dtype=np.float32) / math.sqrt(dim)
-        centres = unit_rows(genera[parent] + 0.8 * jitter)
-    out = np.empty((n, dim), np.float32)
-    for s in range(0, n, 100_000):
-        e = min(n, s + 100_000)
-        noise = rng.standard_normal((e - s, dim), dtype=np.float32)
-        if kind == "uniform":
-            out[s:e] = unit_rows(noise)
-        else:
-            which = rng.integers(0, len(centres), size=e - s)
-            out[s:e] = unit_rows(centres[which] + noise * (spread / math.sqrt(dim)))
-    return out, (centres if centres is not None else np.zeros((0, dim), np.float32))
-
-
-def exact_neighbours(base: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
-    _, ids = index.search(queries, k)
-    return ids
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth, strict=True))
-    return hits / truth.size
 
 
 def time_queries(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
@@ -114,9 +78,6 @@ def bench_gallery_size(n: int, dim: int, n_queries: int, data: str = "clustered"
     Builds (k-means, adds) use every core; searches use ``search_threads``,
     the service's setting (single-query OpenMP teams lose on a busy 2-core box).
     """
-    from biolit_id.index.faiss_index import IndexSpec, VectorIndex
-    from biolit_id.server.embedders.threads import resolve_threads
-
     build_threads = resolve_threads(build_threads)
     started = time.perf_counter()
     base, centres = synthetic_vectors(n, dim, data, seed)
@@ -144,7 +105,7 @@ def bench_gallery_size(n: int, dim: int, n_queries: int, data: str = "clustered"
         result["note"] = "too few vectors to train IVF"
         return result
     rng = np.random.default_rng(seed + 2)
-    train = base[rng.choice(n, size=min(n, TRAIN_SAMPLE), replace=False)]
+    train = base[rng.choice(n, size=min(n, TRAINING_SAMPLE), replace=False)]
     t0 = time.perf_counter()
     quantizer = faiss.IndexFlatIP(dim)
     kmeans_index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -214,24 +175,15 @@ def best_candidate(candidates: list[dict], recall: float = 0.95, p50_ms: float =
 # ---------------------------------------------------------- start time
 
 
-def populate_store(data_dir, model_spec: str, n: int, seed: int = 0,
+def populate_store(data_dir: Path, model_spec: str, n: int, seed: int = 0,
                    chunk: int = 50_000) -> dict:
     """Write ``n`` synthetic exemplars straight into a gallery store, in bulk.
 
     Going through AddExemplars would take ``n`` fsynced transactions (the
-    durable path that ``adds`` measures); a start-time measurement only
-    needs the rows, so this writes them in a few big transactions with the
-    store's own schema, one change event per row as a real add would leave.
+    durable path that ``adds`` measures); a start-time measurement only needs
+    the rows, so they go in through the store's bulk insert, a few big
+    transactions that leave one change event per row as real adds do.
     """
-    import hashlib
-    import time as _time
-    from pathlib import Path
-
-    from biolit_id.index.faiss_gallery import STORE_FILE
-    from biolit_id.index.store import GalleryStore
-    from biolit_id.server.catalog import Catalog
-    from biolit_id.server.model_loader import load_model
-
     loaded = load_model(model_spec)
     store = GalleryStore(Path(data_dir) / "gallery" / STORE_FILE, loaded.fingerprint,
                          loaded.embedding_dim)
@@ -240,35 +192,25 @@ def populate_store(data_dir, model_spec: str, n: int, seed: int = 0,
         if have >= n:
             return {"exemplars": have, "populate_s": 0.0, "reused": True}
         names = Catalog.load_default().names()
-        started = _time.perf_counter()
+        started = time.perf_counter()
         vectors, _ = synthetic_vectors(n - have, loaded.embedding_dim, seed=seed)
         for s in tqdm(range(0, len(vectors), chunk), desc="gallery store", unit="chunk"):
-            rows = []
-            for i, vec in enumerate(vectors[s : s + chunk], start=have + s):
-                blob = vec.astype("<f4").tobytes()
-                rows.append((names[i % len(names)], blob, "bench://synthetic", _time.time(),
-                             hashlib.sha256(blob).hexdigest()))
-            with store._transaction() as conn:
-                first = conn.execute("SELECT COALESCE(MAX(id), 0) FROM exemplars").fetchone()[0]
-                conn.executemany(
-                    "INSERT INTO exemplars (species, embedding, source_uri, added_at, "
-                    "content_sha256) VALUES (?, ?, ?, ?, ?)", rows)
-                conn.executemany(
-                    "INSERT INTO events (kind, exemplar_id, species) VALUES ('add', ?, ?)",
-                    [(first + 1 + j, r[0]) for j, r in enumerate(rows)])
-        return {"exemplars": store.count(), "populate_s": _time.perf_counter() - started,
+            store.insert_exemplars([
+                NewExemplar(species=names[i % len(names)], embedding=vec,
+                            content_sha256=hashlib.sha256(vec.astype("<f4").tobytes()).hexdigest(),
+                            source_uri="bench://synthetic")
+                for i, vec in enumerate(vectors[s:s + chunk], start=have + s)])
+        return {"exemplars": store.count(), "populate_s": time.perf_counter() - started,
                 "reused": False}
     finally:
         store.close()
 
 
-def bench_start(model_spec: str, data_dir, n: int, gallery: str = "faiss:auto") -> dict:
+def bench_start(model_spec: str, data_dir: Path, n: int, gallery: str = "faiss:auto") -> dict:
     """Server start with ``n`` exemplars: first start (index rebuilt) and restart (snapshot)."""
-    from biolit_id.cli.bench import start_bench_server
-
     try:
         populated = populate_store(data_dir, model_spec, n)
-    except Exception as exc:  # the store's schema is the gallery's business
+    except (StoreError, OSError) as exc:
         log.warning("start bench: cannot populate the gallery store: %s", exc)
         return {"skipped": f"cannot populate the gallery store: {exc}"}
     out = {"exemplars": populated["exemplars"], "populate_s": populated["populate_s"],

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from biolit_id.cli.bench_common import client_channel
 from biolit_id.cli.upload import UPLOAD_QUALITY, UPLOAD_SHORT_SIDE, downsize_for_upload
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
@@ -25,11 +26,11 @@ def _decision(resp: pb.IdentifyResponse) -> tuple:
     return (d.species, d.taxon, int(d.rank), int(d.method))
 
 
-def bench_upload(running, photos: Sequence[bytes], channel) -> dict:
+def bench_upload(running, photos: Sequence[bytes]) -> dict:
     """Agreement between original and downsized uploads on ``photos`` (synthetic here)."""
     state = running.state
     policy = state.identifier.policy
-    stub = pb_grpc.SpeciesIdentifierStub(channel)
+    stub = pb_grpc.SpeciesIdentifierStub(client_channel(running.port))
     started = time.perf_counter()
     small = [downsize_for_upload(p) for p in photos]
     client_ms = (time.perf_counter() - started) * 1e3 / len(photos)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bootstrap and run: creates ./.venv on first use, installs the project, then
-#   tools/dev.sh serve [serve flags]   run the service (default: BioCLIP, port 50051)
+#   tools/dev.sh serve [serve flags]   run the service (default: BioCLIP, gRPC port 50051,
+#                                      web page and JSON API on 8080; --no-http turns it off)
 #   tools/dev.sh smoke                 run the service on a random demo model (no download)
 #   tools/dev.sh test [pytest args]    run the test suite
 # TORCH_SPEC overrides the torch wheels (the default ones are on the CI machines' disk).
@@ -8,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${BIOLIT_VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+HTTP_PORT=${BIOLIT_HTTP_PORT:-8080}  # serve/smoke: a later --http-port N or --no-http wins
 
 ensure_env() {  # $1: pip extras, e.g. "dev,onnx"
     local extras=$1 stamp
@@ -25,18 +27,28 @@ ensure_env() {  # $1: pip extras, e.g. "dev,onnx"
     fi
 }
 
+ensure_chromium() {  # the browser tests drive the OS's Chromium through Playwright
+    command -v chromium >/dev/null 2>&1 && return
+    local sudo; sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
+    echo "installing chromium (first run only)..." >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+}
+
 command=${1:-}
 shift || true
 case "$command" in
     serve)
         ensure_env "onnx,openvino"  # --runtime auto picks the fastest that passes the gate
-        exec "$VENV/bin/biolit-id" serve "$@" ;;
+        exec "$VENV/bin/biolit-id" serve --http-port "$HTTP_PORT" "$@" ;;
     smoke)
         ensure_env "onnx,openvino"
         [ -d data/demo-model ] || "$VENV/bin/biolit-id" demo-model data/demo-model
-        exec "$VENV/bin/biolit-id" serve --model local-dir:data/demo-model "$@" ;;
+        exec "$VENV/bin/biolit-id" serve --model local-dir:data/demo-model \
+            --http-port "$HTTP_PORT" "$@" ;;
     test)
         ensure_env "dev,onnx,openvino,milvus"
+        ensure_chromium
         exec "$VENV/bin/pytest" -q "$@" ;;
     *)
         sed -n '2,6p' "$0" >&2

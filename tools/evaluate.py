@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from biolit_id.cli import evaluate_observations as observations
+from biolit_id.cli import evaluate_real
 from biolit_id.cli.datasets import DatasetError, EmbeddingSet, fingerprint
 from biolit_id.cli.metrics import (
     ScoredSet,
@@ -161,6 +162,7 @@ def compute_metrics(bundle: Bundle, data: EmbeddingSet, scored: ScoredSet,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     observations.add_arguments(parser)  # --observations, --prior
+    evaluate_real.add_arguments(parser)  # --real-crops
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--embeddings", type=Path, default=None,
                         help="test parquet (default: BUNDLE/split/test.parquet)")
@@ -182,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.observations is not None:  # observations, not photos: tools/evaluate_observations
         return observations.run(args)
+    if args.real_crops is not None:  # the seed v2's real crops: tools/evaluate_real
+        return evaluate_real.run(args)
 
     try:
         bundle, data, path = load_labelled_split(args.bundle, args.embeddings, "test")

@@ -1,11 +1,9 @@
 """Fitting ``routing: fused``: the prototype alpha, the fusion weights, the new-species terms.
 
-All by negative log-likelihood on validation photos, so the fused
-probabilities are calibrated by construction (temperature scaling is the
-one-weight special case, Guo et al. 2017). ``simulate_runtime_species``
-fits the weights of species the head does not know the only honest way: a
-second head is trained without some species, which then come back as
-``AddExemplars`` would bring them — a prototype and kNN from 20 photos.
+All by validation NLL, so the probabilities are calibrated by construction.
+New-species terms can only be fitted honestly on species the head never
+saw: a second head is trained without some, which then come back as
+AddExemplars would bring them (docs/training.md, "routing: fused").
 """
 
 from __future__ import annotations

@@ -17,6 +17,14 @@ from pathlib import Path
 
 from biolit_id.core.atomic import atomic_open
 from biolit_id.core.exemplar import META_FIELDS
+from biolit_id.index.faiss_gallery import STORE_FILE
+from biolit_id.index.milvus_errors import MilvusConfigError
+from biolit_id.index.milvus_index import MilvusIndex
+from biolit_id.index.milvus_rows import EXEMPLAR_META_FIELDS
+from biolit_id.index.milvus_schema import read_meta
+from biolit_id.index.milvus_target import connect, parse_target
+from biolit_id.index.milvus_thumbnail import decode_thumbnail
+from biolit_id.index.store import GalleryStore
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +91,12 @@ def run_migration(args: argparse.Namespace) -> int:
 
 
 def _faiss_rows(data_dir: Path) -> tuple[dict, Iterator[list[dict]], int]:
-    import sqlite3
-
-    from biolit_id.index.faiss_gallery import STORE_FILE
-    from biolit_id.index.store import GalleryStore
-
     path = Path(data_dir) / "gallery" / STORE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no FAISS gallery store at {path} (check --data-dir)")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    finally:
-        conn.close()
-    store = GalleryStore(path, meta["model_fingerprint"], int(meta["embedding_dim"]))
-    header = {"model_fingerprint": meta["model_fingerprint"],
-              "embedding_dim": int(meta["embedding_dim"]),
+    store = GalleryStore.open_existing(path)
+    fingerprint, dim = store.model()
+    header = {"model_fingerprint": fingerprint, "embedding_dim": dim,
               "runtime_species": store.runtime_species(), "source": f"faiss:{data_dir}"}
 
     def rows() -> Iterator[list[dict]]:
@@ -121,23 +119,13 @@ def _export_row(row, raw) -> dict:
 
 
 def _milvus_rows(gallery: str) -> tuple[dict, Iterator[list[dict]], int]:
-    from biolit_id.index.milvus_index import (
-        EXEMPLAR_META_FIELDS,
-        META_KEY,
-        MilvusConfigError,
-        MilvusIndex,
-        connect,
-        decode_thumbnail,
-        parse_target,
-    )
-
     target = parse_target(gallery)
     client = connect(target)
-    species_name = f"{target.collection}_species"
-    if not client.has_collection(target.collection) or not client.has_collection(species_name):
+    there = all(client.has_collection(c) for c in (target.collection,
+                                                   target.species_collection))
+    meta = read_meta(client, target.species_collection) if there else None
+    if meta is None:
         raise MilvusConfigError(f"no gallery collection {target.collection} at {target.uri}")
-    meta = json.loads(client.get(species_name, ids=[META_KEY],
-                                 output_fields=["record_json"])[0]["record_json"])
     index = MilvusIndex(target, dim=meta["dim"], raw_dim=meta["raw_dim"], meta=meta,
                         client=client)
     runtime = [r.record_json for r in index.species_rows() if r.record_json]

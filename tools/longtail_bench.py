@@ -1,20 +1,9 @@
 """``biolit-id bench-quality``: the fused decision against the seed's method, on the long tail.
 
-For each seed x label-noise setting: the synthetic long tail of
-``tools/longtail.py`` is generated; ``train`` + ``calibrate --coverage
-0.88`` make the fused bundle; the seed's method is re-trained on the same
-split (its head over the 50 most frequent species, rare negatives off,
-temperature fitted on validation, the cascade at its own 0.80/0.40); both
-are evaluated on the same test photos by ``evaluate``'s code, with its
-report and risk-coverage plot. Then species added at runtime: a bundle is
-trained without a few species, 20 training photos of each come back as
-``AddExemplars`` would bring them (the gallery's own prototype builder, kNN
-over those photos), and their test accuracy is compared with a bundle that
-was trained with the same 20 photos, and with one trained on all of theirs.
-
-Everything it measures is synthetic (docs/quality.md): it says how the
-decision rules behave on data shaped like BioLit's, not how they do on
-real photos.
+Per seed x label noise: train + calibrate (defaults) against the seed's
+method re-trained on the same split, both through ``evaluate``'s code; then
+species added at runtime (20 photos, the gallery's own prototype builder and
+kNN) against the same species trained on. Synthetic (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -29,10 +18,11 @@ import numpy as np
 from biolit_id.cli.calibrate import calibrate
 from biolit_id.cli.datasets import EmbeddingSet
 from biolit_id.cli.evaluate import compare, compute_metrics
+from biolit_id.cli.head_training import HeadSettings
 from biolit_id.cli.longtail import DEFAULT_SEED_DIR, LongTail, LongTailSpec, generate, write
 from biolit_id.cli.metrics import ece, risk_coverage_curve, score_set
 from biolit_id.cli.report import write_report
-from biolit_id.cli.train import HeadSettings, build_bundle
+from biolit_id.cli.train import build_bundle
 from biolit_id.core.types import PrototypeSet
 from biolit_id.index.prototypes import PrototypeBuilder
 from biolit_id.server.bundle import Bundle

@@ -1,0 +1,185 @@
+"""IdentifyObservation, and Identify with a place and date, over real gRPC on loopback.
+
+The bundle, the occurrence records and the photos are SYNTHETIC
+(tools/observations_synth.py): catalog names with invented looks and ranges,
+embeddings sent as embedding input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+from biolit_id.cli.observations_synth import (
+    fit_temperature,
+    make_world,
+    occurrences,
+    photo_embeddings,
+    world_bundle,
+)
+from biolit_id.cli.prior import clean_records, fit_prior
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.server.auth import ROLE_IDENTIFY, required_role
+from biolit_id.server.observation import CombinerParams
+from conftest import code_of, photo_bytes, stub_for
+
+ROSCOFF = pb.Location(latitude=48.73, longitude=-3.98, uncertainty_m=500)
+MARSEILLE = pb.Location(latitude=43.30, longitude=5.37)
+NORTH, SOUTH = "Actinia equina", "Actinia mediterranea"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(512, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, world, loaded_demo_model) -> Path:
+    model = loaded_demo_model
+    bundle = world_bundle(world, fit_temperature(world, 7), model.spec, model.fingerprint)
+    directory = bundle.save(tmp_path_factory.mktemp("obs") / "bundle")
+    names, lat, lon, day, _ = clean_records(pd.DataFrame(occurrences(world, 200)), world.names)
+    fit_prior(names, lat, lon, day).save(directory / "prior")
+    CombinerParams(rho=0.1, outlier=0.05, prior_weight=1.0, prior_floor=0.05).save(
+        directory / "prior")
+    return directory
+
+
+@pytest.fixture
+def obs_stub(make_server, bundle_dir):
+    return stub_for(make_server(bundle=bundle_dir))
+
+
+def photos_of(world, name: str, count: int, seed: int, spread: float = 4.0) -> list:
+    rng = np.random.default_rng(seed)
+    w = make_world(512, 0, spread=spread)  # same prototypes, chosen noise
+    rows = photo_embeddings(w, world.names.index(name), count, rng)
+    return [pb.ObservationPhoto(embedding=row.tolist()) for row in rows]
+
+
+def between(world, a: str, b: str) -> list[float]:
+    mid = world.prototypes[world.names.index(a)] + world.prototypes[world.names.index(b)]
+    return (mid / np.linalg.norm(mid)).tolist()
+
+
+def test_several_photos_beat_one(obs_stub, world) -> None:
+    photos = photos_of(world, "Fucus serratus", 3, seed=1, spread=8.0)
+    one = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(photos=photos[:1]))
+    three = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(
+        photos=photos, top_k=3, request_id="obs-1"))
+    assert three.request_id == "obs-1"
+    assert three.decision.method == pb.METHOD_OBSERVATION
+    assert three.decision.species == "Fucus serratus"
+    assert three.decision.rank == pb.RANK_SPECIES
+    assert three.decision.confidence > one.decision.confidence
+    assert three.decision.confidence == pytest.approx(three.candidates[0].score)
+    assert [t.name for t in three.taxonomy.lineage][-1] == "Fucus serratus"
+    assert len(three.photos) == 3 and len(three.candidates) == 3
+    own = [p.prototype_candidates[0].score for p in three.photos]
+    assert three.decision.confidence > max(own)
+    ev = three.evidence
+    assert ev.combiner == "product" and ev.effective_photos == pytest.approx(3 / 1.2)
+    assert [p.index for p in ev.photos] == [0, 1, 2]
+    assert all(p.answer_probability > 0 for p in ev.photos)
+    assert not ev.prior.applied and "location" in ev.prior.reason
+    info = obs_stub.GetServiceInfo(pb.GetServiceInfoRequest())
+    assert three.versions.prior_version == info.versions.prior_version != ""
+    assert info.limits.max_observation_photos == 8
+
+
+def test_an_off_target_photo_does_not_flip_the_answer(obs_stub, world) -> None:
+    photos = photos_of(world, "Carcinus maenas", 2, seed=2) + photos_of(
+        world, "Asterias rubens", 1, seed=3)
+    resp = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(photos=photos))
+    assert resp.decision.species == "Carcinus maenas"
+    stray = resp.evidence.photos[2]
+    assert stray.top_species == "Asterias rubens" and not stray.agrees
+    assert stray.excluded and stray.outlier_probability > 0.5
+    assert resp.evidence.photos[0].agrees and not resp.evidence.photos[0].excluded
+    assert resp.photos[2].prototype_candidates[0].species == "Asterias rubens"
+
+
+def test_place_settles_look_alikes(obs_stub, world) -> None:
+    photo = [pb.ObservationPhoto(embedding=between(world, NORTH, SOUTH))]
+    north = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(
+        photos=photo, location=ROSCOFF, observed_on="2023-06-01"))
+    south = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(
+        photos=photo, location=MARSEILLE))
+    assert north.decision.species == NORTH and south.decision.species == SOUTH
+    prior = south.evidence.prior
+    assert prior.applied and prior.used_location and not prior.used_date
+    assert prior.weight == 1.0
+    shifts = {s.species: s for s in prior.shifts}
+    assert shifts[SOUTH].prior_factor > 1.0 > shifts[NORTH].prior_factor
+    assert shifts[SOUTH].with_prior > shifts[SOUTH].without_prior
+    assert shifts[SOUTH].rank_with_prior == 1
+    assert north.evidence.prior.used_date
+    # Identify takes the same place and gives the same answer.
+    single = obs_stub.Identify(pb.IdentifyRequest(embedding=photo[0].embedding,
+                                                  location=MARSEILLE, top_k=3))
+    assert single.decision.method == pb.METHOD_OBSERVATION
+    assert single.decision.species == SOUTH
+    assert single.decision.confidence == pytest.approx(south.decision.confidence)
+    assert single.prior.applied and single.prior.answer_without_prior in {NORTH, SOUTH}
+    plain = obs_stub.Identify(pb.IdentifyRequest(embedding=photo[0].embedding))
+    assert not plain.HasField("prior") and plain.decision.method != pb.METHOD_OBSERVATION
+
+
+def test_restriction_applies_to_the_observation(obs_stub, world) -> None:
+    photos = photos_of(world, "Fucus serratus", 2, seed=4)
+    resp = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(
+        photos=photos, restrict_to=["Actiniidae"], top_k=5))
+    assert {c.species for c in resp.candidates} <= {
+        "Actinia equina", "Actinia mediterranea", "Anemonia viridis"}
+
+
+def test_bad_requests_are_invalid_argument(obs_stub, world) -> None:
+    good = photos_of(world, "Carcinus maenas", 1, seed=5)
+    cases = {
+        "no photos": pb.IdentifyObservationRequest(),
+        "too many": pb.IdentifyObservationRequest(photos=good * 9),
+        "bad date": pb.IdentifyObservationRequest(photos=good, observed_on="2024-02-30"),
+        "not iso": pb.IdentifyObservationRequest(photos=good, observed_on="01/02/2024"),
+        "latitude": pb.IdentifyObservationRequest(
+            photos=good, location=pb.Location(latitude=95.0, longitude=0.0)),
+        "both inputs": pb.IdentifyObservationRequest(
+            photos=[*good, pb.ObservationPhoto(image=b"x", embedding=[0.1] * 512)]),
+        "wrong length": pb.IdentifyObservationRequest(
+            photos=[pb.ObservationPhoto(embedding=[0.1] * 10)]),
+    }
+    for label, request in cases.items():
+        with pytest.raises(grpc.RpcError) as err:
+            obs_stub.IdentifyObservation(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, label
+    with pytest.raises(grpc.RpcError) as err:
+        obs_stub.IdentifyObservation(cases["both inputs"])
+    assert "photos[1]" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        obs_stub.IdentifyObservation(cases["too many"])
+    assert "at most 8" in err.value.details()
+    assert code_of(lambda: obs_stub.Identify(pb.IdentifyRequest(
+        embedding=good[0].embedding, observed_on="2024-1-1"))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: obs_stub.IdentifyObservation(
+        pb.IdentifyObservationRequest(photos=good * 8))) == grpc.StatusCode.OK
+
+
+def test_photos_without_a_prior(stub) -> None:
+    """Zero-shot, no prior: photos combine, the place is reported as unused."""
+    photos = [pb.ObservationPhoto(image=photo_bytes(s)) for s in (11, 12)]
+    resp = stub.IdentifyObservation(pb.IdentifyObservationRequest(
+        photos=photos, location=MARSEILLE, top_k=3))
+    assert len(resp.photos) == 2 and all(p.timing.embed_ms >= 0 for p in resp.photos)
+    assert resp.timing.decode_ms > 0 and resp.timing.total_ms > 0
+    assert not resp.evidence.prior.applied and "prior fit" in resp.evidence.prior.reason
+    assert resp.versions.prior_version == ""
+    assert resp.decision.method in (pb.METHOD_OBSERVATION, pb.METHOD_REJECTED)
+    single = stub.Identify(pb.IdentifyRequest(image=photo_bytes(11), location=MARSEILLE))
+    assert not single.prior.applied and single.prior.reason
+
+
+def test_identify_role_may_call_it() -> None:
+    assert required_role("/biolit.v1.SpeciesIdentifier/IdentifyObservation") == ROLE_IDENTIFY
