@@ -41,8 +41,8 @@ CROP_NAME = re.compile(r"^(?P<obs>\d+)_(?P<name>.+?)_(?P<photo>\d+)_(?P<phrase>.
                        r"(?P<score>[0-9.]+)\.(?:jpe?g|png|webp)$", re.IGNORECASE)
 # An observation of part of an organism names the organism after one of these.
 REMAINS = ("ponte de ", "ponte d'", "os de ", "olive de ")
-CAVEAT = ("79 real crops of 46 photos, labels from observers' vernacular names, partly in the "
-          "seed's training set: a sanity check on real photos, not a benchmark")
+CAVEAT = ("real crops labelled from observers' vernacular names, some probably in the seed's "
+          "training set: a sanity check on real photos, not a benchmark")
 
 
 def normalise(name: str) -> str:
@@ -82,7 +82,7 @@ class LabelMap:
 @dataclass(frozen=True)
 class Crop:
     image: str
-    observation: str
+    photo: str  # observation id and photo number: crops of one photo share it
     vernacular: str
     species: str  # "" when unmapped
     how: str
@@ -94,7 +94,8 @@ def crops_of(images: list[str], labels: LabelMap) -> list[Crop]:
         m = CROP_NAME.match(image)
         vernacular = m["name"].replace("_", " ") if m else ""
         species, how = labels.species_for(vernacular) if m else ("", "unparsed")
-        out.append(Crop(image, m["obs"] if m else "", vernacular, species, how))
+        photo = f"{m['obs']}_{m['photo']}" if m else image
+        out.append(Crop(image, photo, vernacular, species, how))
     return out
 
 
@@ -163,7 +164,7 @@ def evaluate_real_crops(bundle_dir: Path, features: Path, catalog: Catalog | Non
         "bundle_id": bundle.bundle_id,
         "routing": bundle.routing,
         "crops": len(crops),
-        "photos": len({c.observation for c in crops}),
+        "photos": len({c.photo for c in crops}),
         "mapped": n,
         "mapped_by": dict(Counter(c.how for c in mapped)),
         "unmapped": dict(unmapped),

@@ -145,6 +145,15 @@ def runtime_experiment(data: LongTail, full: Bundle, loaded, catalog: Catalog,
     answered = runtime.accepted & mask
     results["runtime_answered_share"] = float(answered.sum() / max(mask.sum(), 1))
     results["runtime_ece"] = ece(runtime.routed.confidence[answered], runtime.correct[answered])
+    # Do the new species steal answers? Photos of other species answered as one of them.
+    as_new = runtime.accepted & np.isin(runtime.routed.species,
+                                        [runtime.names.index(n) for n in held])
+    results["runtime_answers"] = int(as_new.sum())
+    results["runtime_answers_right"] = float(runtime.correct[as_new].mean()) if as_new.any() \
+        else None
+    results["all_photos"] = {"coverage": float(runtime.accepted.mean()),
+                             "accuracy": float(runtime.correct.sum() / max(runtime.accepted.sum(),
+                                                                           1))}
     for key in ("runtime", "trained_on_same_20", "trained_on_all"):
         per = results[key]
         results[f"{key}_mean_top1"] = float(np.mean([v["top1"] for v in per.values()]))
