@@ -224,3 +224,39 @@ def test_the_gallery_is_closed_and_one_of_another_model_is_refused(
     printed = capsys.readouterr().out
     assert f"cannot read the gallery in {tmp_path / 'data'}" in printed
     assert "another model" in printed
+
+
+def test_embeddings_instead_of_photos(seed_bundle: Path, demo_model_spec: str, tmp_path: Path,
+                                      make_server) -> None:
+    """`biolit-id embed`'s parquet in place of photos: rows as the service answers them;
+    a vector the service would refuse goes to the errors file, named."""
+    from biolit_id.cli.datasets import EmbeddingSet, write_embeddings
+
+    rng = np.random.default_rng(4)
+    vectors = unit(rng.normal(size=(3, 512))).astype(np.float32)
+    vectors[1] = 0.0
+    path = write_embeddings(tmp_path / "emb.parquet", EmbeddingSet(
+        ["", "", ""], vectors, ["x/one.jpg", "x/zero.jpg", "x/two.jpg"]))
+    out = tmp_path / "emb.csv"
+    assert cli(["infer-csv", "--embeddings", str(path), "--output", str(out), "--model",
+                demo_model_spec, "--bundle", str(seed_bundle),
+                "--data-dir", str(tmp_path / "data")]) == 0
+    header, rows = _read(out)
+    assert header == list(SEED_COLUMNS)
+    assert [r["image"] for r in rows] == ["x/one.jpg", "x/two.jpg"]
+    assert [(e["image"], "all zeros" in e["error"]) for e in _read(errors_path(out))[1]] == [
+        ("x/zero.jpg", True)]
+    stub = stub_for(make_server(bundle=seed_bundle))
+    for row, vec in zip(rows, vectors[[0, 2]], strict=True):
+        d = stub.Identify(pb.IdentifyRequest(embedding=vec.tolist(), top_k=3)).decision
+        assert row["espece_pred"] == (d.species or "?")
+        assert float(row["confiance"]) == round(d.confidence, 4)
+
+
+def test_embedding_input_needs_one_source(tmp_path: Path, demo_model_spec: str,
+                                          capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli(["infer-csv", "--output", str(tmp_path / "o.csv"), "--model", demo_model_spec])
+    assert cli(["infer-csv", "--embeddings", str(tmp_path / "missing.npz"), "--output",
+                str(tmp_path / "o.csv"), "--model", demo_model_spec]) == 1
+    assert "does not exist" in capsys.readouterr().out

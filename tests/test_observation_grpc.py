@@ -1,4 +1,5 @@
-"""IdentifyObservation, and Identify with a place and date, over real gRPC on loopback.
+"""IdentifyObservation, and Identify with a place and date, over real gRPC on loopback
+(and POST /v1/identify-observation over real HTTP).
 
 The bundle, the occurrence records and the photos are SYNTHETIC
 (tools/observations_synth.py): catalog names with invented looks and ranges,
@@ -13,6 +14,7 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 
 from biolit_id.cli.observations_synth import (
     fit_temperature,
@@ -183,3 +185,44 @@ def test_photos_without_a_prior(stub) -> None:
 
 def test_identify_role_may_call_it() -> None:
     assert required_role("/biolit.v1.SpeciesIdentifier/IdentifyObservation") == ROLE_IDENTIFY
+
+
+def test_http_json_and_form_agree_with_grpc(make_server, bundle_dir, world) -> None:
+    running = make_server(bundle=bundle_dir, http_port=0)
+    url = running.http.url.rstrip("/") + "/v1/identify-observation"
+    photo = between(world, NORTH, SOUTH)
+    body = requests.post(url, timeout=60, json={
+        "photos": [{"embedding": photo}, {"embedding": photo}],
+        "location": {"latitude": 43.3, "longitude": 5.37}, "observedOn": "2023-06-01"}).json()
+    grpc_answer = stub_for(running).IdentifyObservation(pb.IdentifyObservationRequest(
+        photos=[pb.ObservationPhoto(embedding=photo)] * 2, location=MARSEILLE,
+        observed_on="2023-06-01"))
+    assert body["decision"]["species"] == grpc_answer.decision.species == SOUTH
+    assert body["decision"]["method"] == "METHOD_OBSERVATION"
+    assert body["evidence"]["prior"]["applied"] is True
+    assert body["versions"]["priorVersion"] == grpc_answer.versions.prior_version
+    files = [("image", (f"p{i}.jpg", photo_bytes(20 + i), "image/jpeg")) for i in range(2)]
+    form = requests.post(url, files=files, timeout=60,
+                         data={"latitude": "48.73", "longitude": "-3.98", "topK": "2"})
+    assert form.status_code == 200, form.text
+    answer = form.json()
+    assert len(answer["photos"]) == 2 and len(answer["candidates"]) <= 2
+    assert answer["evidence"]["prior"]["usedLocation"] is True
+    bad = requests.post(url, timeout=60, json={"photos": [{"embedding": photo}],
+                                                "observedOn": "June"})
+    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_ARGUMENT"
+
+
+def test_pooled_combiner_from_the_data_dir(make_server, tmp_path: Path, world) -> None:
+    """A combiner.json in DATA_DIR/prior/ (no bundle, no prior): read at start, versioned."""
+    CombinerParams(method="pooled", pooled_gamma=0.5).save(tmp_path / "data" / "prior")
+    stub = stub_for(make_server())
+    photos = [pb.ObservationPhoto(image=photo_bytes(s)) for s in (31, 32)]
+    resp = stub.IdentifyObservation(pb.IdentifyObservationRequest(photos=photos, top_k=3))
+    assert resp.evidence.combiner == "pooled"
+    assert resp.versions.prior_version != "" and not resp.evidence.prior.applied
+    assert sum(c.score for c in resp.candidates) <= 1.0 + 1e-9
+    one = stub.IdentifyObservation(pb.IdentifyObservationRequest(photos=photos[:1]))
+    assert one.evidence.combiner == "single photo"
+    assert one.decision.confidence == pytest.approx(
+        max(c.score for c in one.photos[0].prototype_candidates), abs=1e-6)

@@ -8,6 +8,7 @@ the screenshots in docs/screenshots/ are written by these tests.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -356,3 +357,18 @@ def test_species_page_is_paged(browser: Browser, open_server):
     assert not set(first_page) & set(second_page)
     page.locator("#species-prev").click()
     expect(photos).to_have_count(12)
+
+
+
+def test_large_photos_are_downsized_before_upload(browser: Browser, open_server):
+    page = open_page(browser, open_server)
+    original = photo_bytes(7, size=(3000, 2250))
+    sent = page.evaluate("""async (b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const blob = await window.BIOLIT_UPLOAD.downsizeForUpload(
+            new Blob([bytes], { type: "image/jpeg" }));
+        const bitmap = await createImageBitmap(blob);
+        return { size: blob.size, type: blob.type, w: bitmap.width, h: bitmap.height };
+    }""", base64.b64encode(original).decode("ascii"))
+    assert sent["type"] == "image/jpeg" and sent["size"] < len(original) / 4, sent
+    assert min(sent["w"], sent["h"]) == 448 and sent["w"] > sent["h"], sent

@@ -3,9 +3,12 @@
 Same photos, same runtimes, same process: for each architecture a random-weight
 demo model in the real on-disk format is written (cost does not depend on
 weight values), loaded through the service's loader, and timed: load, the
-image tower per runtime (``bench_model.bench_forward``: batch 1, batched,
-fidelity against torch fp32), the text tower on the catalog's prompts (a
-zero-shot start), resident memory and the weights on disk. ``biolit-id
+image tower's CPU time per photo with one thread (batch 1 and batched; CPU
+time, not wall time, so that a shared, loaded machine still gives comparable
+numbers), the text tower on the catalog's prompts (a zero-shot start),
+resident memory and the weights on disk. With ``pairs`` the image tower is
+also timed per runtime as ``biolit-id bench`` does (``bench_model.
+bench_forward``: wall time, fidelity gate), which wants a quiet machine. ``biolit-id
 bench`` can call ``compare_models``; ``python -m biolit_id.cli.bench_models``
 runs it alone.
 """
@@ -59,6 +62,34 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+def cpu_forward(loaded, pixels: np.ndarray, batch: int, runs: int) -> dict:
+    """Process CPU ms per photo of the torch fp32 image tower, one intra-op thread."""
+    import torch
+
+    from biolit_id.server.embedders.eager import TorchEmbedder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embedder = TorchEmbedder(loaded, "fp32")
+        many = np.concatenate([pixels] * (batch // len(pixels) + 1))[:batch]
+        embedder.embed(pixels[:1])  # warm-up
+        single, batched = [], []
+        for _ in range(runs):
+            t0 = time.process_time()
+            embedder.embed(pixels[:1])
+            single.append((time.process_time() - t0) * 1e3)
+        for _ in range(max(1, runs // 2)):
+            t0 = time.process_time()
+            embedder.embed(many)
+            batched.append((time.process_time() - t0) * 1e3 / batch)
+    finally:
+        torch.set_num_threads(threads)
+    return {"runtime": "torch", "precision": "fp32", "threads": 1,
+            "batch1_cpu_ms": float(np.median(single)),
+            f"batch{batch}_cpu_ms_per_photo": float(np.median(batched))}
+
+
 def bench_architecture(arch: str, work_dir: Path, pixels: np.ndarray,
                        pairs: Sequence[tuple[str, str]], repeats: int, batch: int,
                        single_runs: int, text_prompts: Sequence[str]) -> dict:
@@ -77,8 +108,9 @@ def bench_architecture(arch: str, work_dir: Path, pixels: np.ndarray,
     text = timed(lambda m=loaded: m.encode_text(prompts), 1, warmup=0)[0]
     row["text_prompts"] = len(prompts)
     row["text_ms_per_prompt"] = text / max(1, len(prompts))
-    row["forward"] = bench_forward(loaded, list(pairs), work_dir / f"{arch}-runtimes", pixels,
-                                   repeats, batch, single_runs)
+    row["cpu"] = cpu_forward(loaded, pixels, batch, single_runs)
+    row["forward"] = (bench_forward(loaded, list(pairs), work_dir / f"{arch}-runtimes", pixels,
+                                    repeats, batch, single_runs) if pairs else [])
     row["max_rss_gb"] = _rss_gb()
     del loaded
     gc.collect()
@@ -86,7 +118,7 @@ def bench_architecture(arch: str, work_dir: Path, pixels: np.ndarray,
 
 
 def compare_models(work_dir: Path, archs: Sequence[str] = ARCHS,
-                   pairs: Sequence[tuple[str, str]] = (("torch", "fp32"),),
+                   pairs: Sequence[tuple[str, str]] = (),
                    photos: int = 8, repeats: int = 3, batch: int = 8, single_runs: int = 5,
                    prompts: int = 64) -> dict:
     """One row per architecture on the same decoded photos; ratios against the first."""
@@ -108,7 +140,8 @@ def compare_models(work_dir: Path, archs: Sequence[str] = ARCHS,
 
 def _ratios(base: dict, row: dict) -> dict:
     out = {"load_s": row["load_s"] / base["load_s"],
-           "text_ms_per_prompt": row["text_ms_per_prompt"] / base["text_ms_per_prompt"]}
+           "text_ms_per_prompt": row["text_ms_per_prompt"] / base["text_ms_per_prompt"],
+           "image_cpu_batch1": row["cpu"]["batch1_cpu_ms"] / base["cpu"]["batch1_cpu_ms"]}
     by_pair = {(f["runtime"], f["precision"]): f for f in base["forward"] if "error" not in f}
     for f in row["forward"]:
         b = by_pair.get((f["runtime"], f["precision"]))
@@ -118,31 +151,38 @@ def _ratios(base: dict, row: dict) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = ["| model | dim | params (image) | load s | runtime | batch 1 ms | photos/s "
-             f"(batch {report['batch']}) | text ms/prompt | peak RSS GB |", "|" + "---|" * 9]
+    b = report["batch"]
+    lines = [f"| model | dim | params (image tower) | weights fp16 | load s | image CPU ms, batch 1 "
+             f"| image CPU ms/photo, batch {b} | text CPU-wall ms/prompt | peak RSS GB |",
+             "|" + "---|" * 9]
     for r in report["results"]:
+        c = r["cpu"]
+        lines.append(
+            f"| {r['arch']} ({r['model']}) | {r['embedding_dim']} | {r['params_m']:.0f} M "
+            f"({r['image_params_m']:.0f} M) | {r['weights_file_gb_fp16']:.2f} GB | "
+            f"{r['load_s']:.1f} | {c['batch1_cpu_ms']:.0f} | "
+            f"{c[f'batch{b}_cpu_ms_per_photo']:.0f} | {r['text_ms_per_prompt']:.1f} | "
+            f"{r['max_rss_gb']:.1f} |")
         for f in r["forward"]:
-            if "error" in f:
-                continue
-            lines.append(
-                f"| {r['arch']} ({r['model']}) | {r['embedding_dim']} | {r['params_m']:.0f} M "
-                f"({r['image_params_m']:.0f} M) | {r['load_s']:.1f} | {f['runtime']} "
-                f"{f['precision']} | {f['batch1_ms']:.0f} | {f['batched_photos_per_s']:.2f} | "
-                f"{r['text_ms_per_prompt']:.1f} | {r['max_rss_gb']:.1f} |")
+            if "error" not in f:
+                lines.append(f"|  {r['arch']} {f['runtime']} {f['precision']} (wall) | | | | | "
+                             f"{f['batch1_ms']:.0f} | {1e3 / f['batched_photos_per_s']:.0f} | | |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for models and JSON")
-    parser.add_argument("--runtimes", default="torch:fp32",
-                        help="runtime:precision pairs, e.g. torch:fp32,openvino:fp32")
+    parser.add_argument("--runtimes", default="",
+                        help="also time these runtime:precision pairs in wall time, e.g. "
+                             "torch:fp32,openvino:fp32 (wants a quiet machine)")
     parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    report = compare_models(args.out, pairs=parse_pairs(args.runtimes), photos=args.photos,
+    pairs = parse_pairs(args.runtimes) if args.runtimes else ()
+    report = compare_models(args.out, pairs=pairs, photos=args.photos,
                             repeats=args.repeats, batch=args.batch)
     (args.out / "bench-models.json").write_text(json.dumps(report, indent=2), "utf-8")
     print(table(report))

@@ -23,7 +23,7 @@ import numpy as np
 from biolit_id.cli.metrics import ece
 from biolit_id.cli.observation_data import ObservationSet, read_observations
 from biolit_id.cli.observation_fit import ScoredObservations, configuration, nll, score_observations
-from biolit_id.server.observation import CombinerParams
+from biolit_id.server.observation import CombinerParams, photo_weight
 from biolit_id.server.prior import PRIOR_DIR, PRIOR_JSON, load_prior
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def evaluate(scored: ScoredObservations, params: CombinerParams) -> dict:
         return {name: summarize(p[rows], truth[rows], params.answer) for name, p in probs.items()}
 
     everything = np.ones(len(data), dtype=bool)
-    out: dict = {"observations": len(data), "photos": int(len(data.owner)),
+    out: dict = {"observations": len(data), "photos": len(data.owner),
                  "with_place_or_date": int(data.has_place_or_date().sum()),
                  "params": {k: v for k, v in params.__dict__.items() if k != "fitted"},
                  "overall": table(everything), "by_photos": {}}
@@ -98,7 +98,40 @@ def evaluate(scored: ScoredObservations, params: CombinerParams) -> dict:
             out[f"by_{column}"] = {str(v): table(values == v) for v in sorted(set(values))}
     if {"set", "role"} <= set(data.columns):
         out["targets"] = targets(out, data, table)
+        if "on_target_photos" in probs:
+            out["targets"].update(stray_photo(scored, params, probs, data.columns["set"]))
     return out
+
+
+def stray_photo(scored: ScoredObservations, params: CombinerParams, probs: dict,
+                sets: list[str]) -> dict:
+    """Two photos + one of another organism, beside what no combiner can beat.
+
+    ``known_one_stray``: the posterior if one knew that exactly one of the three
+    photos is off-target, not which (the average over the three pairs' tempered
+    products): a bound for any rule that does not know which photo it is.
+    ``confident_kept``: of the answers the two photos alone give right with
+    confidence >= 0.9, the share still answered right with the stray photo.
+    """
+    rows = np.asarray(sets, dtype=object) == "two_plus_one"
+    if not rows.any():
+        return {}
+    three = scored.data.padded(scored.photo_probs)[0][rows][:, :3]
+    truth = scored.truth[rows]
+    weight = float(photo_weight(2, params.rho))
+    bound = sum((three[:, i] * three[:, j]) ** weight for i, j in ((0, 1), (0, 2), (1, 2)))
+    bound = bound / bound.sum(axis=1, keepdims=True)
+    alone, both = probs["on_target_photos"][rows], probs["all_photos"][rows]
+
+    def right(q: np.ndarray, cut: float) -> np.ndarray:
+        return (q.argmax(axis=1) == truth) & (q.max(axis=1) >= cut)
+
+    confident = right(alone, 0.9)
+    return {
+        "two_plus_outlier_known_one_stray_bound": int(right(bound, params.answer).sum()),
+        "two_confident_answers": int(confident.sum()),
+        "two_confident_kept_with_outlier": int((confident & right(both, params.answer)).sum()),
+    }
 
 
 def targets(out: dict, data: ObservationSet, table) -> dict:

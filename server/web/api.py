@@ -117,6 +117,27 @@ async def read_exemplars(request: Request) -> list[pb.AddExemplarRequest]:
     return out
 
 
+async def read_observation(request: Request) -> pb.IdentifyObservationRequest:
+    """JSON (an IdentifyObservationRequest), or a form: one photo per ``image`` part,
+    ``latitude``/``longitude``/``uncertainty_m`` for the place, the other fields as named."""
+    body = await _json_body(request)
+    if body is not None:
+        return from_json(body, pb.IdentifyObservationRequest)
+    items = await _fields(request)
+    place = {name: value for name, value in items if name in _PLACE}
+    rest = [(n, v) for n, v in items if n != "image" and n not in _PLACE]
+    message = from_fields(rest, pb.IdentifyObservationRequest)
+    for name, value in items:
+        if name == "image":
+            message.photos.add(image=value if isinstance(value, bytes) else value.encode())
+    if place:
+        message.location.CopyFrom(from_fields(list(place.items()), pb.Location))
+    return message
+
+
+_PLACE = ("latitude", "longitude", "uncertainty_m", "uncertaintyM")
+
+
 def _schema_ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -166,6 +187,14 @@ def create_app(bridge: Bridge) -> FastAPI:
     async def identify(request: Request):
         await checked(request, "Identify")
         return await run(request, "Identify", await read_message(request, pb.IdentifyRequest))
+
+    @app.post("/v1/identify-observation", tags=["identify"],
+              summary="Several photos of one find, with place and date (IdentifyObservation)",
+              **_doc(pb.IdentifyObservationRequest, pb.IdentifyObservationResponse,
+                     body="IdentifyObservationRequest"))
+    async def identify_observation(request: Request):
+        await checked(request, "IdentifyObservation")
+        return await run(request, "IdentifyObservation", await read_observation(request))
 
     @app.post("/v1/similar", summary="Nearest reference photos (SearchSimilar)",
               tags=["gallery"],

@@ -198,6 +198,30 @@
     for (const file of Array.from(files || [])) identifyOne(file);
   }
 
+  // Photos are sent as the CLI sends them (tools/upload.py): upright JPEG, short side
+  // UPLOAD_SHORT_SIDE px, quality 0.9; small photos and unreadable files go as they are.
+  const UPLOAD_SHORT_SIDE = 448;
+
+  async function downsizeForUpload(file) {
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+    } catch (err) {
+      return file;  // not an image the browser reads: the server says why
+    }
+    const scale = UPLOAD_SHORT_SIDE / Math.min(bitmap.width, bitmap.height);
+    if (scale >= 1) { bitmap.close(); return file; }
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    bitmap.close();
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.9));
+    return blob || file;
+  }
+
   async function identifyOne(file) {
     const card = h("article", { class: "result", "data-state": "pending", "aria-busy": "true" });
     const url = URL.createObjectURL(file);
@@ -206,8 +230,9 @@
     card._render = () => renderResult(card);
     $("results").prepend(card);
     renderResult(card);
+    card._upload = await downsizeForUpload(file);
     const form = new FormData();
-    form.append("image", file, file.name || "photo");
+    form.append("image", card._upload, file.name || "photo");
     form.append("topK", String(TOP_K));
     form.append("numSimilar", String(NUM_SIMILAR));
     form.append("includeThumbnails", "true");
@@ -383,7 +408,7 @@
       submit.disabled = true;
       const body = new FormData();
       body.append("species", speciesInput.value.trim());
-      body.append("image", card._file, card._file.name || "photo");
+      body.append("image", card._upload || card._file, card._file.name || "photo");
       if (licence.value.trim()) body.append("license", licence.value.trim());
       if (contributor.value.trim()) body.append("contributor", contributor.value.trim());
       sessionStorage.setItem("biolit-licence", licence.value.trim());
@@ -557,6 +582,7 @@
     window.addEventListener("hashchange", route);
   }
 
+  window.BIOLIT_UPLOAD = { downsizeForUpload, UPLOAD_SHORT_SIDE };  // what the page sends
   wire();
   applyLanguage();
   route();
