@@ -29,7 +29,7 @@ from biolit_id.index.gallery_base import (
     UnknownSpeciesError,
     similar_hit,
 )
-from biolit_id.index.prototypes import PrototypeBuilder
+from biolit_id.index.prototypes import PrototypeBuilder, SpeciesSums
 from biolit_id.index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
 from biolit_id.index.store import ExemplarRow, GalleryStore, NewExemplar
 
@@ -71,6 +71,7 @@ class Gallery(GalleryBase):
         self.recovery = ""
         self._load_runtime_species()
         self._counts = self.store.counts()
+        self._sums: dict[str, SpeciesSums] = self.store.species_sums(space_id)
         self._publish(self._initial_prototypes())
         self.index, dirty = self._open_index()
         self.index.drop_prototypes()
@@ -136,9 +137,13 @@ class Gallery(GalleryBase):
             if not self.knows(item.species):
                 raise UnknownSpeciesError(item.species)
             new_row = item.species not in self._row_of
-            exemplar_id, created, version = self.store.insert_exemplar(item, new_row)
+            projected = self.project(np.asarray(item.embedding, np.float32)[None, :])
+            sums = self._sums_of(item.species).plus(projected)
+            exemplar_id, created, version = self.store.insert_exemplar(
+                item, new_row, sums=sums, space_id=self.space_id)
             if created:
-                self.index.add([exemplar_id], self.project(item.embedding[None, :]))
+                self.index.add([exemplar_id], projected)
+                self._sums[item.species] = sums
                 counts = dict(self._counts)
                 counts[item.species] = counts.get(item.species, 0) + 1
                 self._counts = counts
@@ -153,10 +158,21 @@ class Gallery(GalleryBase):
         """All or nothing: any unknown id raises UnknownExemplarError, nothing removed."""
         self._check_open()
         with self._write_lock:
+            wanted = sorted({int(i) for i in ids})
+            found = {i: self.store.embedding(i) for i in wanted}
+            missing = [i for i, row in found.items() if row is None]
+            if missing:
+                raise UnknownExemplarError(missing)
+            sums: dict[str, SpeciesSums] = {}
+            for name, raw in found.values():
+                before = sums.get(name) or self._sums_of(name)
+                sums[name] = before.plus(self.project(raw[None, :]), sign=-1)
             try:
-                removed, version = self.store.delete_exemplars(ids)
+                removed, version = self.store.delete_exemplars(wanted, sums=sums,
+                                                               space_id=self.space_id)
             except KeyError as exc:
                 raise UnknownExemplarError(exc.args[0]) from None
+            self._sums.update(sums)
             self.index.remove([i for i, _ in removed])
             counts = dict(self._counts)
             for _, name in removed:
@@ -184,13 +200,24 @@ class Gallery(GalleryBase):
     # ------------------------------------------------------------ internals
 
     def _refresh_locked(self, species: Sequence[str]) -> None:
-        updates = []
-        for name in dict.fromkeys(species):
-            _, raw = self.store.embeddings_for(name)
-            updates.append((name, self.builder.fused(name, self.project(raw))))
+        """Publish these species' prototypes from their running sums: no photo is read."""
+        updates = [(name, self.builder.fused_from_sums(name, self._sums_of(name)))
+                   for name in dict.fromkeys(species)]
         protos, rows = self._updated_prototypes(updates)
         self.index.set_prototypes(rows, protos.vectors[rows])
         self._publish(protos)
+
+    def _refine_locked(self, species: Sequence[str]) -> None:
+        refined = {}
+        for name in species:
+            _, raw = self.store.embeddings_for(name)
+            refined[name] = SpeciesSums.refined(self.project(raw))
+        self.store.write_species_sums(self.space_id, refined)
+        self._sums.update(refined)
+        self._refresh_locked(species)
+
+    def _sums_of(self, name: str) -> SpeciesSums:
+        return self._sums.get(name) or SpeciesSums.empty(self.dim)
 
     def _load_runtime_species(self) -> None:
         for text in self.store.runtime_species():
@@ -215,14 +242,27 @@ class Gallery(GalleryBase):
                 known.add(name)
         vectors = self.builder.without_photos(names)
         row_of = {n: i for i, n in enumerate(names)}
+        # The sums are written with their photos, so they disagree only in a store
+        # from before they existed or made in another space: recompute those once.
+        stale = sorted(n for n in with_photos
+                       if n not in self._sums or self._sums[n].count != self._counts[n])
+        stale += sorted(n for n in self._sums if n not in self._counts and self._sums[n].count)
+        if stale:
+            log.info("gallery: prototype state of %d species missing or from another space; "
+                     "recomputing it from their photos", len(stale))
+            refined = {}
+            for name in stale:
+                _, raw = self.store.embeddings_for(name)
+                refined[name] = SpeciesSums.refined(self.project(raw))
+            self.store.write_species_sums(self.space_id, refined)
+            self._sums.update(refined)
         for name in with_photos:
             if name not in row_of:
                 log.warning("gallery: %d photos of %r, which is in neither catalog nor bundle; "
                             "they are searchable but give no prototype",
                             self._counts[name], name)
                 continue
-            _, raw = self.store.embeddings_for(name)
-            vectors[row_of[name]] = self.builder.fused(name, self.project(raw))
+            vectors[row_of[name]] = self.builder.fused_from_sums(name, self._sums[name])
         return PrototypeSet(tuple(names), np.ascontiguousarray(vectors, np.float32),
                             version=self._version)
 
@@ -308,14 +348,14 @@ class Gallery(GalleryBase):
         return index
 
     def _training_sample(self) -> np.ndarray:
+        """The prototypes and at most TRAINING_SAMPLE photos: ids are drawn first and
+        only the drawn rows are read, so memory follows the sample, not the gallery."""
+        ids = self.store.sample_ids(TRAINING_SAMPLE)
         parts = [self._protos.vectors]
-        for _, raw in self.store.iter_embeddings():
+        for start in range(0, len(ids), 4096):
+            _, raw = self.store.embeddings_by_ids(ids[start:start + 4096].tolist())
             parts.append(self.project(raw))
-        x = np.vstack(parts)
-        if len(x) > TRAINING_SAMPLE:
-            pick = np.random.default_rng(0).choice(len(x), TRAINING_SAMPLE, replace=False)
-            x = x[np.sort(pick)]
-        return x
+        return np.vstack(parts)
 
     # ------------------------------------------------------------ snapshots
 
@@ -354,6 +394,7 @@ class Gallery(GalleryBase):
     def close(self) -> None:
         if self._closed:
             return
+        self._stop_refiner()
         thread = self._snapshot_thread
         if thread is not None:
             thread.join()

@@ -16,7 +16,7 @@ import numpy as np
 
 from biolit_id.core.catalog_view import CatalogView
 from biolit_id.core.types import PrototypeSet, SimilarHit
-from biolit_id.index.prototypes import PrototypeBuilder
+from biolit_id.index.prototypes import PrototypeBuilder, SpeciesSums
 from biolit_id.index.store import ExemplarRow
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,10 @@ class RemoveOutcome:
 class GalleryBase:
     """What every gallery backend shares: the live PrototypeSet and the read API over it.
 
-    A backend keeps ``_counts`` (photos per species) and ``_version`` current
-    under ``_write_lock`` and implements ``search`` and ``_refresh_locked``.
+    A backend keeps ``_counts`` (photos per species), ``_sums`` (each species'
+    running prototype state) and ``_version`` current under ``_write_lock``, and
+    implements ``search``, ``_refresh_locked`` (publish from the sums, O(1)) and
+    ``_refine_locked`` (recompute the sums from every photo).
     The scorer reads ``prototypes()`` without a lock: writers publish a new
     immutable PrototypeSet (copy-on-write, ``_updated_prototypes``).
     """
@@ -102,7 +104,10 @@ class GalleryBase:
         self._write_lock = threading.Lock()
         self._closed = False
         self._counts: dict[str, int] = {}
+        self._sums: dict[str, SpeciesSums] = {}
         self._version = 0
+        self._refiner: threading.Thread | None = None
+        self._refiner_stop = threading.Event()
 
     @property
     def version(self) -> int:
@@ -149,6 +154,55 @@ class GalleryBase:
 
     def _refresh_locked(self, species: Sequence[str]) -> None:
         raise NotImplementedError
+
+    def refine(self, species: Sequence[str] | None = None) -> list[str]:
+        """Recompute prototypes from every photo (similarity-weighted), then publish them.
+
+        Adds and removals move prototypes through running sums; this is the
+        full, exact computation, costing a read of the species' photos.
+        ``species``: default, every species with photos. Returns those refined.
+        """
+        with self._write_lock:
+            names = [n for n in (self._counts if species is None else species)
+                     if self.knows(n)]
+            if names:
+                self._refine_locked(names)
+        return names
+
+    def _refine_locked(self, species: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def drifted(self, min_drift: float) -> list[str]:
+        """Species whose photos changed by at least ``min_drift`` since their refinement."""
+        return [n for n, sums in self._sums.items()
+                if sums.count and sums.drift() >= min_drift and self.knows(n)]
+
+    def start_refiner(self, every_s: float, min_drift: float = 0.1) -> None:
+        """Refine drifted species in the background every ``every_s`` seconds, one at a
+        time (each holds the writer lock for one species' read): with ``min_drift``
+        0.1 a species of n photos is re-read after n/10 changes, O(1) per add."""
+        if every_s <= 0 or self._refiner is not None:
+            return
+
+        def loop() -> None:
+            while not self._refiner_stop.wait(every_s):
+                for name in self.drifted(min_drift):
+                    if self._refiner_stop.is_set():
+                        return
+                    try:
+                        self.refine([name])
+                    except GalleryError as exc:  # backend away: the next period retries
+                        log.warning("gallery: background refinement of %r failed: %s",
+                                    name, exc)
+                        break
+
+        self._refiner = threading.Thread(target=loop, name="gallery-refine", daemon=True)
+        self._refiner.start()
+
+    def _stop_refiner(self) -> None:
+        self._refiner_stop.set()
+        if self._refiner is not None:
+            self._refiner.join(timeout=30)
 
     def _check_open(self) -> None:
         if self._closed:

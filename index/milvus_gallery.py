@@ -1,49 +1,19 @@
 """The gallery on Milvus: stateless replicas sharing one gallery, prototypes in memory.
 
-Same public interface as ``index.faiss_gallery.Gallery`` (what ``server.curation``,
-the Identifier and the service call), different placement of state:
+Exemplars live in Milvus only, so any replica adds, searches, lists or removes
+any photo and a crash loses nothing. Each species' prototype state (running
+sums, ``prototypes.SpeciesSums``) lives in its species row: an add reads that
+row by key and writes it back with the photo's contribution, so it costs the
+same at 10 photos or 10 million, and every replica computes the same fused
+prototype from the sums with its own bundle. Replicas poll the species rows
+for changed version stamps (``time_ns``: Milvus has no atomic counter).
 
-* Exemplars (vectors, metadata, thumbnails) live in Milvus only (see
-  ``milvus_index.py`` for why not SQLite/PostgreSQL). Any replica can add,
-  search, list or remove any exemplar; a replica holds no gallery state a
-  restart or a crash could lose.
-* Prototypes (one small vector per species) stay in each replica's memory as
-  the immutable ``PrototypeSet`` the scorer reads without locks. The writer
-  replica recomputes a changed species' fused prototype (same
-  ``PrototypeBuilder`` as the FAISS gallery) and upserts it, with a new
-  version stamp, into the species collection; every replica polls that
-  collection every ``poll`` seconds and installs rows whose stamp differs
-  from the one it holds. A change made through replica A therefore reaches
-  replica B's scoring within one poll interval plus one Milvus round trip.
-
-Version stamps, not a shared counter: Milvus has no atomic increment, and a
-read-modify-write counter loses updates when two replicas write at once.
-A stamp is ``time_ns`` of the writer (so rows can be polled incrementally,
-``version >= newest_seen - 30 s``); replicas only compare stamps for
-equality, so clock skew cannot make a replica skip a change, only delay the
-incremental poll, and a full sweep every ``sweep`` seconds (default 60)
-bounds that. ``gallery_version`` reported to clients is the newest stamp.
-
-Concurrent writers on one species: each writer recomputes from the
-exemplars it reads, upserts, then re-reads the species' exemplar ids; if
-they differ from what it computed from (another replica added or removed
-meanwhile) it recomputes. The last upsert is therefore always computed from
-the exemplar set as it stands, without locks across replicas.
-
-Repair (``reconcile``): a replica killed between writing an exemplar and its
-species row (or an interrupted ``gallery import``) leaves a row computed
-from other photos, and the client's retry does not mend it (it finds the
-photo stored and refreshes nothing). So at start and in every full sweep
-each species row's ``ids_digest`` is compared with the digest of the
-exemplar ids Milvus holds for it, species with photos but no row are looked
-for, and those species are recomputed and rewritten. The digest also names
-the prototypes' source (the bundle id): rows written with another bundle,
-in the same whitened space (a recalibration), are recomputed at start, and
-meanwhile installed from this replica's own computation, never trusted.
-
-Consistency: reads and searches use the collection's consistency level
-(``Strong`` by default), so an acknowledged add is searchable at once from
-every replica; ``consistency=Bounded`` trades that for latency on a cluster.
+Milvus has no transaction over the photo and its species row. The check that
+replaces one is cheap: the species rows' counts must add up to the photos
+Milvus holds. Only a disagreement that outlives a whole sweep with no write to
+that species in between (an interrupted add, two replicas racing on one row)
+is repaired, by recomputing the species from its photos. How replicas stay
+in step, and the settings: docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -53,11 +23,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from biolit_id.core.catalog_view import CatalogView, SpeciesRecordView
 from biolit_id.core.types import PrototypeSet, SimilarHit
+from biolit_id.core.vectors import l2_normalize64
 from biolit_id.index.gallery_base import (
     AddOutcome,
     GalleryBase,
@@ -68,24 +40,36 @@ from biolit_id.index.gallery_base import (
     UnknownSpeciesError,
     similar_hit,
 )
-from biolit_id.index.milvus_errors import MilvusGalleryError
 from biolit_id.index.milvus_index import MilvusIndex
 from biolit_id.index.milvus_rows import (
     EXEMPLAR_META_FIELDS,
     SpeciesRow,
-    digest_source,
     exemplar_id_for,
-    ids_digest,
+    ids_checksum,
+    state_digest,
 )
 from biolit_id.index.milvus_target import MilvusTarget
 from biolit_id.index.milvus_thumbnail import decode_thumbnail
-from biolit_id.index.prototypes import PrototypeBuilder
+from biolit_id.index.prototypes import PrototypeBuilder, SpeciesSums
 from biolit_id.index.store import ExemplarRow, NewExemplar
 
 log = logging.getLogger(__name__)
 
 SKEW_MARGIN_NS = 30 * 10**9  # incremental polls re-read this much before the newest stamp
-MAX_REFRESH_ATTEMPTS = 5
+
+
+@dataclass
+class _Delta:
+    """Photos stored but not yet folded into their species row (one stream's worth)."""
+
+    total: np.ndarray
+    count: int = 0
+    checksum: int = 0
+
+    def add(self, vector: np.ndarray, exemplar_id: int, sign: int = 1) -> None:
+        self.total += sign * l2_normalize64(np.asarray(vector, np.float64))
+        self.count += sign
+        self.checksum = ids_checksum([exemplar_id], self.checksum)
 
 
 class MilvusGallery(GalleryBase):
@@ -111,19 +95,22 @@ class MilvusGallery(GalleryBase):
             meta={"model_fingerprint": model_fingerprint, "space_id": space_id,
                   "legacy_space_id": builder.source},
         )
-        self._source = digest_source(ids_digest([], builder.source))
         self._stamps: dict[str, int] = {}
+        self._checksums: dict[str, int] = {}
         self._records: dict[str, str] = {}  # runtime species: catalog record JSON
         self._created: dict[str, float] = {}
+        self._pending: dict[str, _Delta] = {}
+        self._suspects: dict[str, tuple[int | None, int]] = {}
         self.recovery = "milvus"
         self.syncs = 0  # polls that installed changes (logs, tests)
+        self.repairs = 0  # species recomputed because their row disagreed with Milvus
         base = PrototypeSet(tuple(builder.base_names),
                             np.ascontiguousarray(builder.base_vectors, np.float32), version=0)
         self._publish(base)
         rows = self.index.species_rows(with_vectors=True)
         with self._write_lock:
             self._apply(rows, initial=True)
-        self.reconcile(rows)
+        self.reconcile(rows, at_start=True)
         self._last_sweep = time.monotonic()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -131,6 +118,7 @@ class MilvusGallery(GalleryBase):
             self._poller = threading.Thread(target=self._poll_loop, name="gallery-sync",
                                             daemon=True)
             self._poller.start()
+        self.start_refiner(target.refine_seconds)
         log.info("gallery on Milvus %s: %d photos, %d species rows, sync every %.1f s",
                  target.describe(), self.size, len(self._stamps), target.poll_seconds)
 
@@ -145,12 +133,9 @@ class MilvusGallery(GalleryBase):
         fields = [f for f in EXEMPLAR_META_FIELDS if f != "id"]
         if include_thumbnails:
             fields.append("thumbnail")
-        try:
-            scores, ids, entities = self.index.search_exemplars(
-                queries, k, species=None if species is None else list(species),
-                exclude=list(exclude), output_fields=fields)
-        except MilvusGalleryError as exc:
-            raise GalleryError(str(exc)) from exc
+        scores, ids, entities = self.index.search_exemplars(
+            queries, k, species=None if species is None else list(species),
+            exclude=list(exclude), output_fields=fields)
         return [
             [similar_hit(_row({**e, "id": vid}), float(score))
              for score, vid, e in zip(row_scores, row_ids, row_entities, strict=False)
@@ -174,18 +159,24 @@ class MilvusGallery(GalleryBase):
         return rows, self.index.count(None if species is None else list(species))
 
     def find(self, species: str, content_sha256: str) -> int | None:
+        """The stored photo's id: a key lookup, plus a content query only in a collection
+        that holds imported ids (``gallery import`` keeps a FAISS gallery's ids)."""
         eid = exemplar_id_for(species, content_sha256)
         found = self.index.get([eid], ["species", "content_sha256"]).get(eid)
         if found is not None and (found["species"], found["content_sha256"]) == (
                 species, content_sha256):
             return eid
-        # Imported from a FAISS gallery (ids kept), or a 62-bit collision, which
-        # add_exemplar refuses with a clear error.
-        return self.index.find_content(species, content_sha256)
+        if self.index.meta.get("imported_ids"):
+            return self.index.find_content(species, content_sha256)
+        return None
 
     # ----------------------------------------------------------- write API
 
     def add_exemplar(self, item: NewExemplar, refresh: bool = True) -> AddOutcome:
+        """Store the photo; its species row takes it at ``refresh`` (the end of a stream).
+
+        Two key lookups and one upsert: nothing here reads the species' photos.
+        """
         self._check_open()
         raw = np.asarray(item.embedding, dtype=np.float32).reshape(self.raw_dim)
         eid = exemplar_id_for(item.species, item.content_sha256)
@@ -196,23 +187,23 @@ class MilvusGallery(GalleryBase):
             if found is not None and (found["species"], found["content_sha256"]) == (
                     item.species, item.content_sha256):
                 return AddOutcome(eid, False, item.species)
-            imported = self.index.find_content(item.species, item.content_sha256)
+            imported = (self.index.find_content(item.species, item.content_sha256)
+                        if self.index.meta.get("imported_ids") else None)
             if imported is not None:  # stored under its FAISS id by `gallery import`
                 return AddOutcome(imported, False, item.species)
             if found is not None:
                 raise GalleryError(
                     f"exemplar id {eid} already belongs to another photo (a 62-bit hash "
                     "collision, about 1 in 10^11 per pair); re-encode the photo to add it")
+            vector = self.project(raw[None, :])[0]
             try:
                 row = self.index.exemplar_row(
-                    eid, item.species, self.project(raw[None, :])[0], raw,
-                    content_sha256=item.content_sha256, source_uri=item.source_uri,
-                    observation_id=item.observation_id, license=item.license,
-                    contributor=item.contributor, added_at=time.time(),
-                    thumbnail=item.thumbnail)
+                    eid, item.species, vector, raw, content_sha256=item.content_sha256,
+                    added_at=time.time(), thumbnail=item.thumbnail, **item.meta_dict())
             except ValueError as exc:
                 raise GalleryError(f"cannot store this exemplar: {exc}") from exc
-            self._write(self.index.insert, [row])
+            self.index.insert([row])
+            self._delta(item.species).add(vector, eid)
             if refresh:
                 self._refresh_locked([item.species])
         return AddOutcome(eid, True, item.species)
@@ -221,11 +212,13 @@ class MilvusGallery(GalleryBase):
         self._check_open()
         wanted = sorted({int(i) for i in ids})
         with self._write_lock:
-            found = self.index.get(wanted, ["species"])
+            found = self.index.get(wanted, ["species", "vector"])
             missing = [i for i in wanted if i not in found]
             if missing:
                 raise UnknownExemplarError(missing)
-            self._write(self.index.remove, wanted)
+            self.index.remove(wanted)
+            for i in wanted:
+                self._delta(found[i]["species"]).add(found[i]["vector"], i, sign=-1)
             species = list(dict.fromkeys(found[i]["species"] for i in wanted))
             self._refresh_locked(species)
         return RemoveOutcome(len(wanted), species, self._version)
@@ -242,21 +235,20 @@ class MilvusGallery(GalleryBase):
             self._records[name] = json.dumps(record.to_json())
             self._created[name] = time.time()
             self.catalog.add(record)
-            self._refresh_locked([name])
+            self._commit_locked([name])
 
     def import_rows(self, rows: Iterable[dict]) -> int:
         """Store exported exemplar rows (ids kept) without refreshing; returns the count.
 
         Each row: id, species, embedding (raw), content_sha256, source_uri,
         observation_id, license, contributor, added_at, thumbnail (bytes).
-        Upserts, so a re-run of an interrupted import is harmless. Call
-        ``refresh`` with the species afterwards.
+        Upserts, so a re-run of an interrupted import is harmless (pass only
+        rows not stored yet: their sums are counted). Call ``refresh`` with the
+        species afterwards.
         """
         self._check_open()
-        batch = []
-        for r in rows:
-            raw = np.asarray(r["embedding"], dtype=np.float32).reshape(self.raw_dim)
-            batch.append((r, raw))
+        batch = [(r, np.asarray(r["embedding"], dtype=np.float32).reshape(self.raw_dim))
+                 for r in rows]
         if not batch:
             return 0
         projected = self.project(np.stack([raw for _, raw in batch]))
@@ -269,8 +261,14 @@ class MilvusGallery(GalleryBase):
                 thumbnail=r.get("thumbnail") or b"")
             for (r, raw), vec in zip(batch, projected, strict=True)
         ]
+        foreign = any(int(r["id"]) != exemplar_id_for(r["species"], r["content_sha256"])
+                      for r, _ in batch)
         with self._write_lock:
-            self._write(self.index.insert, milvus_rows)
+            if foreign and not self.index.meta.get("imported_ids"):
+                self.index.update_meta(imported_ids=True)  # before the rows: find() sees them
+            self.index.insert(milvus_rows)
+            for (r, _), vec in zip(batch, projected, strict=True):
+                self._delta(r["species"]).add(vec, int(r["id"]))
         return len(milvus_rows)
 
     # ------------------------------------------------------------- syncing
@@ -292,28 +290,53 @@ class MilvusGallery(GalleryBase):
                 fresh = [r for r in got if self._stamps.get(r.species) == before.get(r.species)]
                 self._apply(fresh)
             self.syncs += 1
-        repaired = self.reconcile(rows) if full else []
+        repaired: list[str] = []
+        if full:
+            self.index.reload_meta()  # an import may have started meanwhile
+            repaired = self.reconcile(rows)
         return len(fresh) + len(repaired)
 
-    def reconcile(self, rows: Sequence[SpeciesRow] | None = None) -> list[str]:
-        """Recompute species whose row disagrees with their photos in Milvus; their names.
+    def reconcile(self, rows: Sequence[SpeciesRow] | None = None,
+                  at_start: bool = False) -> list[str]:
+        """Recompute species whose row disagrees with the photos Milvus holds; their names.
 
-        ``rows``: the species rows just read (all of them), else read here.
-        See the module docstring (Repair) for why; O(gallery ids) reads.
+        One count query when all is well (the rows' counts add up to the
+        photos); per-species counts only when they do not. At start every
+        disagreement is repaired; in a sweep only one seen unchanged (same
+        row version, same photo count) by the previous sweep too, so a
+        stream still being written by another replica is never "repaired".
         """
-        rows = self.index.species_rows() if rows is None else rows
-        stale = [r.species for r in rows
-                 if r.ids_digest != self._digest(self.index.ids_for(r.species))]
-        stale += self.index.species_without_rows([r.species for r in rows])
-        unknown = [n for n in stale if not self.knows(n)]  # _apply warns about these
-        stale = [n for n in stale if n not in unknown]
-        if stale:
-            log.info("gallery: %d species prototype(s) did not match their photos or bundle "
-                     "(an interrupted write, or a new bundle); recomputing %s", len(stale),
-                     stale[:10])
+        rows = list(self.index.species_rows() if rows is None else rows)
+        with self._write_lock:
+            pending = {n: d.count for n, d in self._pending.items()}
+        expected = sum(r.count for r in rows) + sum(pending.values())
+        if expected == self.index.count():
+            self._suspects = {}
+            return []
+        wrong: dict[str, tuple[int | None, int]] = {}
+        for r in rows:
+            have = self.index.count([r.species])
+            if have != r.count + pending.get(r.species, 0):
+                wrong[r.species] = (r.version, have)
+        for name in self.index.species_without_rows([r.species for r in rows]):
+            wrong[name] = (None, self.index.count([name]))
+        if at_start:
+            repair = list(wrong)
+        else:
+            repair = [n for n, seen in wrong.items() if self._suspects.get(n) == seen]
+            self._suspects = {n: seen for n, seen in wrong.items() if n not in repair}
+        unknown = [n for n in repair if not self.knows(n)]  # _apply warns about these
+        repair = [n for n in repair if n not in unknown]
+        if repair:
+            log.info("gallery: %d species prototype(s) disagree with the photos Milvus holds "
+                     "(an interrupted write, or two replicas writing one species); "
+                     "recomputing %s", len(repair), repair[:10])
+            self.repairs += len(repair)
             with self._write_lock:
-                self._refresh_locked(stale)
-        return stale
+                for name in repair:
+                    self._pending.pop(name, None)
+                self._refine_locked(repair)
+        return repair
 
     def _poll_loop(self) -> None:
         failures = 0
@@ -331,42 +354,65 @@ class MilvusGallery(GalleryBase):
 
     # ------------------------------------------------------------ internals
 
-    @staticmethod
-    def _write(fn, arg) -> None:
-        try:
-            fn(arg)
-        except MilvusGalleryError as exc:
-            raise GalleryError(str(exc)) from exc
-
-    def _digest(self, ids: Sequence[int]) -> str:
-        return ids_digest(ids, self.builder.source)
+    def _delta(self, name: str) -> _Delta:
+        delta = self._pending.get(name)
+        if delta is None:
+            delta = self._pending[name] = _Delta(np.zeros(self.dim, np.float64))
+        return delta
 
     def _next_version(self) -> int:
         return max(time.time_ns(), self._version + 1)
 
     def _refresh_locked(self, species: Sequence[str]) -> None:
-        """Recompute, share and install these species' prototypes (write lock held)."""
-        written: list[SpeciesRow] = []
-        for name in dict.fromkeys(species):
-            for _attempt in range(MAX_REFRESH_ATTEMPTS):
-                ids, raw = self.index.embeddings_for(name)
-                vec = self.builder.fused(name, self.project(raw))
-                digest = self._digest(ids)
-                row = SpeciesRow(name, vec, self._next_version(), len(ids), digest,
-                                 self._records.get(name, ""),
-                                 self._created.setdefault(name, time.time()))
-                self._write(self.index.upsert_species, row)
-                self._version = max(self._version, row.version)
-                if self._digest(self.index.ids_for(name)) == digest:
-                    break  # nobody changed the species while we computed
-            else:
-                log.warning("species %r kept changing during %d prototype refreshes; the "
-                            "next change or sync settles it", name, MAX_REFRESH_ATTEMPTS)
-            written.append(row)
+        """Fold pending photos into their species rows (write lock held); O(1) per species."""
+        todo = [n for n in dict.fromkeys(species) if n in self._pending or n not in self._stamps]
+        self._commit_locked(todo)
+
+    def _commit_locked(self, species: Sequence[str]) -> None:
+        """Write each species' row: the row as Milvus has it now (another replica may have
+        written it) plus our pending photos. A read by key and an upsert, no photo read."""
+        written = []
+        for name in species:
+            delta = self._pending.pop(name, None)
+            remote = self.index.species_row(name)
+            sums = remote.sums(self.dim) if remote is not None else self._sums_of(name)
+            checksum = remote.checksum if remote is not None else 0
+            if delta is not None:
+                sums = sums.shifted(delta.total, delta.count)
+                checksum ^= delta.checksum
+            written.append(self._write_row(name, sums, checksum))
         self._apply(written)
 
+    def _refine_locked(self, species: Sequence[str]) -> None:
+        """Recompute these species' state from all their photos (reads them)."""
+        written = []
+        for name in species:
+            ids, raw = self.index.embeddings_for(name)
+            self._pending.pop(name, None)
+            written.append(self._write_row(name, SpeciesSums.refined(self.project(raw)),
+                                           ids_checksum(ids)))
+        self._apply(written)
+
+    def _write_row(self, name: str, sums: SpeciesSums, checksum: int) -> SpeciesRow:
+        row = SpeciesRow(name, self.builder.fused_from_sums(name, sums), self._next_version(),
+                         sums.count, state_digest(checksum, self.builder.source),
+                         self._records.get(name, ""),
+                         self._created.setdefault(name, time.time()), sums.total,
+                         sums.refined_count)
+        self.index.upsert_species(row)
+        self._version = max(self._version, row.version)
+        return row
+
+    def _sums_of(self, name: str) -> SpeciesSums:
+        return self._sums.get(name) or SpeciesSums.empty(self.dim)
+
     def _apply(self, rows: Sequence[SpeciesRow], initial: bool = False) -> None:
-        """Install species rows (write lock held): catalog, prototypes, counts, stamps."""
+        """Install species rows (write lock held): catalog, sums, prototypes, counts, stamps.
+
+        The fused prototype is computed here from the row's sums with this
+        replica's own bundle, so rows written by another bundle's replica (a
+        rolling upgrade) need no photo read either.
+        """
         updates: list[tuple[str, np.ndarray]] = []
         counts = dict(self._counts)
         for r in sorted(rows, key=lambda r: (r.created_at, r.species)):
@@ -376,7 +422,10 @@ class MilvusGallery(GalleryBase):
                 self._records[r.species] = r.record_json
             self._created.setdefault(r.species, r.created_at)
             self._stamps[r.species] = r.version
+            self._checksums[r.species] = r.checksum
             self._version = max(self._version, r.version)
+            sums = r.sums(self.dim)
+            self._sums[r.species] = sums
             if r.count:
                 counts[r.species] = r.count
             else:
@@ -385,15 +434,7 @@ class MilvusGallery(GalleryBase):
                 log.warning("gallery: %d photos of %r, which is in neither catalog nor bundle; "
                             "they are searchable but give no prototype", r.count, r.species)
                 continue
-            if r.count and len(r.vector) == self.dim and (
-                    digest_source(r.ids_digest) == self._source):
-                vec = r.vector
-            elif r.count:  # written with another bundle (rolling upgrade): ours, from photos
-                _, raw = self.index.embeddings_for(r.species)
-                vec = self.builder.fused(r.species, self.project(raw))
-            else:  # no photos: the base prototype, fresh from this replica's bundle/catalog
-                vec = self.builder.without_photos([r.species])[0]
-            updates.append((r.species, vec))
+            updates.append((r.species, self.builder.fused_from_sums(r.species, sums)))
         self._counts = counts
         self._publish(self._updated_prototypes(updates)[0])
         if initial:
@@ -404,6 +445,7 @@ class MilvusGallery(GalleryBase):
             return
         self._closed = True
         self._stop.set()
+        self._stop_refiner()
         if self._poller is not None:
             self._poller.join(timeout=max(5.0, 2 * self.target.poll_seconds))
         with self._write_lock:

@@ -23,7 +23,13 @@ from biolit_id.index.milvus_rows import (
     expr_in,
     species_row_dict,
 )
-from biolit_id.index.milvus_schema import META_KEY, check_meta, ensure_collections
+from biolit_id.index.milvus_schema import (
+    META_KEY,
+    check_meta,
+    ensure_collections,
+    read_meta,
+    write_meta,
+)
 from biolit_id.index.milvus_target import MilvusTarget, connect
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,8 @@ log = logging.getLogger(__name__)
 QUERY_WINDOW = 4096  # rows one paging query may return before the window shrinks
 QUERY_CAP = 16384  # Milvus's largest query result window (limit + offset)
 GET_CHUNK = 1000
-SPECIES_FIELDS = ["species", "version", "count", "ids_digest", "record_json", "created_at"]
+SPECIES_FIELDS = ["species", "version", "count", "ids_digest", "record_json", "created_at",
+                  "refined_count"]
 
 
 class MilvusIndex:
@@ -270,7 +277,8 @@ class MilvusIndex:
     def species_rows(self, since_version: int | None = None,
                      names: Sequence[str] | None = None,
                      with_vectors: bool = False) -> list[SpeciesRow]:
-        fields = SPECIES_FIELDS + (["vector"] if with_vectors else [])
+        """Species rows (never ``#meta``); ``with_vectors``: also prototype and sums."""
+        fields = SPECIES_FIELDS + (["vector", "total"] if with_vectors else [])
         clauses = [f"species != {json.dumps(META_KEY)}"]
         if since_version is not None:
             clauses.append(f"version >= {int(since_version)}")
@@ -278,18 +286,35 @@ class MilvusIndex:
             if not names:
                 return []
             clauses.append(expr_in("species", names))
-        out: list[SpeciesRow] = []
-        for rows in self._query_all(self.species_name, " and ".join(clauses), fields, 2000):
-            for r in rows:
-                vec = (np.asarray(r["vector"], np.float32) if with_vectors
-                       else np.zeros(0, np.float32))
-                out.append(SpeciesRow(r["species"], vec, int(r["version"]), int(r["count"]),
-                                      r["ids_digest"], r["record_json"],
-                                      float(r["created_at"])))
-        return out
+        return [_species_row(r) for rows in self._query_all(
+            self.species_name, " and ".join(clauses), fields, 2000) for r in rows]
+
+    def species_row(self, name: str) -> SpeciesRow | None:
+        """One species' row with its sums, by primary key (no scan)."""
+        with milvus_errors("get (species)"):
+            rows = self.client.get(self.species_name, ids=[name],
+                                   output_fields=[*SPECIES_FIELDS, "vector", "total"])
+        return _species_row(rows[0]) if rows else None
+
+    def reload_meta(self) -> dict:
+        """The ``#meta`` row as stored now (another process may have updated it)."""
+        self.meta = read_meta(self.client, self.species_name) or self.meta
+        return self.meta
+
+    def update_meta(self, **values) -> None:
+        self.meta = dict(self.reload_meta(), **values)
+        write_meta(self.client, self.target, self.meta, self.dim, self.write_lock)
 
     def close(self) -> None:
         try:
             self.client.close()
         except Exception:  # closing must never mask the reason we are shutting down
             log.debug("Milvus client close failed", exc_info=True)
+
+
+def _species_row(r: dict) -> SpeciesRow:
+    vector = np.asarray(r["vector"], np.float32) if "vector" in r else np.zeros(0, np.float32)
+    total = np.asarray(r["total"], np.float64) if r.get("total") is not None else None
+    return SpeciesRow(r["species"], vector, int(r["version"]), int(r["count"]), r["ids_digest"],
+                      r["record_json"], float(r["created_at"]), total,
+                      int(r.get("refined_count") or 0))

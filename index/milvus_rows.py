@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from biolit_id.index.milvus_thumbnail import encode_thumbnail
+from biolit_id.index.prototypes import SpeciesSums
 
 ID_BITS = 62
 MAX_ID = (1 << ID_BITS) - 1
@@ -29,6 +30,13 @@ LENGTHS = {"species": 512, "source_uri": 4096, "observation_id": 512, "license":
 
 @dataclass(frozen=True)
 class SpeciesRow:
+    """One species-collection row: the prototype, the state it is kept from, the record.
+
+    ``total``/``refined_count``: the running sums (``prototypes.SpeciesSums``),
+    so that any replica updates or recomputes the prototype without reading
+    photos; ``ids_digest``: ``ids_checksum`` of its photos and the source tag.
+    """
+
     species: str
     vector: np.ndarray
     version: int
@@ -36,6 +44,17 @@ class SpeciesRow:
     ids_digest: str
     record_json: str
     created_at: float
+    total: np.ndarray | None = None
+    refined_count: int = 0
+
+    def sums(self, dim: int) -> SpeciesSums:
+        total = (np.zeros(dim) if self.total is None or not len(self.total)
+                 else np.asarray(self.total, np.float64))
+        return SpeciesSums(self.count, total, self.refined_count)
+
+    @property
+    def checksum(self) -> int:
+        return int(self.ids_digest[:16] or "0", 16)
 
 
 def exemplar_id_for(species: str, content_sha256: str) -> int:
@@ -55,6 +74,27 @@ def ids_digest(ids: Sequence[int], source: str = "") -> str:
     arr = np.sort(np.asarray(list(ids), dtype="<i8"))
     return (hashlib.sha256(arr.tobytes()).hexdigest()[:48]
             + hashlib.sha256(source.encode("utf-8")).hexdigest()[:16])
+
+
+def ids_checksum(ids: Sequence[int], start: int = 0) -> int:
+    """Order-free 64-bit checksum of exemplar ids, updatable per id in O(1).
+
+    XOR of a 64-bit mix (splitmix64's finaliser) of each id: adding or removing
+    an id XORs its mix in or out, so a species row keeps the checksum of its
+    photos without re-reading them, and a full check recomputes it from ids.
+    """
+    x = np.asarray(list(ids), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return int(np.bitwise_xor.reduce(x, initial=np.uint64(start)))
+
+
+def state_digest(checksum: int, source: str) -> str:
+    """The ``ids_digest`` column: 16 hex of ``ids_checksum``, then 16 of the source's hash
+    at ``digest_source``'s place (48:)."""
+    return f"{checksum:016x}" + "0" * 32 + hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
 
 
 def digest_source(digest: str) -> str:
@@ -99,6 +139,7 @@ def exemplar_row(exemplar_id: int, species: str, vector: np.ndarray, raw: np.nda
 
 
 def species_row_dict(row: SpeciesRow, dim: int) -> dict:
+    total = np.zeros(dim) if row.total is None else np.asarray(row.total, np.float64)
     return {
         "species": row.species,
         "vector": np.asarray(row.vector, np.float32).reshape(dim).tolist(),
@@ -107,4 +148,6 @@ def species_row_dict(row: SpeciesRow, dim: int) -> dict:
         "ids_digest": row.ids_digest,
         "record_json": row.record_json,
         "created_at": float(row.created_at),
+        "total": total.reshape(dim).tolist(),
+        "refined_count": int(row.refined_count),
     }

@@ -4,9 +4,11 @@
   scoring space (the FAISS gallery's space, so answers match); ``raw`` the
   model's L2-normalised embedding, from which another bundle's space can be
   rebuilt. Thumbnails are base64 VARCHARs (no BLOB type in Milvus).
-* ``C_species``: one row per species whose prototype changed at runtime, plus
-  a ``#meta`` row naming the model, sizes and space the vectors belong to, so
-  that a replica with another model is refused instead of scoring garbage.
+* ``C_species``: one row per species whose prototype changed at runtime (with
+  its running sums, schema 2), plus a ``#meta`` row naming the model, sizes and
+  space the vectors belong to, so that a replica with another model is refused
+  instead of scoring garbage. A schema-1 species collection (no sums) is
+  rebuilt once on open; it holds only derived data and runtime species records.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from biolit_id.index.milvus_thumbnail import THUMBNAIL_MAX_CHARS
 log = logging.getLogger(__name__)
 
 META_KEY = "#meta"  # species names never start with '#'
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _META_FIELDS = ("content_sha256", "source_uri", "observation_id", "license", "contributor")
 
 
@@ -50,23 +52,69 @@ def ensure_collections(client, target: MilvusTarget, dim: int, raw_dim: int) -> 
             client.create_collection(name, schema=schema, index_params=params,
                                      consistency_level=target.consistency)
             log.info("created Milvus collection %s (%s)", name, target.index_description())
+        old_rows = None
+        if client.has_collection(species_name):
+            old_rows = _species_rows_to_upgrade(client, species_name)
         if not client.has_collection(species_name):
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("species", DataType.VARCHAR, max_length=LENGTHS["species"],
-                             is_primary=True)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-            schema.add_field("version", DataType.INT64)
-            schema.add_field("count", DataType.INT64)
-            schema.add_field("ids_digest", DataType.VARCHAR, max_length=64)
-            schema.add_field("record_json", DataType.VARCHAR, max_length=65535)
-            schema.add_field("created_at", DataType.DOUBLE)
-            params = client.prepare_index_params()
-            params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-            client.create_collection(species_name, schema=schema, index_params=params,
-                                     consistency_level=target.consistency)
+            _create_species_collection(client, target, dim)
+        if old_rows is not None:
+            _write_upgraded(client, target, old_rows, dim)
         for collection in (name, species_name):
             client.load_collection(collection)
     _warn_if_other_index(client, target)
+
+
+def _create_species_collection(client, target: MilvusTarget, dim: int) -> None:
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("species", DataType.VARCHAR, max_length=LENGTHS["species"],
+                     is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("version", DataType.INT64)
+    schema.add_field("count", DataType.INT64)
+    schema.add_field("ids_digest", DataType.VARCHAR, max_length=64)
+    schema.add_field("record_json", DataType.VARCHAR, max_length=65535)
+    schema.add_field("created_at", DataType.DOUBLE)
+    schema.add_field("total", DataType.ARRAY, element_type=DataType.DOUBLE, max_capacity=dim)
+    schema.add_field("refined_count", DataType.INT64)
+    params = client.prepare_index_params()
+    params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+    client.create_collection(target.species_collection, schema=schema, index_params=params,
+                             consistency_level=target.consistency)
+
+
+def _species_rows_to_upgrade(client, species_name: str) -> list[dict] | None:
+    """A schema-1 species collection's rows (then dropped), or None if it is current."""
+    fields = {f["name"] for f in client.describe_collection(species_name)["fields"]}
+    if "total" in fields:
+        return None
+    client.load_collection(species_name)
+    rows = client.query(species_name, filter='species != ""', limit=16384,
+                        output_fields=["species", "record_json", "created_at"])
+    client.drop_collection(species_name)
+    log.warning("Milvus collection %s has schema 1 (prototypes without running sums): "
+                "rebuilt with schema 2; every species' prototype is recomputed from its "
+                "photos once. Upgrade every replica of this gallery.", species_name)
+    return rows
+
+
+def _write_upgraded(client, target: MilvusTarget, rows: list[dict], dim: int) -> None:
+    """Runtime species records back, with no state: the gallery recomputes it (count 0 rows
+    under photos are a real inconsistency to its check). Old imports kept their ids."""
+    out = []
+    for r in rows:
+        if r["species"] == META_KEY:
+            meta = dict(json.loads(r["record_json"]), schema=SCHEMA_VERSION, imported_ids=True)
+            out.append(meta_row(meta, dim))
+            continue
+        unit_e0 = [1.0] + [0.0] * (dim - 1)
+        out.append({"species": r["species"], "vector": unit_e0, "version": 0, "count": 0,
+                    "ids_digest": "", "record_json": r["record_json"],
+                    "created_at": float(r["created_at"]), "total": [0.0] * dim,
+                    "refined_count": 0})
+    if out:
+        client.upsert(target.species_collection, out)
 
 
 def _warn_if_other_index(client, target: MilvusTarget) -> None:
@@ -88,7 +136,7 @@ def meta_row(meta: dict, dim: int) -> dict:
     unit_e0[0] = 1.0  # Milvus refuses a zero vector
     return {"species": META_KEY, "vector": unit_e0, "version": 0, "count": 0,
             "ids_digest": "", "record_json": json.dumps(meta, sort_keys=True),
-            "created_at": 0.0}
+            "created_at": 0.0, "total": [0.0] * dim, "refined_count": 0}
 
 
 def read_meta(client, species_name: str) -> dict | None:
@@ -121,9 +169,15 @@ def check_meta(client, target: MilvusTarget, wanted: dict, dim: int, raw_dim: in
                 f"{have.get(key)!r}; this server has {wanted[key]!r}. Its vectors would "
                 "score garbage: use another collection, or move the photos with "
                 "`biolit-id gallery export` then `gallery import` (re-projects them).")
-    if relabel:
+    if relabel or have.get("schema") != SCHEMA_VERSION:
+        have = dict(have, schema=SCHEMA_VERSION)
         _write_meta(client, target, have, dim, write_lock)
     return have
+
+
+def write_meta(client, target: MilvusTarget, meta: dict, dim: int, write_lock) -> None:
+    """Replace the ``#meta`` row (``imported_ids`` set by an import, say)."""
+    _write_meta(client, target, meta, dim, write_lock)
 
 
 def _write_meta(client, target: MilvusTarget, meta: dict, dim: int, write_lock) -> None:

@@ -1,30 +1,15 @@
 """Per-species prototypes from reference photos, without retraining anything.
 
-Visual prototype (the seed's "similarity-weighted prototypes", arXiv:2110.11553):
-a plain mean lets one odd photo (wrong crop, another animal in frame) drag
-the prototype away from the species. ``biolit_id.core.vectors.weighted_prototype``
-(the very function ``biolit-id train`` uses, so runtime and trained
-prototypes are built alike) refines the mean: each photo is weighted by
-``softmax(sharpness * cos(photo, prototype))`` and the prototype re-estimated,
-twice. An outlier at cosine distance 0.3 from the rest gets ~exp(-3) = 5 %
-of a typical weight. With one photo it is that photo; the result is
-deterministic (inputs in id order), so a restart recomputes identical vectors.
-
-Combining with a trained bundle prototype: the bundle's visual prototype was
-estimated from training photos we do not have, so it acts as a prior worth
-``n0`` photos: ``normalize(n0 * bundle_visual + n * refined_mean)``. ``n0`` is
-the species' training support when the bundle records it (manifest key
-``train_counts``, written by ``biolit-id train``, or ``prototype_support``:
-{species: count}); otherwise ``DEFAULT_PRIOR_WEIGHT``
-= 10, the smallest per-species photo count the seed trained its rare-species
-prototypes from ("10-50 images"), so that a couple of curator photos nudge a
-trained prototype while a dozen or more take over.
-
-Fused prototype (Proto-CLIP, arXiv:2307.03073): ``normalize(alpha * visual +
-(1 - alpha) * text)`` with the scorer's alpha: the bundle's, or
-the server's zero-shot alpha = 0.8 (the seed's value) without a bundle.
-A species without photos keeps its base prototype: the bundle's fused one, or
-its text prototype.
+Visual prototype: the similarity-weighted mean of the species' photos (the
+seed's method and the trainer's, ``core.vectors.weighted_prototype``), so that
+one odd photo pulls little. Weighting needs every photo, so it is not what an
+add pays: each species keeps ``SpeciesSums`` (photo count and a running sum of
+its projected photos, started from the last weighted refinement) that an add
+or a removal updates in O(1); the full refinement runs on ``refine`` (in the
+background, or after an import). A trained bundle's visual prototype counts as
+a prior worth ``n0`` photos; the fused prototype is Proto-CLIP's
+``normalize(alpha * visual + (1 - alpha) * text)``. Formulas and the choice of
+``n0``: docs/gallery.md ("Prototypes from photos").
 """
 
 from __future__ import annotations
@@ -40,7 +25,7 @@ from biolit_id.core.vectors import (  # the trainer's: same prototypes
     weighted_prototype,
 )
 
-__all__ = ["PrototypeBuilder", "combine_with_prior", "weighted_prototype"]
+__all__ = ["PrototypeBuilder", "SpeciesSums", "combine_with_prior", "weighted_prototype"]
 
 DEFAULT_PRIOR_WEIGHT = 10.0
 
@@ -52,6 +37,66 @@ def combine_with_prior(prior: np.ndarray | None, prior_weight: float,
         return np.asarray(estimate, dtype=np.float32)
     mixed = prior_weight * l2_normalize64(prior) + n * l2_normalize64(estimate)
     return l2_normalize64(mixed).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SpeciesSums:
+    """A species' visual-prototype state, updatable per photo in O(1).
+
+    ``total`` is the sum of the species' projected unit photos, except that a
+    refinement replaces it by the weighted prototype scaled to the length the
+    plain sum had, so later photos count as much as before and, until the next
+    change, the prototype is exactly the refined one. ``refined_count``: the
+    photos the last refinement saw (how far the sums have drifted from it).
+    """
+
+    count: int
+    total: np.ndarray  # float64 [P]
+    refined_count: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> SpeciesSums:
+        return cls(0, np.zeros(dim, np.float64), 0)
+
+    @classmethod
+    def refined(cls, photos: np.ndarray) -> SpeciesSums:
+        """Exact state from all the species' projected photos [n, P]."""
+        photos = np.asarray(photos, np.float64)
+        if not len(photos):
+            return cls.empty(photos.shape[1])
+        length = float(np.linalg.norm(l2_normalize64(photos).sum(axis=0)))
+        total = l2_normalize64(weighted_prototype(photos)) * max(length, 1e-6)
+        return cls(len(photos), total, len(photos))
+
+    def plus(self, photos: np.ndarray, sign: int = 1) -> SpeciesSums:
+        """The state with these projected photos [n, P] added (``sign=-1``: removed)."""
+        photos = np.atleast_2d(np.asarray(photos, np.float64))
+        return self.shifted(sign * l2_normalize64(photos).sum(axis=0), sign * len(photos))
+
+    def shifted(self, total: np.ndarray, count: int) -> SpeciesSums:
+        """The state with a summed change (``total`` of unit photos, ``count`` photos)."""
+        n = self.count + int(count)
+        if n <= 0:  # the last photo went: start again from nothing, not from rounding
+            return SpeciesSums.empty(len(self.total))
+        return SpeciesSums(n, self.total + np.asarray(total, np.float64), self.refined_count)
+
+    def visual(self) -> np.ndarray | None:
+        """The unit visual prototype, None without photos."""
+        if self.count <= 0 or not np.any(self.total):
+            return None
+        return l2_normalize64(self.total).astype(np.float32)
+
+    def drift(self) -> float:
+        """Share of the photos added or removed since the last refinement (0: refined)."""
+        return abs(self.count - self.refined_count) / max(self.count, 1)
+
+    def to_bytes(self) -> bytes:
+        return np.ascontiguousarray(self.total, dtype="<f8").tobytes()
+
+    @classmethod
+    def from_bytes(cls, count: int, data: bytes, refined_count: int) -> SpeciesSums:
+        return cls(int(count), np.frombuffer(data, dtype="<f8").astype(np.float64),
+                   int(refined_count))
 
 
 @dataclass
@@ -101,14 +146,23 @@ class PrototypeBuilder:
         return out
 
     def fused(self, name: str, photos: np.ndarray) -> np.ndarray:
-        """Fused prototype of ``name`` given its photos in the scoring space [n, P]."""
+        """Fused prototype of ``name`` given all its photos in the scoring space [n, P]."""
         if not len(photos):
             return self.without_photos([name])[0]
-        visual = weighted_prototype(photos)
+        return self.fused_from_visual(name, weighted_prototype(photos), len(photos))
+
+    def fused_from_sums(self, name: str, sums: SpeciesSums) -> np.ndarray:
+        """Fused prototype of ``name`` from its running sums: O(1), no photo read."""
+        visual = sums.visual()
+        if visual is None:
+            return self.without_photos([name])[0]
+        return self.fused_from_visual(name, visual, sums.count)
+
+    def fused_from_visual(self, name: str, visual: np.ndarray, n: int) -> np.ndarray:
         row = self._base_index.get(name)
         if row is not None and self.visual_prior is not None:
             visual = combine_with_prior(self.visual_prior[row], self.prior_weight(name),
-                                        visual, len(photos))
+                                        visual, n)
         if row is not None and self.text_base is not None:
             text = self.text_base[row]
         else:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from biolit_id.core.exemplar import META_FIELDS, ExemplarMeta
+from biolit_id.index.prototypes import SpeciesSums
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,6 +47,14 @@ CREATE TABLE IF NOT EXISTS species (
 CREATE TABLE IF NOT EXISTS prototype_rows (
     position INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS species_sums (
+    name TEXT PRIMARY KEY,
+    space_id TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    total BLOB NOT NULL,
+    refined_count INTEGER NOT NULL,
+    version INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -266,20 +275,30 @@ class GalleryStore:
 
     # --------------------------------------------------------------- writes
 
-    def insert_exemplar(self, item: NewExemplar, new_prototype_row: bool) -> tuple[int, bool, int]:
-        """(id, created, version). An existing (species, content) pair returns its id."""
+    def insert_exemplar(self, item: NewExemplar, new_prototype_row: bool,
+                        sums: SpeciesSums | None = None,
+                        space_id: str = "") -> tuple[int, bool, int]:
+        """(id, created, version). An existing (species, content) pair returns its id.
+
+        ``sums``: the species' prototype state with this photo in it, written in
+        the same transaction when the photo is new (so the two never disagree).
+        """
         (outcome,), version = self.insert_exemplars(
-            [item], {item.species} if new_prototype_row else ())
+            [item], {item.species} if new_prototype_row else (),
+            {item.species: sums} if sums is not None else None, space_id)
         return outcome[0], outcome[1], version
 
     def insert_exemplars(self, items: Sequence[NewExemplar],
-                         new_prototype_rows: Collection[str] = ()
+                         new_prototype_rows: Collection[str] = (),
+                         sums: dict[str, SpeciesSums] | None = None, space_id: str = ""
                          ) -> tuple[list[tuple[int, bool]], int]:
         """Store many exemplars in ONE transaction: ([(id, created)], version).
 
         The durable path commits one photo at a time (``insert_exemplar``);
         bulk loads (benchmarks, imports) would spend their time in fsyncs.
         Each created row leaves its change event, as a single add does.
+        ``sums`` (state of each species with all its new photos) are written
+        only for species that got at least one new photo.
         """
         vectors = [self._checked(item.embedding) for item in items]
         out: list[tuple[int, bool]] = []
@@ -289,6 +308,11 @@ class GalleryStore:
             for name in new_prototype_rows:
                 conn.execute("INSERT OR IGNORE INTO prototype_rows (name) VALUES (?)", (name,))
             version = self._version(conn)
+            if sums:
+                touched = {item.species for item, (_, created) in zip(items, out, strict=True)
+                           if created}
+                self._write_sums(conn, space_id, {n: v for n, v in sums.items()
+                                                  if n in touched}, version)
         return out, version
 
     def _checked(self, embedding: np.ndarray) -> np.ndarray:
@@ -316,8 +340,13 @@ class GalleryStore:
         self._event(conn, "add", new_id, item.species)
         return new_id, True
 
-    def delete_exemplars(self, ids: Sequence[int]) -> tuple[list[tuple[int, str]], int]:
-        """All or nothing: raises KeyError listing unknown ids, else deletes them all."""
+    def delete_exemplars(self, ids: Sequence[int], sums: dict[str, SpeciesSums] | None = None,
+                         space_id: str = "") -> tuple[list[tuple[int, str]], int]:
+        """All or nothing: raises KeyError listing unknown ids, else deletes them all.
+
+        ``sums``: the touched species' state without these photos, written in
+        the same transaction.
+        """
         wanted = sorted({int(i) for i in ids})
         with self._transaction() as conn:
             found = self._species_of(conn, wanted)
@@ -328,7 +357,25 @@ class GalleryStore:
             for exemplar_id in wanted:
                 conn.execute("DELETE FROM exemplars WHERE id = ?", (exemplar_id,))
                 version = self._event(conn, "remove", exemplar_id, found[exemplar_id])
+            if sums:
+                self._write_sums(conn, space_id, sums, version)
         return [(i, found[i]) for i in wanted], version
+
+    def write_species_sums(self, space_id: str, sums: dict[str, SpeciesSums]) -> None:
+        """Replace these species' prototype state (a refinement, or a new space)."""
+        with self._transaction() as conn:
+            self._write_sums(conn, space_id, sums, self._version(conn))
+
+    @staticmethod
+    def _write_sums(conn: sqlite3.Connection, space_id: str, sums: dict[str, SpeciesSums],
+                    version: int) -> None:
+        conn.executemany(
+            "INSERT INTO species_sums (name, space_id, count, total, refined_count, version) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "space_id = excluded.space_id, count = excluded.count, total = excluded.total, "
+            "refined_count = excluded.refined_count, version = excluded.version",
+            [(name, space_id, int(v.count), v.to_bytes(), int(v.refined_count), int(version))
+             for name, v in sums.items()])
 
     def insert_species(self, name: str, record_json: str) -> int:
         with self._transaction() as conn:
@@ -389,6 +436,13 @@ class GalleryStore:
             "SELECT species, COUNT(*) FROM exemplars GROUP BY species"
         ).fetchall()
         return {s: int(n) for s, n in rows}
+
+    def species_sums(self, space_id: str) -> dict[str, SpeciesSums]:
+        """Every species' prototype state kept for this space (others are stale)."""
+        return {name: SpeciesSums.from_bytes(count, total, refined)
+                for name, count, total, refined in self._reader().execute(
+                    "SELECT name, count, total, refined_count FROM species_sums "
+                    "WHERE space_id = ?", (space_id,))}
 
     def find(self, species: str, content_sha256: str) -> int | None:
         row = self._reader().execute(
@@ -497,6 +551,13 @@ class GalleryStore:
                 problems.append(f"exemplar {exemplar_id}: species={species!r} "
                                 f"embedding bytes={length} sha={sha!r}")
         return problems
+
+    def sample_ids(self, n: int, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` exemplar ids drawn uniformly (sorted): only ids are read."""
+        ids = self.all_ids()
+        if len(ids) <= n:
+            return ids
+        return np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
 
     def all_ids(self) -> np.ndarray:
         rows = self._reader().execute("SELECT id FROM exemplars ORDER BY id").fetchall()

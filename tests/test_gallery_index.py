@@ -354,8 +354,15 @@ def test_gallery_zero_shot_prototypes_follow_adds_and_removes(tmp_path: Path, op
     text = gallery.prototypes().vectors[row].copy()
     photos = family(11, 3)
     ids = [gallery.add_exemplar(item(species, v)).exemplar_id for v in photos]
+    # Adds move the prototype through running sums (the plain mean, no photo read)...
+    mean = photos.sum(axis=0) / np.linalg.norm(photos.sum(axis=0))
+    running = fuse_prototypes(mean[None], text[None], ZERO_SHOT_ALPHA)[0]
+    np.testing.assert_allclose(gallery.prototypes().vectors[row], running, atol=1e-6)
+    # ... and a refinement computes the similarity-weighted one from every photo.
+    assert gallery.refine() == [species]
     protos = gallery.prototypes()
     expected = fuse_prototypes(weighted_prototype(photos)[None], text[None], ZERO_SHOT_ALPHA)[0]
+    assert not np.allclose(expected, running, atol=1e-4)
     np.testing.assert_allclose(protos.vectors[row], expected, atol=1e-6)
     np.testing.assert_allclose(gallery.index.prototype_vector(row), expected, atol=1e-6)
     assert protos.version == gallery.version == 3
@@ -426,6 +433,7 @@ def test_gallery_in_a_bundles_whitened_space(tmp_path: Path, open_at, loaded_dem
     for name, weight in ((catalog.names()[2], DEFAULT_PRIOR_WEIGHT), (trained, 4.0)):
         for vec in photos:
             gallery.add_exemplar(item(name, vec, tag=name))
+        gallery.refine([name])
         row = bundle.species.index(name)
         visual = combine_with_prior(bundle.visual_prototypes[row], weight,
                                     weighted_prototype(whitened), 3)

@@ -152,8 +152,8 @@ def _ratios(base: dict, row: dict) -> dict:
 
 def table(report: dict) -> str:
     b = report["batch"]
-    lines = [f"| model | dim | params (image tower) | weights fp16 | load s | image CPU ms, batch 1 "
-             f"| image CPU ms/photo, batch {b} | text CPU-wall ms/prompt | peak RSS GB |",
+    lines = [f"| model | dim | params (image tower) | weights fp16 | load s | image CPU ms, "
+             f"batch 1 | image CPU ms/photo, batch {b} | text ms/prompt (wall) | peak RSS GB |",
              "|" + "---|" * 9]
     for r in report["results"]:
         c = r["cpu"]
