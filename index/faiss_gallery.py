@@ -154,6 +154,46 @@ class Gallery(GalleryBase):
             self._maybe_snapshot()
         return AddOutcome(exemplar_id, created, item.species)
 
+    def add_many(self, items: Sequence[NewExemplar]) -> list[AddOutcome]:
+        """Bulk add (imports, benchmarks): one transaction, one index add, one publish.
+
+        Durable when it returns, like ``add_exemplar``, but all or nothing.
+        """
+        self._check_open()
+        with self._write_lock:
+            for item in items:
+                if not self.knows(item.species):
+                    raise UnknownSpeciesError(item.species)
+            seen: dict[tuple[str, str], int] = {}
+            new: list[int] = []  # positions of photos not stored yet
+            for pos, item in enumerate(items):
+                key = (item.species, item.content_sha256)
+                if key not in seen and self.store.find(*key) is None:
+                    new.append(pos)
+                seen.setdefault(key, pos)
+            projected = self.project(np.stack([items[p].embedding for p in new])) if new else []
+            sums: dict[str, SpeciesSums] = {}
+            for pos, vec in zip(new, projected, strict=True):
+                name = items[pos].species
+                sums[name] = (sums.get(name) or self._sums_of(name)).plus(vec[None, :])
+            fresh_rows = {items[p].species for p in new} - set(self._row_of)
+            outcomes, version = self.store.insert_exemplars(
+                [items[p] for p in new], fresh_rows, sums, self.space_id)
+            self.index.add([i for i, _ in outcomes], projected)
+            self._sums.update(sums)
+            counts = dict(self._counts)
+            for pos in new:
+                counts[items[pos].species] = counts.get(items[pos].species, 0) + 1
+            self._counts, self._version = counts, version
+            self._refresh_locked(list(sums))
+            ids = dict(zip(new, (i for i, _ in outcomes), strict=True))
+            result = [AddOutcome(ids[pos], True, item.species) if pos in ids
+                      else AddOutcome(self.store.find(item.species, item.content_sha256) or 0,
+                                      False, item.species)
+                      for pos, item in enumerate(items)]
+        self._maybe_snapshot()
+        return result
+
     def remove(self, ids: Sequence[int]) -> RemoveOutcome:
         """All or nothing: any unknown id raises UnknownExemplarError, nothing removed."""
         self._check_open()

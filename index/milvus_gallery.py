@@ -104,6 +104,7 @@ class MilvusGallery(GalleryBase):
         self.recovery = "milvus"
         self.syncs = 0  # polls that installed changes (logs, tests)
         self.repairs = 0  # species recomputed because their row disagreed with Milvus
+        self.sweeps = 0  # full syncs done
         base = PrototypeSet(tuple(builder.base_names),
                             np.ascontiguousarray(builder.base_vectors, np.float32), version=0)
         self._publish(base)
@@ -208,6 +209,36 @@ class MilvusGallery(GalleryBase):
                 self._refresh_locked([item.species])
         return AddOutcome(eid, True, item.species)
 
+    def add_many(self, items: Sequence[NewExemplar]) -> list[AddOutcome]:
+        """Bulk add (benchmarks, bulk loads): one key lookup and one upsert per batch,
+        the species rows written once at the end."""
+        self._check_open()
+        ids = [exemplar_id_for(i.species, i.content_sha256) for i in items]
+        with self._write_lock:
+            for item in items:
+                if not self.knows(item.species):
+                    raise UnknownSpeciesError(item.species)
+            seen = set(self.index.get(ids, ["id"]))
+            new = []
+            for pos, eid in enumerate(ids):
+                if eid not in seen:
+                    seen.add(eid)
+                    new.append(pos)
+            if new:
+                raw = np.stack([np.asarray(items[p].embedding, np.float32) for p in new])
+                projected = self.project(raw)
+                now = time.time()
+                self.index.insert([self.index.exemplar_row(
+                    ids[p], items[p].species, vec, r, content_sha256=items[p].content_sha256,
+                    added_at=now, thumbnail=items[p].thumbnail, **items[p].meta_dict())
+                    for p, vec, r in zip(new, projected, raw, strict=True)])
+                for p, vec in zip(new, projected, strict=True):
+                    self._delta(items[p].species).add(vec, ids[p])
+                self._refresh_locked([items[p].species for p in new])
+        created = set(new)
+        return [AddOutcome(eid, pos in created, item.species)
+                for pos, (eid, item) in enumerate(zip(ids, items, strict=True))]
+
     def remove(self, ids: Sequence[int]) -> RemoveOutcome:
         self._check_open()
         wanted = sorted({int(i) for i in ids})
@@ -292,6 +323,7 @@ class MilvusGallery(GalleryBase):
             self.syncs += 1
         repaired: list[str] = []
         if full:
+            self.sweeps += 1
             self.index.reload_meta()  # an import may have started meanwhile
             repaired = self.reconcile(rows)
         return len(fresh) + len(repaired)

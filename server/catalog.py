@@ -4,7 +4,9 @@ The catalog is what makes the service useful before any training: every
 species in it gets a BioCLIP text prototype, so zero-shot answers work out of
 the box. Names are kept exactly as the BioLit seed spells them (``Patella
 sp.``, ``Littorina fabalis/obtusata``) because bundles and clients match on
-them.
+them. It holds both seed generations (``generations``: the first seed's 100
+species, the second's 215, in their proper form), and each record says where
+every rank came from (``taxonomy_source``; docs/seed-v2.md).
 """
 
 from __future__ import annotations

@@ -71,11 +71,15 @@ def fused_logits(cos: np.ndarray, head_log_probs: np.ndarray, common_to_global: 
     """
     cos = np.asarray(cos, dtype=np.float64)
     near = cos if knn is None else np.where(np.isnan(knn), cos, knn)
-    z = w.novel_proto * cos + w.novel_knn * near + w.novel_offset
+    log_prior = np.asarray(log_prior, dtype=np.float64)
+    # A new species counts as an average head species for the prior, so refitting the
+    # prior weight (calibrate) moves both levels together.
+    level = w.prior * float(log_prior.mean()) if len(log_prior) else 0.0
+    z = w.novel_proto * cos + w.novel_knn * near + w.novel_offset + level
     if len(common_to_global):
         z[:, common_to_global] = (w.proto * cos[:, common_to_global]
                                   + w.head * np.asarray(head_log_probs, dtype=np.float64)
-                                  + w.prior * np.asarray(log_prior, dtype=np.float64)[None, :])
+                                  + w.prior * log_prior[None, :])
     return z
 
 

@@ -24,11 +24,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from biolit_id.core.types import PrototypeSet
+from biolit_id.server.bundle import BundleError
 from biolit_id.server.catalog import FALLBACK_RANKS, Catalog, SpeciesRecord
 from biolit_id.server.pipeline import Identification
 from biolit_id.server.routing import Method
 from biolit_id.server.scoring import Scorer
-from biolit_id.server.seed_v2_heads import RankHeads
+from biolit_id.server.seed_v2_heads import RankHeadError, RankHeads
 from biolit_id.server.taxonomy import RankAnswer, taxon_masses
 
 
@@ -113,5 +114,8 @@ def with_rank_heads(scorer: Scorer) -> Scorer:
     bundle = getattr(scorer, "bundle", None)
     if bundle is None or hasattr(scorer, "explain"):  # zero-shot, or a rule of its own (v2)
         return scorer
-    heads = RankHeads.from_bundle(bundle)
+    try:
+        heads = RankHeads.from_bundle(bundle)
+    except RankHeadError as exc:  # refused at start, like any inconsistent bundle
+        raise BundleError(f"bundle {bundle.bundle_id}: {exc}") from exc
     return scorer if heads is None or not heads.heads else RankHeadsScorer(scorer, heads)

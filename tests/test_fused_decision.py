@@ -67,11 +67,13 @@ def test_numpy_and_torch_formulas_agree():
     theirs = fusion_logits_torch(w, *(torch.as_tensor(a) for a in (cos, log_softmax(logits))),
                                  c2g, torch.as_tensor(prior), torch.as_tensor(near)).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
-    # Species 1 and 3 are outside the head: only their prototype (and kNN) terms count.
+    # Species 1 and 3 are outside the head: their prototype (and kNN) terms, at the prior
+    # level of an average head species.
+    level = WEIGHTS.novel_offset + WEIGHTS.prior * prior.mean()
     assert ours[0, 3] == pytest.approx(WEIGHTS.novel_proto * cos[0, 3]
-                                       + WEIGHTS.novel_knn * cos[0, 3] + WEIGHTS.novel_offset)
+                                       + WEIGHTS.novel_knn * cos[0, 3] + level)
     assert ours[0, 1] == pytest.approx(WEIGHTS.novel_proto * cos[0, 1]
-                                       + WEIGHTS.novel_knn * knn[0, 1] + WEIGHTS.novel_offset)
+                                       + WEIGHTS.novel_knn * knn[0, 1] + level)
 
 
 def test_fit_recovers_the_weights_that_made_the_labels():

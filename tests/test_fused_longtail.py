@@ -68,6 +68,7 @@ def test_train_writes_a_fused_bundle_over_every_species(run):
     assert fusion["new_species_fitted_on"] == "simulation"
     simulation = bundle.metrics["validation"]["fused"]["simulation"]
     assert simulation["held_out_species"] >= 5 and simulation["held_out_top1"] > 0.3
+    assert simulation["new_species_guesses_right"] > 0.5  # new species do not steal
     assert fusion["weights"]["novel_knn"] > 0  # the reference photos of new species count
     # The demo model's text tower is random: validation weights it (almost) out.
     fit = bundle.extra["training"]["alpha_fit"]
@@ -169,3 +170,8 @@ def test_a_species_added_at_runtime_is_answered_at_once(run, make_server, demo_m
         assert d.confidence == pytest.approx(offline.distribution[i, top], abs=2e-3)
     answered = [d for d in after if d.species]
     assert all(d.method == pb.METHOD_FUSED for d in answered)
+    # ... and it does not take over other species' photos.
+    others = [i for i, s in enumerate(data.test.species) if s != LEFT_OUT][::3]
+    requests = (pb.IdentifyRequest(embedding=data.test.embeddings[i].tolist()) for i in others)
+    taken = [r.decision.species == LEFT_OUT for r in stub.IdentifyStream(requests, timeout=300)]
+    assert np.mean(taken) <= 0.02

@@ -42,7 +42,8 @@ def fusion_logits_torch(w: dict, cos, head_lp, c2g, log_prior, near):
     """``server.fused.fused_logits`` in torch (a test keeps the two equal)."""
     import torch
 
-    z = w["novel_proto"] * cos + w["novel_knn"] * near + w["novel_offset"]
+    level = w["prior"] * log_prior.mean() if len(log_prior) else 0.0
+    z = w["novel_proto"] * cos + w["novel_knn"] * near + w["novel_offset"] + level
     if len(c2g):
         head_part = w["proto"] * cos[:, c2g] + w["head"] * head_lp + w["prior"] * log_prior
         z = z.index_copy(1, torch.as_tensor(c2g, dtype=torch.long), head_part)
@@ -148,6 +149,8 @@ def simulate_runtime_species(train_w: np.ndarray, train_y: np.ndarray, val_w: np
     ``train_aux_head(head_ids)`` trains a head over those species and returns
     a function raw embeddings -> logits. Prototypes of the held-out species
     are rebuilt from 20 photos; every other species keeps its trained one.
+    The head-side terms stay as ``init`` (the real head's): the new-species
+    offset is only meaningful against the level the served head will have.
     """
     aux_ids = [c for c in head_ids if c not in set(held)]
     logits_of = train_aux_head(aux_ids)
@@ -161,17 +164,19 @@ def simulate_runtime_species(train_w: np.ndarray, train_y: np.ndarray, val_w: np
     logits = logits_of(val_x)
     prior = log_prior_all[c2g]
     in_head = np.isin(val_y, c2g)
-    first = fit_fusion(cos, logits, c2g, prior, knn, np.where(in_head, val_y, -1), init,
-                       HEAD_TERMS)
-    fitted = fit_fusion(cos, logits, c2g, prior, knn, val_y, first, NOVEL_TERMS)
+    fitted = fit_fusion(cos, logits, c2g, prior, knn, val_y, init, NOVEL_TERMS)
     probs = masked_softmax(fused_logits(cos, log_softmax(logits), c2g, prior, knn, fitted),
                            None)
     novel = np.isin(val_y, held)
     top = probs.argmax(axis=1)
+    as_new = np.isin(top, held)
     report = {
         "held_out_species": len(held), "validation_photos": int(novel.sum()),
         "held_out_top1": float((top[novel] == val_y[novel]).mean()) if novel.any() else None,
         "head_species_top1": float((top[in_head] == val_y[in_head]).mean()),
+        # Of the photos whose best guess is a new species, the share really of one.
+        "new_species_guesses_right": float((top[as_new] == val_y[as_new]).mean())
+        if as_new.any() else None,
         "weights": fitted.to_json(),
     }
     return replace(init, **{k: getattr(fitted, k) for k in NOVEL_TERMS}), report
@@ -198,20 +203,22 @@ def fit_fused(bundle: Bundle, train_w: np.ndarray, train_y: np.ndarray, val: Emb
     def aux_logits(ids: list[int]):
         return Head(train_aux(ids), dim, len(ids), config).logits
 
-    held = simulated_species(head_ids.tolist(), train_y, vy, seed) if len(vy) else []
-    if held:
-        init, simulation = simulate_runtime_species(
-            train_w, train_y, val_w, vy, val_x, bundle.prototypes, bundle.text_prototypes,
-            bundle.alpha, log_prior_all, head_ids.tolist(), held, aux_logits, init)
-        simulation["species"] = [bundle.species[c] for c in held]
-    else:
-        simulation = {"skipped": "too few species with validation photos to leave some out; "
-                                 "new species use default weights"}
+    # The served head's terms first, on the real validation set; then the new-species
+    # terms against them, by simulation.
     cos = val_w @ bundle.prototypes.T.astype(np.float64)
     logits = (Head(bundle.head_state, dim, len(head_ids), config).logits(val_x)
               if len(head_ids) else np.zeros((len(vy), 0)))
     free = HEAD_TERMS if len(head_ids) else ("novel_proto", "novel_offset")
     weights = fit_fusion(cos, logits, head_ids, log_prior, None, vy, init, free)
+    held = simulated_species(head_ids.tolist(), train_y, vy, seed) if len(vy) else []
+    if held:
+        weights, simulation = simulate_runtime_species(
+            train_w, train_y, val_w, vy, val_x, bundle.prototypes, bundle.text_prototypes,
+            bundle.alpha, log_prior_all, head_ids.tolist(), held, aux_logits, weights)
+        simulation["species"] = [bundle.species[c] for c in held]
+    else:
+        simulation = {"skipped": "too few species with validation photos to leave some out; "
+                                 "new species use default weights"}
     probs = masked_softmax(fused_logits(cos, log_softmax(logits) if len(head_ids) else logits,
                                         head_ids, log_prior, None, weights), None)
     ece_v, nll_v = top1_calibration(probs, vy)
