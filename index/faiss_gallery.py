@@ -4,6 +4,9 @@ Curators add photos while the service runs and the next Identify uses them.
 SQLite is the source of truth (raw embeddings), the FAISS index is derived
 and rebuildable, and each write publishes a new immutable prototype set, so
 readers never lock. Spaces, locking, recovery and options: docs/gallery.md.
+
+Over 400 lines on purpose: writes, recovery (snapshot, replay, rebuild) and
+snapshots share the version and index they keep consistent.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 STORE_FILE = "gallery.sqlite3"
 SNAPSHOT_FILE = "index.snapshot"
 DEFAULT_SNAPSHOT_EVERY = 5000
+SNAPSHOT_SHARE = 0.25  # changes, as a share of the gallery, between snapshots
 TRAINING_SAMPLE = 200_000
 
 
@@ -416,7 +420,11 @@ class Gallery(GalleryBase):
             self.store.prune_events(version)
 
     def _maybe_snapshot(self) -> None:
-        if self._version - max(self._snapshot_version, 0) < self.snapshot_every:
+        # Writing a snapshot costs O(gallery) (under the writer lock while it is
+        # serialised): taken every SNAPSHOT_SHARE of the gallery's size in changes
+        # (at least snapshot_every), that cost stays O(1) per add at any size.
+        due = max(self.snapshot_every, int(self.size * SNAPSHOT_SHARE))
+        if self._version - max(self._snapshot_version, 0) < due:
             return
         thread = self._snapshot_thread
         if thread is not None and thread.is_alive():

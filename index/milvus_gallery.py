@@ -14,6 +14,9 @@ Milvus holds. Only a disagreement that outlives a whole sweep with no write to
 that species in between (an interrupted add, two replicas racing on one row)
 is repaired, by recomputing the species from its photos. How replicas stay
 in step, and the settings: docs/deploy.md.
+
+Over 400 lines on purpose: the write path, the sync and the consistency check
+share the pending sums and the row stamps, and read best side by side.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from biolit_id.index.store import ExemplarRow, NewExemplar
 log = logging.getLogger(__name__)
 
 SKEW_MARGIN_NS = 30 * 10**9  # incremental polls re-read this much before the newest stamp
+LITE_FLUSH_EVERY = 2000  # photos written before milvus-lite is asked to seal them
 
 
 @dataclass
@@ -101,6 +105,7 @@ class MilvusGallery(GalleryBase):
         self._created: dict[str, float] = {}
         self._pending: dict[str, _Delta] = {}
         self._suspects: dict[str, tuple[int | None, int]] = {}
+        self._unflushed = 0
         self.recovery = "milvus"
         self.syncs = 0  # polls that installed changes (logs, tests)
         self.repairs = 0  # species recomputed because their row disagreed with Milvus
@@ -363,11 +368,11 @@ class MilvusGallery(GalleryBase):
             log.info("gallery: %d species prototype(s) disagree with the photos Milvus holds "
                      "(an interrupted write, or two replicas writing one species); "
                      "recomputing %s", len(repair), repair[:10])
-            self.repairs += len(repair)
             with self._write_lock:
                 for name in repair:
                     self._pending.pop(name, None)
                 self._refine_locked(repair)
+            self.repairs += len(repair)
         return repair
 
     def _poll_loop(self) -> None:
@@ -413,7 +418,13 @@ class MilvusGallery(GalleryBase):
                 sums = sums.shifted(delta.total, delta.count)
                 checksum ^= delta.checksum
             written.append(self._write_row(name, sums, checksum))
+            self._unflushed += abs(delta.count) if delta is not None else 0
         self._apply(written)
+        if self.target.lite and self._unflushed >= LITE_FLUSH_EVERY:
+            # milvus-lite scans unsealed rows in Python on every search and query:
+            # sealing them often keeps that part small. A cluster seals by itself.
+            self.index.flush()
+            self._unflushed = 0
 
     def _refine_locked(self, species: Sequence[str]) -> None:
         """Recompute these species' state from all their photos (reads them)."""

@@ -40,6 +40,14 @@ def test_quick_bench_writes_every_section(demo_model_spec, tmp_path, capsys):
     assert exact["index"] == "flat (exact)" and exact["recall@10"] == 1.0
     assert results["start"]["gallery_size"] >= 500
     assert results["start"]["restart_s"] > 0
+    for backend in ("faiss", "milvus-lite"):
+        scale = results["gallery_backends"][backend]
+        assert [a["photos_before"] for a in scale["adds"]] == [0, 300]
+        assert all(a["adds_per_s"] > 0 for a in scale["adds"])
+        assert scale["photos"] == 350 and scale["repairs"] == 0
+        assert scale["recall@10"] == 1.0  # both search exactly at this size
+        assert scale["memory"]["rss_bytes"] > 0
     assert isinstance(results["targets"], list) and results["targets"]
     printed = capsys.readouterr().out
     assert "Service over gRPC" in printed and "Targets" in printed
+    assert "Gallery backends" in printed

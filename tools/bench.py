@@ -19,6 +19,7 @@ from pathlib import Path
 
 from biolit_id.cli.bench_common import machine, parse_pairs, parse_size, start_bench_server
 from biolit_id.cli.bench_gallery import bench_gallery_size, bench_start
+from biolit_id.cli.bench_gallery_scale import BACKENDS, CHECKPOINTS, STREAM, bench_backend
 from biolit_id.cli.bench_model import bench_decode, bench_forward, bench_seed_path
 from biolit_id.cli.bench_report import evaluate_targets, table
 from biolit_id.cli.bench_rpc import auto_record, bench_adds, bench_service
@@ -32,7 +33,8 @@ from biolit_id.server.model_loader import ModelUnavailableError, load_model
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("decode", "seed", "forward", "service", "upload", "adds", "gallery", "start")
+SECTIONS = ("decode", "seed", "forward", "service", "upload", "adds", "gallery", "start",
+            *(f"gallery-{b}" for b in BACKENDS))
 DEFAULT_RUNTIMES = ("torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8", "openvino:fp32",
                     "openvino:bf16", "openvino:int8")
 
@@ -74,6 +76,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adds", type=int, default=1000, help="adds through gRPC (stream)")
     parser.add_argument("--start-exemplars", type=int, default=1_000_000,
                         help="gallery size for the start-time measurement")
+    parser.add_argument("--scale-checkpoints", default=",".join(map(str, CHECKPOINTS)),
+                        help="gallery-<backend> sections: gallery sizes where a stream of adds "
+                             "is timed (default: %(default)s)")
+    parser.add_argument("--scale-stream", type=int, default=STREAM,
+                        help="photos per AddExemplars-sized stream (default: %(default)s)")
+    parser.add_argument("--scale-fill", choices=("bulk", "stream"), default="bulk",
+                        help="how the gallery grows between checkpoints: the bulk add "
+                             "(short runs) or streams all the way (default: %(default)s)")
+    parser.add_argument("--scale-dim", type=int, default=512,
+                        help="vector size of the gallery-<backend> sections (512: zero-shot)")
     add_soak_arguments(parser)
 
 
@@ -89,6 +101,8 @@ def quick_settings(args: argparse.Namespace) -> None:
     args.queries = 10
     args.adds = 10
     args.start_exemplars = 500
+    args.scale_checkpoints = "0,300"
+    args.scale_stream = 50
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,6 +204,14 @@ def run(args: argparse.Namespace) -> int:
             results["gallery"].append(bench_gallery_size(
                 n, args.gallery_dim, args.queries, args.gallery_data,
                 search_threads=threads["search_threads"]))
+            save()
+    for backend in BACKENDS:
+        if f"gallery-{backend}" in sections:
+            results.setdefault("gallery_backends", {})[backend] = bench_backend(
+                backend, args.data_dir / f"scale-{backend}", dim=args.scale_dim,
+                checkpoints=[int(c) for c in args.scale_checkpoints.split(",")],
+                stream=args.scale_stream, fill=args.scale_fill, queries=args.queries,
+                repeats=args.repeats)
             save()
     if "start" in sections:
         results["start"] = bench_start(args.model, args.data_dir / "start",

@@ -18,6 +18,7 @@ TARGETS = {
     "search_1m_recall10": 0.95,
     "search_1m_bytes_per_exemplar": 600.0,
     "adds_per_second": 500.0,
+    "scale_adds_per_second": {"faiss": 500.0, "milvus-lite": 200.0},
 }
 
 
@@ -59,6 +60,30 @@ def evaluate_targets(results: dict) -> list[dict]:
         rows.append({"target": "adds/s (stream, durable)", "goal": f">= {goal:g}",
                      "measured": adds["stream_adds_per_s"],
                      "met": adds["stream_adds_per_s"] >= goal})
+    rows += _backend_targets(results.get("gallery_backends", {}))
+    return rows
+
+
+def _backend_targets(backends: dict) -> list[dict]:
+    """Issue 15's targets per gallery backend (adds keep their rate, search, repairs)."""
+    rows = []
+    for name, r in backends.items():
+        first, last = r["adds"][0], r["adds"][-1]
+        at = f"{last['photos_before']:,}"
+        rows.append({"target": f"{name}: adds/s at {at} vs at {first['photos_before']:,}",
+                     "goal": ">= 0.8x", "measured": r["adds_ratio_last_vs_first"],
+                     "met": r["adds_ratio_last_vs_first"] >= 0.8})
+        goal = TARGETS["scale_adds_per_second"][name]
+        rows.append({"target": f"{name}: adds/s at {at} photos (streams of {r['stream']})",
+                     "goal": f">= {goal:g}", "measured": last["adds_per_s"],
+                     "met": last["adds_per_s"] >= goal})
+        rows.append({"target": f"{name}: repairs on a healthy gallery ({r['sweeps']} sweeps)",
+                     "goal": "0", "measured": float(r["repairs"]), "met": r["repairs"] == 0})
+        if name == "milvus-lite":
+            ok = r["search_p50_ms"] <= 20.0 and r["recall@10"] >= 0.95
+            rows.append({"target": f"{name}: search p50 at {r['photos']:,} (recall@10 "
+                                   f"{r['recall@10']:.3f}, goal >= 0.95)",
+                         "goal": "<= 20 ms", "measured": r["search_p50_ms"], "met": ok})
     return rows
 
 
@@ -146,6 +171,18 @@ def table(results: dict) -> str:
                   f(adds["single_adds_per_s"], 0), adds["visible_to_next_query"]]])
     elif adds:
         lines.append(f"\nAdds: skipped ({adds.get('skipped')})")
+    rows = []
+    for name, r in results.get("gallery_backends", {}).items():
+        rates = " / ".join(f"{a['adds_per_s']:.0f}" for a in r["adds"])
+        at = "/".join(f"{a['photos_before'] // 1000}k" if a["photos_before"] else "0"
+                      for a in r["adds"])
+        rows.append([name, f"{r['photos']:,}", f"{rates} (at {at})", f(r["search_p50_ms"], 2),
+                     f(r["search_p95_ms"], 2), f(r["recall@10"], 3),
+                     f(r["memory"]["rss_bytes"] / 2**20, 0),
+                     f(r["memory"]["peak_rss_bytes"] / 2**20, 0), r["repairs"]])
+    section("Gallery backends (streams of adds as the gallery grows; search k=10)",
+            ["backend", "photos", "adds/s", "p50 ms", "p95 ms", "recall@10", "RSS MiB",
+             "peak MiB", "repairs"], rows)
     start = results.get("start")
     if start and "restart_s" in start:
         section("Server start with a large gallery",
