@@ -181,68 +181,75 @@ class MilvusGallery(GalleryBase):
     def add_exemplar(self, item: NewExemplar, refresh: bool = True) -> AddOutcome:
         """Store the photo; its species row takes it at ``refresh`` (the end of a stream).
 
-        Two key lookups and one upsert: nothing here reads the species' photos.
+        One key lookup and one upsert: nothing here reads the species' photos.
         """
         self._check_open()
-        raw = np.asarray(item.embedding, dtype=np.float32).reshape(self.raw_dim)
-        eid = exemplar_id_for(item.species, item.content_sha256)
         with self._write_lock:
-            if not self.knows(item.species):
-                raise UnknownSpeciesError(item.species)
-            found = self.index.get([eid], ["species", "content_sha256"]).get(eid)
-            if found is not None and (found["species"], found["content_sha256"]) == (
-                    item.species, item.content_sha256):
-                return AddOutcome(eid, False, item.species)
-            imported = (self.index.find_content(item.species, item.content_sha256)
-                        if self.index.meta.get("imported_ids") else None)
-            if imported is not None:  # stored under its FAISS id by `gallery import`
-                return AddOutcome(imported, False, item.species)
-            if found is not None:
-                raise GalleryError(
-                    f"exemplar id {eid} already belongs to another photo (a 62-bit hash "
-                    "collision, about 1 in 10^11 per pair); re-encode the photo to add it")
-            vector = self.project(raw[None, :])[0]
-            try:
-                row = self.index.exemplar_row(
-                    eid, item.species, vector, raw, content_sha256=item.content_sha256,
-                    added_at=time.time(), thumbnail=item.thumbnail, **item.meta_dict())
-            except ValueError as exc:
-                raise GalleryError(f"cannot store this exemplar: {exc}") from exc
-            self.index.insert([row])
-            self._delta(item.species).add(vector, eid)
-            if refresh:
+            outcome = self._add_locked([item])[0]
+            if refresh and outcome.created:
                 self._refresh_locked([item.species])
-        return AddOutcome(eid, True, item.species)
+        return outcome
 
     def add_many(self, items: Sequence[NewExemplar]) -> list[AddOutcome]:
-        """Bulk add (benchmarks, bulk loads): one key lookup and one upsert per batch,
-        the species rows written once at the end."""
+        """One key lookup and one upsert for the batch, then its species rows."""
         self._check_open()
-        ids = [exemplar_id_for(i.species, i.content_sha256) for i in items]
         with self._write_lock:
-            for item in items:
-                if not self.knows(item.species):
-                    raise UnknownSpeciesError(item.species)
-            seen = set(self.index.get(ids, ["id"]))
-            new = []
-            for pos, eid in enumerate(ids):
-                if eid not in seen:
-                    seen.add(eid)
+            outcomes = self._add_locked(items)
+            self._refresh_locked(list(dict.fromkeys(o.species for o in outcomes if o.created)))
+        return outcomes
+
+    def _add_locked(self, items: Sequence[NewExemplar]) -> list[AddOutcome]:
+        for item in items:
+            if not self.knows(item.species):
+                raise UnknownSpeciesError(item.species)
+        ids = [exemplar_id_for(i.species, i.content_sha256) for i in items]
+        found = self.index.get(ids, ["species", "content_sha256"])
+        stored: dict[tuple[str, str], int] = {}  # photo -> its id, new ones included
+        new: list[int] = []
+        for pos, (eid, item) in enumerate(zip(ids, items, strict=True)):
+            key = (item.species, item.content_sha256)
+            if key not in stored:
+                existing = self._stored_id(eid, item, found.get(eid))
+                if existing is None:
                     new.append(pos)
-            if new:
-                raw = np.stack([np.asarray(items[p].embedding, np.float32) for p in new])
-                projected = self.project(raw)
-                now = time.time()
-                self.index.insert([self.index.exemplar_row(
-                    ids[p], items[p].species, vec, r, content_sha256=items[p].content_sha256,
-                    added_at=now, thumbnail=items[p].thumbnail, **items[p].meta_dict())
-                    for p, vec, r in zip(new, projected, raw, strict=True)])
-                for p, vec in zip(new, projected, strict=True):
-                    self._delta(items[p].species).add(vec, ids[p])
-                self._refresh_locked([items[p].species for p in new])
+                stored[key] = eid if existing is None else existing
+        if new:
+            self._insert_locked([items[p] for p in new], [ids[p] for p in new])
         created = set(new)
-        return [AddOutcome(eid, pos in created, item.species)
-                for pos, (eid, item) in enumerate(zip(ids, items, strict=True))]
+        return [AddOutcome(stored[(item.species, item.content_sha256)], pos in created,
+                           item.species) for pos, item in enumerate(items)]
+
+    def _stored_id(self, eid: int, item: NewExemplar, found: dict | None) -> int | None:
+        """The id this photo is already stored under, or None; a foreign row under its
+        id (a hash collision) is refused rather than overwritten."""
+        if found is not None and (found["species"], found["content_sha256"]) == (
+                item.species, item.content_sha256):
+            return eid
+        if self.index.meta.get("imported_ids"):  # `gallery import` kept a FAISS gallery's ids
+            imported = self.index.find_content(item.species, item.content_sha256)
+            if imported is not None:
+                return imported
+        if found is not None:
+            raise GalleryError(
+                f"exemplar id {eid} already belongs to another photo (a 62-bit hash "
+                "collision, about 1 in 10^11 per pair); re-encode the photo to add it")
+        return None
+
+    def _insert_locked(self, items: Sequence[NewExemplar], ids: Sequence[int]) -> None:
+        raw = np.stack([np.asarray(i.embedding, np.float32).reshape(self.raw_dim)
+                        for i in items])
+        projected = self.project(raw)
+        now = time.time()
+        try:
+            rows = [self.index.exemplar_row(
+                eid, item.species, vec, r, content_sha256=item.content_sha256,
+                added_at=now, thumbnail=item.thumbnail, **item.meta_dict())
+                for eid, item, vec, r in zip(ids, items, projected, raw, strict=True)]
+        except ValueError as exc:
+            raise GalleryError(f"cannot store this exemplar: {exc}") from exc
+        self.index.insert(rows)
+        for eid, item, vec in zip(ids, items, projected, strict=True):
+            self._delta(item.species).add(vec, eid)
 
     def remove(self, ids: Sequence[int]) -> RemoveOutcome:
         self._check_open()

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from biolit_id.core.exemplar import ExemplarMeta
 from biolit_id.index.gallery_base import SpeciesExistsError, UnknownSpeciesError
 from biolit_id.index.store import ExemplarRow, NewExemplar
+from biolit_id.index.stream_writer import StreamWriter
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.batcher import grpc_deadline
 from biolit_id.server.catalog import MAX_NAME_LENGTH, SpeciesRecord
@@ -98,16 +99,15 @@ class CurationServicer:
         if has_image == has_embedding:
             raise InvalidRequestError("set exactly one of image or embedding")
         ident = self.state.identifier
-        if has_embedding:
+        if has_embedding:  # a stored duplicate is found by the batch write, with no extra read
             vector = ident.check_embedding(request.embedding)
             digest = content_hash_of_embedding(request.embedding)
             thumbnail = b""
         else:
             digest = hashlib.sha256(request.image).hexdigest()
-        existing = gallery.find(request.species, digest)
-        if existing is not None:  # idempotent: skip decoding and embedding
-            return existing
-        if has_image:
+            existing = gallery.find(request.species, digest)
+            if existing is not None:  # idempotent: skip decoding and embedding
+                return existing
             img = open_image(request.image, ident.policy)
             pixels = to_array(resize_for_model(img, ident.policy), ident.policy)
             vector = np.asarray(ident.embed_fn(pixels[None]), dtype=np.float32)[0]
@@ -135,8 +135,7 @@ class CurationServicer:
     def AddExemplars(self, request_iterator: Iterator[pb.AddExemplarRequest],
                      context: grpc.ServicerContext):
         gallery = self._gallery()
-        ids: list[int] = []
-        touched: list[str] = []
+        writer = StreamWriter(gallery)
         try:
             for position, request in enumerate(request_iterator):
                 with error_context(f"message {position}: ",
@@ -144,17 +143,20 @@ class CurationServicer:
                     with self._call_scope(grpc_deadline(context), bool(request.image)):
                         item = self._new_exemplar(request, gallery)
                     if isinstance(item, int):
-                        ids.append(item)
-                        continue
-                    outcome = gallery.add_exemplar(item, refresh=False)
-                ids.append(outcome.exemplar_id)
-                if outcome.created and outcome.species not in touched:
-                    touched.append(outcome.species)
+                        writer.add_stored(item)
+                    else:
+                        writer.add(item)
+                if writer.full:
+                    _write_batch(writer)
+            _write_batch(writer)
         finally:
-            # Prototypes of what was stored, before the call ends either way.
-            gallery.refresh(touched)
+            try:  # what was validated before an error is stored, as its message says
+                _write_batch(writer)
+            finally:
+                writer.close()  # prototypes of what was stored, before the call ends
         return pb.AddExemplarsResponse(
-            exemplar_ids=ids, species_updated=touched, gallery_version=gallery.version
+            exemplar_ids=writer.ids, species_updated=writer.touched,
+            gallery_version=gallery.version,
         )
 
     def RemoveExemplars(self, request: pb.RemoveExemplarsRequest,
@@ -272,3 +274,14 @@ def _species_record(request: pb.AddSpeciesRequest) -> SpeciesRecord:
         added_at_runtime=True,
     )
 
+
+
+def _write_batch(writer: StreamWriter) -> None:
+    """Store the stream's pending photos, naming the messages a failure concerns."""
+    span = writer.pending_span
+    if span is None:
+        return
+    first, last = span
+    with error_context(f"messages {first}-{last}: ",
+                       f"; the {first} message(s) before them are stored"):
+        writer.write()
