@@ -7,7 +7,7 @@ FAISS and a FAISS one never needs pymilvus.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,14 @@ class GallerySpace:
 
 def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
                  builder: PrototypeBuilder, space: GallerySpace,
-                 snapshot_every: int | None = None) -> GalleryBase:
-    """``faiss[:KIND,...]``, ``milvus-lite:PATH`` or ``milvus://HOST:PORT/COLLECTION``."""
+                 snapshot_every: int | None = None, refine_every: float = 0.0,
+                 exclusive: bool = False) -> GalleryBase:
+    """``faiss[:KIND,...]``, ``milvus-lite:PATH`` or ``milvus://HOST:PORT/COLLECTION``.
+
+    ``refine_every`` > 0: refine drifted prototypes in the background at that
+    period (for Milvus it replaces the URI's ``refine=``; 0 leaves that option).
+    ``exclusive``: hold a FAISS gallery alone (``gallery rebuild``); Milvus ignores it.
+    """
     uri = uri or "faiss"
     common = dict(catalog=catalog, model_fingerprint=space.model_fingerprint,
                   embedding_dim=space.embedding_dim, builder=builder,
@@ -42,7 +48,10 @@ def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
         from biolit_id.index.milvus_gallery import MilvusGallery
         from biolit_id.index.milvus_target import parse_target
 
-        return MilvusGallery(parse_target(uri), **common)
+        target = parse_target(uri)
+        if refine_every > 0:
+            target = replace(target, refine_seconds=float(refine_every))
+        return MilvusGallery(target, **common)
     backend, _, options = uri.partition(":")
     if backend != "faiss":
         raise GalleryConfigError(
@@ -52,5 +61,8 @@ def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
     from biolit_id.index.faiss_gallery import DEFAULT_SNAPSHOT_EVERY, Gallery
     from biolit_id.index.faiss_index import IndexSpec
 
-    return Gallery(Path(data_dir) / "gallery", index_spec=IndexSpec.parse(options or "flat"),
-                   snapshot_every=snapshot_every or DEFAULT_SNAPSHOT_EVERY, **common)
+    gallery = Gallery(Path(data_dir) / "gallery", index_spec=IndexSpec.parse(options or "flat"),
+                      snapshot_every=snapshot_every or DEFAULT_SNAPSHOT_EVERY,
+                      exclusive=exclusive, **common)
+    gallery.start_refiner(refine_every)
+    return gallery

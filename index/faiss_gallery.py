@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from biolit_id.index.gallery_base import (
     UnknownSpeciesError,
     similar_hit,
 )
+from biolit_id.index.gallery_lock import lock_gallery
 from biolit_id.index.prototypes import PrototypeBuilder, SpeciesSums
 from biolit_id.index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
 from biolit_id.index.store import ExemplarRow, GalleryStore, NewExemplar
@@ -43,6 +45,7 @@ SNAPSHOT_FILE = "index.snapshot"
 DEFAULT_SNAPSHOT_EVERY = 5000
 SNAPSHOT_SHARE = 0.25  # changes, as a share of the gallery, between snapshots
 TRAINING_SAMPLE = 200_000
+INDEX_CHUNK = 4096  # photos read from the store per index add, when rebuilding
 
 
 class Gallery(GalleryBase):
@@ -60,12 +63,26 @@ class Gallery(GalleryBase):
         space_id: str,
         index_spec: IndexSpec | None = None,
         snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+        exclusive: bool = False,
     ) -> None:
         super().__init__(catalog=catalog, builder=builder, project=project, space_id=space_id)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.index_spec = index_spec or IndexSpec()
         self.snapshot_every = snapshot_every
+        # Shared by servers, exclusive for `gallery rebuild` (index/gallery_lock.py).
+        self.exclusive = exclusive
+        self._owner_fd = lock_gallery(self.directory, exclusive)
+        try:
+            self._open(model_fingerprint, embedding_dim)
+        except BaseException:
+            if getattr(self, "store", None) is not None:
+                self.store.close()
+            os.close(self._owner_fd)
+            raise
+
+    def _open(self, model_fingerprint: str, embedding_dim: int) -> None:
+        """Store, prototypes and index; apart so that a failure releases the owner lock."""
         self.store = GalleryStore(self.directory / STORE_FILE, model_fingerprint, embedding_dim)
         self._snapshot_lock = threading.Lock()
         self._snapshot_thread: threading.Thread | None = None
@@ -75,7 +92,7 @@ class Gallery(GalleryBase):
         self.recovery = ""
         self._load_runtime_species()
         self._counts = self.store.counts()
-        self._sums: dict[str, SpeciesSums] = self.store.species_sums(space_id)
+        self._sums: dict[str, SpeciesSums] = self.store.species_sums(self.space_id)
         self._publish(self._initial_prototypes())
         self.index, dirty = self._open_index()
         self.index.drop_prototypes()
@@ -375,31 +392,59 @@ class Gallery(GalleryBase):
                  len(events))
         return index
 
-    def _rebuild(self) -> VectorIndex:
+    def rebuild_index(self, progress: bool = False) -> int:
+        """Retrain and refill the vector index from the store, then snapshot it.
+
+        An IVF index keeps the centroids trained when it was built; this trains
+        them on the gallery as it is now (``gallery rebuild``). When the gallery is
+        held exclusively, nothing searches it, so the old index is dropped first
+        and memory holds one index instead of two. Returns the photos indexed.
+        """
+        thread = self._snapshot_thread
+        if thread is not None:  # it would write the old index after ours
+            thread.join()
+        with self._write_lock:
+            if self.exclusive:
+                self.index = VectorIndex.build(IndexSpec(), self.dim)
+            index = self._rebuild(progress)
+            index.set_prototypes(np.arange(len(self._protos.names)), self._protos.vectors)
+            self.index = index
+            self._snapshot_version = -1
+        self.snapshot()
+        return index.exemplar_count
+
+    def _rebuild(self, progress: bool | None = None) -> VectorIndex:
+        """A new index from the store: IVF trained on a sample, photos added in chunks.
+        ``progress`` None: a bar only for large galleries."""
         total = self.store.count()
         training = None
         concrete = self.index_spec.resolve(total + len(self._protos.names), self.dim)
         if concrete.kind != "flat":
-            training = self._training_sample()
+            training = self._training_sample(concrete.training_points())
         index = VectorIndex.build(concrete, self.dim, training)
-        with tqdm(total=total, desc="gallery index", unit="photo", disable=total < 10_000,
-                  leave=False) as bar:
-            for ids, raw in self.store.iter_embeddings():
+        with tqdm(total=total, desc="gallery index", unit="photo", leave=False,
+                  disable=total < 10_000 if progress is None else not progress) as bar:
+            for ids, raw in self.store.iter_embeddings(chunk=INDEX_CHUNK):
                 index.add(ids, self.project(raw))
                 bar.update(len(ids))
         log.info("gallery: index rebuilt from the store (%d photos, %s)", total,
                  index.spec.describe())
         return index
 
-    def _training_sample(self) -> np.ndarray:
-        """The prototypes and at most TRAINING_SAMPLE photos: ids are drawn first and
-        only the drawn rows are read, so memory follows the sample, not the gallery."""
-        ids = self.store.sample_ids(TRAINING_SAMPLE)
-        parts = [self._protos.vectors]
-        for start in range(0, len(ids), 4096):
-            _, raw = self.store.embeddings_by_ids(ids[start:start + 4096].tolist())
-            parts.append(self.project(raw))
-        return np.vstack(parts)
+    def _training_sample(self, at_least: int = 0) -> np.ndarray:
+        """The prototypes and TRAINING_SAMPLE photos (more if the index needs more to
+        train, ``at_least`` vectors): ids are drawn first and only the drawn rows are
+        read, into one array filled in place (no second copy of the sample)."""
+        protos = self._protos.vectors
+        ids = self.store.sample_ids(max(TRAINING_SAMPLE, at_least - len(protos)))
+        out = np.empty((len(protos) + len(ids), self.dim), np.float32)
+        out[:len(protos)] = protos
+        filled = len(protos)
+        for start in range(0, len(ids), INDEX_CHUNK):
+            _, raw = self.store.embeddings_by_ids(ids[start:start + INDEX_CHUNK].tolist())
+            out[filled:filled + len(raw)] = self.project(raw)
+            filled += len(raw)
+        return out[:filled]  # fewer only if photos were removed since the draw
 
     # ------------------------------------------------------------ snapshots
 
@@ -452,3 +497,4 @@ class Gallery(GalleryBase):
             log.exception("gallery snapshot at close failed; the next start replays the store")
         self._closed = True
         self.store.close()
+        os.close(self._owner_fd)

@@ -83,9 +83,7 @@ class IndexSpec:
             pq_m = self.pq_m or max(1, dim // 8)
             if dim % pq_m:
                 raise IndexSpecError(f"pq_m={pq_m} must divide the vector size {dim}")
-        needed = nlist * MIN_POINTS_PER_LIST
-        if kind == "ivf-pq":
-            needed = max(needed, PQ_CENTROIDS * MIN_POINTS_PER_LIST // 4)
+        needed = IndexSpec(kind=kind, nlist=nlist).training_points()
         if n_vectors < needed:
             log.warning(
                 "gallery: %d vectors are too few to train %s with %d lists (need %d); "
@@ -94,6 +92,16 @@ class IndexSpec:
             )
             return IndexSpec(kind="flat", nprobe=self.nprobe)
         return replace(self, kind=kind, nlist=nlist, pq_m=pq_m)
+
+    def training_points(self) -> int:
+        """Vectors an IVF kind of these sizes trains on at least (0 for flat): with
+        fewer, ``resolve`` falls back to flat."""
+        if self.kind == "flat":
+            return 0
+        needed = self.nlist * MIN_POINTS_PER_LIST
+        if self.kind == "ivf-pq":
+            needed = max(needed, PQ_CENTROIDS * MIN_POINTS_PER_LIST // 4)
+        return needed
 
 
 class RWLock:

@@ -55,6 +55,10 @@ class SpeciesExistsError(GalleryError):
     pass
 
 
+class GalleryInUseError(GalleryError):
+    """Another process holds the gallery in a way that excludes this one (index/gallery_lock)."""
+
+
 _last_degraded_warning = [0.0]
 
 
@@ -203,6 +207,10 @@ class GalleryBase:
         self._refiner_stop.set()
         if self._refiner is not None:
             self._refiner.join(timeout=30)
+
+    def settle(self) -> None:
+        """Finish the indexing a backend does in the background (benchmarks, exports):
+        nothing to do where searches always use the full index."""
 
     def _check_open(self) -> None:
         if self._closed:

@@ -149,6 +149,11 @@ class MilvusGallery(GalleryBase):
             for row_scores, row_ids, row_entities in zip(scores, ids, entities, strict=True)
         ]
 
+    def settle(self) -> None:
+        """Seal what was written and reload: milvus-lite searches a sealed segment
+        through its vector index only after a load."""
+        self.index.flush(reload=True)
+
     def embedding_of(self, exemplar_id: int) -> np.ndarray:
         found = self.index.get([exemplar_id], ["raw"]).get(int(exemplar_id))
         if found is None:

@@ -42,6 +42,9 @@ class ServerConfig:
     # Real photos for the runtime fidelity gate and int8 calibration (else synthetic).
     calibration_dir: Path | None = None
     gallery: str = "faiss"
+    # Background refinement of drifted prototypes every N seconds (0 = off; for Milvus,
+    # > 0 replaces the URI's refine= option). docs/gallery.md ("Rebuilding and refining").
+    gallery_refine_every: float = 0.0
     gbif_url: str | None = None
     api_keys: Path | None = None
     insecure: bool = False

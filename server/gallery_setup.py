@@ -20,8 +20,12 @@ from biolit_id.server.catalog import Catalog
 
 
 def open_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
-                 base: PrototypeSet) -> GalleryBase:
-    """The gallery a ServerConfig names (``--gallery``), over the start-up prototypes."""
+                 base: PrototypeSet, exclusive: bool = False) -> GalleryBase:
+    """The gallery a ServerConfig names (``--gallery``), over the start-up prototypes.
+
+    ``--gallery-refine-every`` starts its background refiner; ``exclusive``
+    (``gallery rebuild``) holds a FAISS gallery with no server beside it.
+    """
     builder, space_id = prototype_builder(model=model, catalog=catalog, scorer=scorer,
                                           text_cache=text_cache, base=base)
     space = GallerySpace(model.fingerprint, model.embedding_dim, space_id,
@@ -29,7 +33,9 @@ def open_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
     every = config.extra.get("gallery_snapshot_every")
     return open_backend(config.gallery, data_dir=config.data_dir, catalog=catalog,
                         builder=builder, space=space,
-                        snapshot_every=int(every) if every else None)
+                        snapshot_every=int(every) if every else None,
+                        refine_every=float(getattr(config, "gallery_refine_every", 0) or 0),
+                        exclusive=exclusive)
 
 
 def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,

@@ -3,8 +3,9 @@
 It talks to a RUNNING server over gRPC, because the server is the gallery's
 only writer (its index and prototypes live in memory) and the RPCs are the
 one validation path. ``export``/Parquet ``import`` live in
-``gallery_migrate``, ``backup``/``restore`` in ``gallery_backup``. Manifest
-format and resumable import: docs/gallery.md.
+``gallery_migrate``, ``backup``/``restore`` in ``gallery_backup`` and
+``rebuild`` in ``gallery_rebuild``: those open the files (or Milvus) without
+a server. Manifest format and resumable import: docs/gallery.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import grpc
 from tqdm import tqdm
 
 from biolit_id.cli.gallery_backup import add_backup_arguments, run_backup_command
+from biolit_id.cli.gallery_rebuild import add_rebuild_arguments, run_rebuild
 from biolit_id.cli.identify_client import open_channel
 from biolit_id.core.exemplar import META_FIELDS, ExemplarMeta
 from biolit_id.proto import identification_pb2 as pb
@@ -64,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_migrate_arguments(sub, imp)  # `gallery export`, and `import X.parquet`'s options
     add_backup_arguments(sub)  # `gallery backup` / `gallery restore`: files, no server call
+    add_rebuild_arguments(sub)  # `gallery rebuild`: refine and re-index, no server call
 
     species = sub.add_parser("add-species", help="add a species unknown to the catalog")
     species.add_argument("name", help="scientific name")
@@ -92,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         return run_migration(args)
     if args.gallery_command in ("backup", "restore"):
         return run_backup_command(args)
+    if args.gallery_command == "rebuild":
+        return run_rebuild(args)
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
     with open_channel(args.server, args.tls_ca) as channel:
         client = Client(pb_grpc.SpeciesIdentifierStub(channel), metadata, args.timeout)

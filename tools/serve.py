@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(seconds; default: %(default)s)")
     parser.add_argument("--gallery", default=defaults.gallery,
                         help="faiss (default) | milvus-lite:PATH | milvus://HOST:PORT/COLLECTION")
+    parser.add_argument("--gallery-refine-every", type=float, metavar="SECONDS",
+                        default=defaults.gallery_refine_every,
+                        help="refine drifted species' prototypes from all their photos in "
+                             "the background at this period; 0 = off (default: %(default)s; "
+                             "for Milvus it replaces the URI's refine=)")
     parser.add_argument("--gbif-url", help="GBIF API base URL, for AddSpecies look-ups")
     parser.add_argument("--api-keys", type=Path, help="file of '<role> <key>' lines")
     parser.add_argument("--insecure", action="store_true",
