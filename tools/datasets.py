@@ -19,9 +19,11 @@ import numpy as np
 
 from biolit_id.core.atomic import atomic_open
 
+# Photo types the offline tools pick up from a folder (embed, infer-csv): the same set
+# the runtimes' calibration reads, re-exported so the tools keep one import.
+from biolit_id.server.embedders.calibration import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+
 META_KEY = b"biolit.embeddings"
-# Photo types the offline tools pick up from a folder (embed, infer-csv).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
 def errors_path(output: Path) -> Path:
@@ -75,53 +77,82 @@ class EmbeddingSet:
             )
 
 
-def write_embeddings(path: Path, data: EmbeddingSet) -> Path:
+def read_table(path: Path, required: Sequence[str], what: str):
+    """The parquet table at ``path``, refused with a ``DatasetError`` that says why."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{what} file {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise DatasetError(f"{path} is not a readable parquet file: {exc}") from None
+    missing = set(required) - set(table.column_names)
+    if missing:
+        raise DatasetError(f"{path} lacks column(s) {sorted(missing)}")
+    return table
+
+
+def embedding_rows(table, path: Path) -> np.ndarray:
+    """The ``embedding`` column as an [N, D] float32 matrix; ragged vectors are refused."""
+    column = table.column("embedding").combine_chunks()
+    lengths = (set(column.value_lengths().to_numpy(zero_copy_only=False).tolist())
+               if len(column) else set())
+    if len(lengths) > 1:
+        raise DatasetError(f"{path}: embeddings have different lengths {sorted(lengths)}")
+    dim = int(lengths.pop()) if lengths else 0
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(len(column), dim)
+
+
+def table_meta(table) -> dict:
+    """What the writer recorded about the vectors (model, preprocessing); empty if nothing."""
+    meta_raw = (table.schema.metadata or {}).get(META_KEY)
+    return json.loads(meta_raw) if meta_raw else {}
+
+
+def embedding_column(embeddings: np.ndarray):
+    """[N, D] vectors as one parquet list<float32> column, a list per row."""
+    import pyarrow as pa
+
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    dim = emb.shape[1] if emb.ndim == 2 else 0
+    values = pa.array(emb.reshape(-1), type=pa.float32())
+    offsets = pa.array(np.arange(len(emb) + 1) * dim, type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, values)
+
+
+def write_table(path: Path, columns: dict, meta: dict) -> Path:
+    """``columns`` as parquet with ``meta`` in the schema, written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    emb = np.ascontiguousarray(data.embeddings, dtype=np.float32)
-    dim = emb.shape[1] if emb.ndim == 2 else 0
-    values = pa.array(emb.reshape(-1), type=pa.float32())
-    offsets = pa.array(np.arange(len(emb) + 1) * dim, type=pa.int32())
-    table = pa.table({
-        "species": pa.array(list(data.species), type=pa.string()),
-        "embedding": pa.ListArray.from_arrays(offsets, values),
-        "image": pa.array([str(i) for i in data.images], type=pa.string()),
-    })
-    table = table.replace_schema_metadata({META_KEY: json.dumps(data.meta).encode()})
+    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     with atomic_open(path) as f:
         pq.write_table(table, f)
     return path
 
 
-def read_embeddings(path: Path) -> EmbeddingSet:
-    import pyarrow.parquet as pq
+def write_embeddings(path: Path, data: EmbeddingSet) -> Path:
+    import pyarrow as pa
 
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"embeddings file {path} does not exist")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:
-        raise DatasetError(f"{path} is not a readable parquet file: {exc}") from None
-    missing = {"species", "embedding"} - set(table.column_names)
-    if missing:
-        raise DatasetError(f"{path} lacks column(s) {sorted(missing)}")
-    column = table.column("embedding").combine_chunks()
-    lengths = column.value_lengths().to_numpy(zero_copy_only=False) if len(column) else []
-    if len(set(np.asarray(lengths).tolist())) > 1:
-        raise DatasetError(f"{path}: embeddings have different lengths {sorted(set(lengths))}")
-    dim = int(lengths[0]) if len(column) else 0
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    emb = flat.reshape(len(column), dim)
+    return write_table(path, {
+        "species": pa.array(list(data.species), type=pa.string()),
+        "embedding": embedding_column(data.embeddings),
+        "image": pa.array([str(i) for i in data.images], type=pa.string()),
+    }, data.meta)
+
+
+def read_embeddings(path: Path) -> EmbeddingSet:
+    table = read_table(path, ("species", "embedding"), "embeddings")
+    emb = embedding_rows(table, path)
     images = (table.column("image").to_pylist() if "image" in table.column_names
-              else [""] * len(column))
-    meta_raw = (table.schema.metadata or {}).get(META_KEY)
-    meta = json.loads(meta_raw) if meta_raw else {}
+              else [""] * len(emb))
     return EmbeddingSet([str(s) for s in table.column("species").to_pylist()], emb,
-                        [str(i or "") for i in images], meta)
+                        [str(i or "") for i in images], table_meta(table))
 
 
 def stratified_split(

@@ -20,8 +20,9 @@ from biolit_id.cli import import_seed_v2 as v2
 from biolit_id.cli.seed_format import (
     SEED_PREPROCESSING,
     SeedImportError,
+    numpy_reconstruct,
+    safe_torch_load,
     sha256_of,
-    unpickler_reason,
 )
 from biolit_id.core.vectors import fuse_prototypes
 from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
@@ -41,43 +42,14 @@ def seed_safe_globals() -> list:
     """Exactly the non-torch globals ``prototypes_v4.pt`` names, nothing more.
 
     numpy arrays pickle as ``_reconstruct(ndarray, shape, dtype)`` plus their
-    dtype class. The file was written with numpy 2 (``numpy._core``); the
-    explicit name keeps it loadable where ``_reconstruct`` lives elsewhere.
+    dtype class.
     """
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [
-        (_reconstruct, "numpy._core.multiarray._reconstruct"),
-        np.ndarray,
-        np.dtype,
-        np.dtypes.Float32DType,
-    ]
+    return [numpy_reconstruct(), np.ndarray, np.dtype, np.dtypes.Float32DType]
 
 
 def load_seed_file(path: Path) -> dict:
     """A seed pickle as a dict, without ever executing code from the file."""
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise SeedImportError(f"{path}: no such file")
-    try:
-        with torch.serialization.safe_globals(seed_safe_globals()):
-            data = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise SeedImportError(
-            f"{path} was refused by the safe loader (it names a global that is not "
-            f"allow-listed, or is not a torch file): {unpickler_reason(exc)}"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise SeedImportError(f"{path} is not a readable torch file: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SeedImportError(f"{path} holds a {type(data).__name__}, expected a dict")
-    return data
+    return safe_torch_load(path, seed_safe_globals())
 
 
 def _as_numpy(value) -> np.ndarray:

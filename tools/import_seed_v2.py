@@ -34,8 +34,10 @@ import numpy as np
 from biolit_id.cli.seed_format import (
     SEED_PREPROCESSING,
     SeedImportError,
+    numpy_reconstruct,
+    safe_torch_load,
+    seed_file,
     sha256_of,
-    unpickler_reason,
 )
 from biolit_id.server.bundle import Bundle
 from biolit_id.server.catalog import Catalog
@@ -86,13 +88,9 @@ class LabelEncoderStub:
 
 def classifier_safe_globals() -> list:
     """Exactly the globals ``mlp_model.pt`` names beyond torch's default allow-list."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
     return [
         (LabelEncoderStub, "sklearn.preprocessing._label.LabelEncoder"),
-        (_reconstruct, "numpy._core.multiarray._reconstruct"),
+        numpy_reconstruct(),
         np.ndarray,
         np.dtype,
         np.dtypes.ObjectDType,
@@ -100,23 +98,7 @@ def classifier_safe_globals() -> list:
 
 
 def load_classifier(path: Path) -> dict:
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise SeedImportError(f"{path}: no such file")
-    try:
-        with torch.serialization.safe_globals(classifier_safe_globals()):
-            data = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise SeedImportError(
-            f"{path} was refused by the safe loader (it names a global that is not "
-            f"allow-listed, or is not a torch file): {unpickler_reason(exc)}") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise SeedImportError(f"{path} is not a readable torch file: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SeedImportError(f"{path} holds a {type(data).__name__}, expected a dict")
-    return data
+    return safe_torch_load(path, classifier_safe_globals())
 
 
 def check_data_pickle(data: bytes, what: str) -> None:
@@ -141,9 +123,7 @@ class _NoGlobals(pickle.Unpickler):
 
 def read_tax_lookup(path: Path) -> dict[str, dict[str, str]]:
     """species -> {seed level -> taxon}, NaN ranks dropped, insertion order kept."""
-    path = Path(path)
-    if not path.is_file():
-        raise SeedImportError(f"{path}: no such file")
+    path = seed_file(path)
     data = path.read_bytes()
     check_data_pickle(data, str(path))
     try:
@@ -168,9 +148,7 @@ def read_tax_lookup(path: Path) -> dict[str, dict[str, str]]:
 
 
 def read_prototypes(path: Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.is_file():
-        raise SeedImportError(f"{path}: no such file")
+    path = seed_file(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}

@@ -14,14 +14,18 @@ as ``datasets`` does for photo embeddings.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import META_KEY, DatasetError
-from biolit_id.core.atomic import atomic_open
+from biolit_id.cli.datasets import (
+    embedding_column,
+    embedding_rows,
+    read_table,
+    table_meta,
+    write_table,
+)
 from biolit_id.server.prior import day_angle
 
 REQUIRED = ("observation_id", "species", "embedding")
@@ -89,18 +93,7 @@ def _date_angle(text: str | None) -> float:
 
 
 def read_observations(path: Path) -> ObservationSet:
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"observations file {path} does not exist")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:
-        raise DatasetError(f"{path} is not a readable parquet file: {exc}") from None
-    missing = set(REQUIRED) - set(table.column_names)
-    if missing:
-        raise DatasetError(f"{path} lacks column(s) {sorted(missing)}")
+    table = read_table(path, REQUIRED, "observations")
     cols = table.column_names
     photo_obs = [str(v) for v in table.column("observation_id").to_pylist()]
     ids = list(dict.fromkeys(photo_obs))
@@ -116,19 +109,12 @@ def read_observations(path: Path) -> ObservationSet:
         values = table.column(name).to_pylist()
         return [values[m] if values[m] is not None else default for m in first]
 
-    emb_col = table.column("embedding").combine_chunks()
-    lengths = set(emb_col.value_lengths().to_numpy(zero_copy_only=False).tolist())
-    if len(lengths) > 1:
-        raise DatasetError(f"{path}: embeddings have different lengths {sorted(lengths)}")
-    dim = lengths.pop() if lengths else 0
-    flat = emb_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     on_target = (np.array(table.column("on_target").to_pylist(), dtype=bool)
                  if "on_target" in cols else np.ones(len(owner), dtype=bool))
-    meta_raw = (table.schema.metadata or {}).get(META_KEY)
     return ObservationSet(
         ids=ids,
         species=[str(s) for s in per_obs("species", "")],
-        embeddings=flat.reshape(len(owner), dim),
+        embeddings=embedding_rows(table, path),
         owner=owner,
         latitude=np.array(per_obs("decimalLatitude", np.nan), dtype=np.float64),
         longitude=np.array(per_obs("decimalLongitude", np.nan), dtype=np.float64),
@@ -137,7 +123,7 @@ def read_observations(path: Path) -> ObservationSet:
         day=np.array([_date_angle(d) for d in per_obs("eventDate", "")]),
         on_target=on_target,
         columns={c: [str(v) for v in per_obs(c, "")] for c in ("set", "role") if c in cols},
-        meta=json.loads(meta_raw) if meta_raw else {},
+        meta=table_meta(table),
     )
 
 
@@ -145,16 +131,7 @@ def write_observations(path: Path, rows: dict[str, list], embeddings: np.ndarray
                        meta: dict) -> Path:
     """``rows``: per-photo columns (observation_id, species, ...) beside ``embeddings``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-    dim = emb.shape[1]
-    offsets = pa.array(np.arange(len(emb) + 1) * dim, type=pa.int32())
     columns = {k: pa.array(v) for k, v in rows.items()}
-    columns["embedding"] = pa.ListArray.from_arrays(offsets, pa.array(emb.reshape(-1)))
-    table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path) as f:
-        pq.write_table(table, f)
-    return path
+    columns["embedding"] = embedding_column(embeddings)
+    return write_table(path, columns, meta)

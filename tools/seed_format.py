@@ -8,6 +8,7 @@ for a rejection and the French rank names must stay exactly as they were.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,54 @@ def unpickler_reason(exc: Exception) -> str:
     reason = " ".join(useful) or (lines[-1] if lines else type(exc).__name__)
     reason = reason.split("WeightsUnpickler error:")[-1].strip()
     return reason.split(" Please use `torch.serialization")[0]
+
+
+def seed_file(path: Path) -> Path:
+    """``path`` as a Path, refused before any reader touches it when it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SeedImportError(f"{path}: no such file")
+    return path
+
+
+def numpy_reconstruct() -> tuple:
+    """numpy's array-rebuild global, allow-listed under the name numpy 2 pickles it as.
+
+    The seed's files were written with numpy 2 (``numpy._core``); the explicit
+    name keeps them loadable where ``_reconstruct`` lives elsewhere.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return (_reconstruct, "numpy._core.multiarray._reconstruct")
+
+
+def safe_torch_load(path: Path, allowed_globals: Sequence) -> dict:
+    """A torch pickle as a dict, never executing code from the file.
+
+    ``weights_only=True`` plus exactly ``allowed_globals``: anything else the
+    file names is refused with the reason torch gives.
+    """
+    import pickle
+
+    import torch
+
+    path = seed_file(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            data = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise SeedImportError(
+            f"{path} was refused by the safe loader (it names a global that is not "
+            f"allow-listed, or is not a torch file): {unpickler_reason(exc)}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise SeedImportError(f"{path} is not a readable torch file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SeedImportError(f"{path} holds a {type(data).__name__}, expected a dict")
+    return data
+
 
 # docs/seed-v4.md, "Output CSV", in this order.
 SEED_COLUMNS: tuple[str, ...] = (

@@ -10,6 +10,7 @@ machines have no internet.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,8 @@ async def read_observation(request: Request) -> pb.IdentifyObservationRequest:
 
 
 _PLACE = ("latitude", "longitude", "uncertainty_m", "uncertaintyM")
+# What a POST route's body becomes: a message class, or a reader for a form of its own.
+BodyReader = type[Message] | Callable[[Request], Awaitable[Message | list[Message]]]
 
 
 def _schema_ref(name: str) -> dict[str, Any]:
@@ -178,32 +181,35 @@ def create_app(bridge: Bridge) -> FastAPI:
             bridge.call, method, message, _token(request), _peer(request))
         return JSONResponse(to_json(response))
 
-    async def checked(request: Request, method: str) -> None:
-        """Keys before any byte of the body is read, as the gRPC interceptor does."""
+    async def run_body(request: Request, method: str, body: BodyReader) -> JSONResponse:
+        """Keys before any byte of the body is read, as the gRPC interceptor does.
+
+        ``body`` is the request message's class (read by ``read_message``) or a
+        reader of its own for the routes whose form differs.
+        """
         bridge.authorize(method, _token(request))
+        message = (await read_message(request, body) if isinstance(body, type)
+                   else await body(request))
+        return await run(request, method, message)
 
     @app.post("/v1/identify", summary="Identify one photo (Identify)", tags=["identify"],
               **_doc(pb.IdentifyRequest, pb.IdentifyResponse, body="IdentifyRequest"))
     async def identify(request: Request):
-        await checked(request, "Identify")
-        return await run(request, "Identify", await read_message(request, pb.IdentifyRequest))
+        return await run_body(request, "Identify", pb.IdentifyRequest)
 
     @app.post("/v1/identify-observation", tags=["identify"],
               summary="Several photos of one find, with place and date (IdentifyObservation)",
               **_doc(pb.IdentifyObservationRequest, pb.IdentifyObservationResponse,
                      body="IdentifyObservationRequest"))
     async def identify_observation(request: Request):
-        await checked(request, "IdentifyObservation")
-        return await run(request, "IdentifyObservation", await read_observation(request))
+        return await run_body(request, "IdentifyObservation", read_observation)
 
     @app.post("/v1/similar", summary="Nearest reference photos (SearchSimilar)",
               tags=["gallery"],
               **_doc(pb.SearchSimilarRequest, pb.SearchSimilarResponse,
                      body="SearchSimilarRequest"))
     async def similar(request: Request):
-        await checked(request, "SearchSimilar")
-        return await run(request, "SearchSimilar",
-                         await read_message(request, pb.SearchSimilarRequest))
+        return await run_body(request, "SearchSimilar", pb.SearchSimilarRequest)
 
     @app.get("/v1/info", summary="Model, limits and versions (GetServiceInfo)", tags=["catalog"],
              **_doc(None, pb.ServiceInfo))
@@ -220,8 +226,7 @@ def create_app(bridge: Bridge) -> FastAPI:
               tags=["curation"],
               **_doc(pb.AddSpeciesRequest, pb.Species, body="AddSpeciesRequest"))
     async def add_species(request: Request):
-        await checked(request, "AddSpecies")
-        return await run(request, "AddSpecies", await read_message(request, pb.AddSpeciesRequest))
+        return await run_body(request, "AddSpecies", pb.AddSpeciesRequest)
 
     @app.get("/v1/species/{scientific_name:path}", summary="One species (GetSpecies)",
              tags=["catalog"], **_doc(None, pb.Species))
@@ -240,17 +245,14 @@ def create_app(bridge: Bridge) -> FastAPI:
               tags=["curation"],
               **_doc(pb.AddExemplarRequest, pb.AddExemplarsResponse, body="AddExemplarsBody"))
     async def add_exemplars(request: Request):
-        await checked(request, "AddExemplars")
-        return await run(request, "AddExemplars", await read_exemplars(request))
+        return await run_body(request, "AddExemplars", read_exemplars)
 
     @app.post("/v1/exemplars:remove", summary="Remove reference photos (RemoveExemplars)",
               tags=["curation"],
               **_doc(pb.RemoveExemplarsRequest, pb.RemoveExemplarsResponse,
                      body="RemoveExemplarsRequest"))
     async def remove_exemplars(request: Request):
-        await checked(request, "RemoveExemplars")
-        return await run(request, "RemoveExemplars",
-                         await read_message(request, pb.RemoveExemplarsRequest))
+        return await run_body(request, "RemoveExemplars", pb.RemoveExemplarsRequest)
 
     @app.delete("/v1/exemplars/{exemplar_id}", summary="Remove one reference photo",
                 tags=["curation"], **_doc(None, pb.RemoveExemplarsResponse))
