@@ -102,7 +102,7 @@ def build_state(config: ServerConfig) -> ServiceState:
     text_cache = TextPrototypeCache(model, config.data_dir)
     threads = configure_threads(config.model_threads, config.search_threads)
     embedder = build_embedder(model, config.runtime, config.precision, config.data_dir,
-                              config.calibration_dir)
+                              config.calibration_dir, batch=config.max_batch_size)
     log.info("image embeddings: %s %s, %s", embedder.runtime, embedder.precision, threads)
     batcher = MicroBatcher(embedder.embed, config.max_batch_size, config.max_batch_wait_ms,
                            config.max_queue_size)

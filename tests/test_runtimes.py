@@ -28,7 +28,7 @@ from biolit_id.server.embedders.export import (
 )
 from biolit_id.server.embedders.factory import make_embedder
 from biolit_id.server.embedders.gate import fidelity
-from biolit_id.server.embedders.hardware import cpu_has_bf16, cpu_has_vnni
+from biolit_id.server.embedders.hardware import cpu_has_amx_int8, cpu_has_bf16, cpu_has_vnni
 from biolit_id.server.embedders.onnx import OnnxEmbedder
 from biolit_id.server.embedders.threads import configure_threads
 from conftest import stub_for
@@ -152,7 +152,8 @@ def test_auto_picks_the_fastest_runtime_that_passes_and_remembers_it(
     assert ("openvino bf16" in timed) == cpu_has_bf16()
     chosen = f"{embedder.runtime} {embedder.precision}"
     assert timed[chosen] == min(timed.values())
-    assert not any(k.endswith("int8") for k in timed)  # int8 only when asked for
+    gated_int8 = any(g.precision == "int8" for g in choice.gates)
+    assert gated_int8 == cpu_has_amx_int8()  # int8 only when asked for, or on AMX
     # The second start reuses the recorded choice instead of measuring again.
     again, second = resolve_auto(loaded_demo_model, "auto", "auto", cache_dir)
     assert second.reused and (again.runtime, again.precision) == (embedder.runtime,

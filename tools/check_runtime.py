@@ -1,7 +1,8 @@
 """``biolit-id check-runtime``: is a faster runtime still the same model on YOUR photos?
 
-int8's error depends on the real weights and photos, so it is never picked
-automatically; whoever deploys it runs this first. Prints cosine to fp32 and
+int8's error depends on the real weights and photos, so it is picked
+automatically only on AMX CPUs (and then gated on the calibration set, which
+may be synthetic); whoever deploys it runs this first. Prints cosine to fp32 and
 decision agreement; exit 0 when the gate passes, 1 when not, 2 on usage
 errors. docs/performance.md ("The fidelity gate and auto").
 """
@@ -15,12 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from biolit_id.server.embedders.base import PRECISIONS, RUNTIMES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hf-hub:ORG/REPO or local-dir:PATH")
     parser.add_argument("--images", type=Path, required=True, help="folder of photos")
-    parser.add_argument("--runtime", choices=("torch", "onnx", "openvino"), default="openvino")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="int8")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="openvino",
+                        help="openvino-throughput: OpenVINO's throughput hint, batches split "
+                             "over parallel streams (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="int8")
     parser.add_argument("--bundle", type=Path, help="trained bundle (hybrid decisions)")
     parser.add_argument("--data-dir", type=Path, default=Path("./data"),
                         help="where exported models are cached (default: %(default)s)")
@@ -117,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         "threshold": threshold,
         "passed": bool(cos.min() >= threshold),
     }
+    if hasattr(candidate, "streams"):  # OpenVINO: how many streams the mode compiled to
+        report["streams"] = candidate.streams
     print(f"{candidate.runtime} {candidate.precision} vs torch fp32 on {len(used)} photos "
           f"({scorer.mode} mode)")
     print(f"  cosine: min {report['cosine_min']:.5f}  p1 {report['cosine_p1']:.5f}  "

@@ -19,10 +19,6 @@ import numpy as np
 
 from biolit_id.core.atomic import atomic_open
 
-# Photo types the offline tools pick up from a folder (embed, infer-csv): the same set
-# the runtimes' calibration reads, re-exported so the tools keep one import.
-from biolit_id.server.embedders.calibration import IMAGE_SUFFIXES as IMAGE_SUFFIXES
-
 META_KEY = b"biolit.embeddings"
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import IMAGE_SUFFIXES, EmbeddingSet, errors_path, write_embeddings
+from biolit_id.cli.datasets import EmbeddingSet, errors_path, write_embeddings
 from biolit_id.core.atomic import atomic_open
+from biolit_id.server.embedders.calibration import IMAGE_SUFFIXES
 from biolit_id.server.model_loader import DEFAULT_MODEL
 from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
 

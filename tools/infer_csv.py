@@ -4,26 +4,24 @@ The seed's users feed its CSV (``docs/seed-v4.md``, "Output CSV") to their
 own scripts, so its columns and meanings are kept exactly. Rows come from the
 very ``Identifier`` the gRPC service uses, with the service's data folder,
 so a row says what the service would have answered. docs/training.md.
+With ``--server`` a running service answers instead (``infer_csv_server``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import IMAGE_SUFFIXES, DatasetError, errors_path, read_embeddings
+from biolit_id.cli.datasets import DatasetError, read_embeddings
+from biolit_id.cli.datasets import errors_path as errors_path  # where the tests look
+from biolit_id.cli.infer_csv_rows import TOP_K, BatchResult, Inputs, seed_row, write_csv
 from biolit_id.cli.metrics import row_scores
 from biolit_id.cli.seed_format import (
-    ERRORS_COLUMNS,
-    REJECTED_SPECIES,
     SEED_COLUMNS,
     SEED_RANKS,
     SEED_V2_COLUMNS,
@@ -33,7 +31,6 @@ from biolit_id.cli.seed_format import (
     V2_REJECTED_LEVEL,
     V2_SPECIES_LEVEL,
     confidence_text,
-    method_name,
     read_feature_cache,
     taxonomy_columns,
     v2_margin,
@@ -41,20 +38,16 @@ from biolit_id.cli.seed_format import (
     v2_rounded_percent,
 )
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.embedders.base import PRECISIONS, RUNTIMES
+from biolit_id.server.embedders.calibration import IMAGE_SUFFIXES
 from biolit_id.server.model_loader import DEFAULT_MODEL
 from biolit_id.server.pipeline import InvalidRequestError
-from biolit_id.server.routing import Method
 from biolit_id.server.seed_v2 import RANK_TO_LEVEL
 from biolit_id.server.seed_v2 import ROUTING as SEED_V2_ROUTING
 
 log = logging.getLogger(__name__)
 
-TOP_K = 3  # the seed's CSV shows three alternatives per component
-# Not accepted as a species: the seed's acceptance rate counts species answers.
-NOT_ACCEPTED = frozenset({method_name(Method.REJECTED), method_name(Method.TAXON),
-                          V2_REJECTED_LEVEL})
 TAXON_COLUMNS = ("taxon_pred", "taxon_rank")  # after every seed column, with --taxonomy
-SEED_RANK_NAME = {rank: seed for seed, rank in SEED_RANKS.items()}
 
 
 def find_images(root: Path, ext: str | None = None, recursive: bool = False) -> list[Path]:
@@ -64,18 +57,6 @@ def find_images(root: Path, ext: str | None = None, recursive: bool = False) -> 
         wanted = {".jpg", ".jpeg"}
     candidates = root.rglob("*") if recursive else root.iterdir()
     return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in wanted)
-
-
-@dataclass
-class BatchResult:
-    rows: list[dict[str, str]]
-    errors: list[tuple[str, str]]
-
-
-def _candidates(row: dict[str, str], prefix: str, candidates: Sequence[tuple[str, float]]) -> None:
-    names = [n for n, _ in candidates[:TOP_K]] + [""] * TOP_K
-    row[f"top1_{prefix}"], row[f"top2_{prefix}"], row[f"top3_{prefix}"] = names[:TOP_K]
-    row[f"conf_{prefix}"] = confidence_text(candidates[0][1]) if candidates else ""
 
 
 class CsvIdentifier:
@@ -168,27 +149,7 @@ class CsvIdentifier:
         }
 
     def _row(self, image: str, result) -> dict[str, str]:
-        confidence = result.confidence
-        if result.method == Method.TAXON:
-            # The seed's rejection: its confidence is max(max p_common, max p_proto)
-            # (docs/seed-v4.md, "Routing" rule 4; the zero-shot one is max p_proto),
-            # the top candidates'.
-            confidence = max((s for _, s in [*result.classifier_candidates[:1],
-                                             *result.prototype_candidates[:1]]),
-                             default=0.0)
-        row = {
-            "image": image,
-            "espece_pred": result.species or REJECTED_SPECIES,
-            "confiance": confidence_text(confidence),
-            "methode": method_name(result.method if result.species else Method.REJECTED),
-        }
-        _candidates(row, "common", result.classifier_candidates)
-        _candidates(row, "proto", result.prototype_candidates)
-        if self.taxonomy:
-            above = result.method == Method.TAXON
-            row["taxon_pred"] = result.taxon if above else ""
-            row["taxon_rank"] = SEED_RANK_NAME.get(result.rank, result.rank) if above else ""
-        return row
+        return seed_row(image, result, self.taxonomy)
 
     def _add_taxonomy(self, rows: list[dict[str, str]], embeddings: np.ndarray) -> None:
         """docs/seed-v4.md "Taxonomic confidence": routed distribution summed per taxon."""
@@ -211,23 +172,6 @@ class CsvIdentifier:
                 )
 
 
-def summary(methods: Counter, identified: int, errors: int, output: Path) -> list[str]:
-    """The seed's end-of-run report: counts per method (v2: per level) and the acceptance
-    rate (v2: answers at any level)."""
-    lines = [f"{identified} images identified -> {output}"]
-    for name, count in sorted(methods.items(), key=lambda kv: (-kv[1], kv[0])):
-        share = 100.0 * count / identified if identified else 0.0
-        lines.append(f"  {name:<22} {count:>6}  ({share:5.1f} %)")
-    accepted = sum(c for m, c in methods.items() if m not in NOT_ACCEPTED)
-    rate = 100.0 * accepted / identified if identified else 0.0
-    with_what = "an answer" if V2_SPECIES_LEVEL in methods or V2_REJECTED_LEVEL in methods \
-        else "a species"
-    lines.append(f"acceptance rate: {rate:.1f} % ({accepted}/{identified} with {with_what})")
-    if errors:
-        lines.append(f"{errors} unreadable images -> {errors_path(output)}")
-    return lines
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
     source = parser.add_mutually_exclusive_group(required=True)
@@ -247,16 +191,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--taxonomy", action="store_true",
                         help="add pred_/conf_ columns for genre..embranchement")
     parser.add_argument("--batch-size", type=int, default=16, help="photos per model call")
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="decoding threads (with --server: calls in flight)")
     parser.add_argument("--data-dir", type=Path, default=defaults.data_dir,
                         help="the service's data folder: its added species and gallery photos "
                              "shape the answers; caches (default: %(default)s)")
-    parser.add_argument("--runtime", choices=("torch", "onnx", "openvino"),
-                        default=defaults.runtime)
-    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"),
-                        default=defaults.precision)
+    parser.add_argument("--runtime", choices=RUNTIMES, default=defaults.runtime)
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
                         help="decode JPEGs at full size (slower, bit-exact with the seed)")
+    remote = parser.add_argument_group(
+        "a running service instead of the model in-process (same CSV columns)")
+    remote.add_argument("--server", metavar="HOST:PORT",
+                        help="send each photo to this service; --model, --bundle, "
+                             "--data-dir and --runtime are then the server's")
+    remote.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
+    remote.add_argument("--tls-ca", type=Path, help="CA certificate for a TLS server")
+    remote.add_argument("--timeout", type=float, default=60.0, help="seconds per photo")
+    remote.add_argument("--send-originals", action="store_true",
+                        help="send photos as they are (default: downsized like "
+                             "`biolit-id identify`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"infer-csv: {exc}")
         return 1
+    if args.server:
+        from biolit_id.cli.infer_csv_server import run_remote
+
+        return run_remote(args, items)
     config = ServerConfig(model=args.model, bundle=args.bundle, data_dir=args.data_dir,
                           runtime=args.runtime, precision=args.precision,
                           fast_decode=args.fast_decode)
@@ -285,8 +243,11 @@ def run(args: argparse.Namespace) -> int:
     except (StoreError, GalleryError) as exc:
         print(f"infer-csv: cannot read the gallery in {args.data_dir}: {exc}")
         return 1
+    if state.bundle is None:
+        log.warning("no --bundle: zero-shot answers from the catalog's text prototypes")
     try:
-        return _write_csv(args, state, items)
+        return write_csv(args, CsvIdentifier(state, taxonomy=args.taxonomy,
+                                             workers=args.workers), items)
     except ValueError as exc:  # options that do not fit the bundle
         print(f"infer-csv: {exc}")
         return 1
@@ -296,19 +257,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         state.batcher.close()
         state.gallery.close()
-
-
-@dataclass
-class Inputs:
-    """What to identify: photo paths, or named embeddings."""
-
-    names: list[str]
-    paths: list[Path] | None = None
-    embeddings: np.ndarray | None = None
-
-    def batches(self, size: int) -> Iterator[tuple[slice, list[str]]]:
-        for start in range(0, len(self.names), size):
-            yield slice(start, start + size), self.names[start : start + size]
 
 
 def _inputs(args: argparse.Namespace) -> Inputs:
@@ -336,40 +284,3 @@ def _inputs(args: argparse.Namespace) -> Inputs:
         where = "under" if args.recursive else "in"
         raise ValueError(f"no {kind} files {where} {args.images}")
     return Inputs(names=[p.relative_to(args.images).as_posix() for p in paths], paths=paths)
-
-
-def _write_csv(args: argparse.Namespace, state, items: Inputs) -> int:
-    from tqdm import tqdm
-
-    if state.bundle is None:
-        log.warning("no --bundle: zero-shot answers from the catalog's text prototypes")
-    worker = CsvIdentifier(state, taxonomy=args.taxonomy, workers=args.workers)
-    method_column = "best_level" if worker.v2 else "methode"
-    methods: Counter = Counter()
-    identified = failed = 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    err_file = errors_path(args.output)
-    try:
-        with open(args.output, "w", newline="", encoding="utf-8") as out, \
-                open(err_file, "w", newline="", encoding="utf-8") as err, \
-                tqdm(total=len(items.names), unit="img", desc="identifying") as bar:
-            writer = csv.DictWriter(out, fieldnames=worker.columns)
-            writer.writeheader()
-            err_writer = csv.writer(err)
-            err_writer.writerow(ERRORS_COLUMNS)
-            for rows, names in items.batches(args.batch_size):
-                if items.paths is not None:
-                    result = worker.identify(items.paths[rows], names)
-                else:
-                    result = worker.identify_vectors(items.embeddings[rows], names)
-                writer.writerows(result.rows)
-                err_writer.writerows(result.errors)
-                methods.update(r[method_column] for r in result.rows)
-                identified += len(result.rows)
-                failed += len(result.errors)
-                bar.update(len(names))
-    finally:
-        worker.close()
-    for line in summary(methods, identified, failed, args.output):
-        print(line)
-    return 0

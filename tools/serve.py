@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.embedders.base import PRECISIONS, RUNTIMES
 from biolit_id.server.model_loader import DEFAULT_MODEL, ModelUnavailableError
 
 
@@ -22,14 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, help="trained bundle directory (hybrid mode)")
     # The CLI deploys the fastest path that passes the fidelity gate (auto); the
     # library default (ServerConfig) stays on the torch fp32 reference.
-    parser.add_argument("--runtime", choices=("auto", "torch", "onnx", "openvino"),
+    parser.add_argument("--runtime", choices=("auto", *RUNTIMES),
                         default="auto",
                         help="image-tower runtime; auto = fastest passing the fidelity gate "
                              "(see docs/performance.md) (default: %(default)s)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "int8"),
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS),
                         default="auto",
-                        help="auto never picks int8; check int8 with biolit-id check-runtime "
-                             "(default: %(default)s)")
+                        help="auto picks int8 only on CPUs with AMX int8, through the same "
+                             "gate; check it with biolit-id check-runtime (default: %(default)s)")
     parser.add_argument("--calibration-dir", type=Path,
                         help="real photos for the fidelity gate and int8 calibration")
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",

@@ -32,19 +32,24 @@ from biolit_id.server.embedders.gate import (
     fidelity_gate,
     reference_embeddings,
 )
-from biolit_id.server.embedders.hardware import cpu_has_bf16, cpu_identity
+from biolit_id.server.embedders.hardware import cpu_has_amx_int8, cpu_has_bf16, cpu_identity
 from biolit_id.server.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# The runtimes `auto` considers (ties go to the earlier one). int8 is never
-# chosen implicitly: its gate must be checked on the real model and real
-# photos (`biolit-id check-runtime`).
+# The runtimes `auto` considers (ties go to the earlier one, so a throughput
+# mode is kept only when it is strictly faster than latency mode). int8 is
+# chosen implicitly only on CPUs with AMX int8, and then only through the same
+# gate; elsewhere it needs an explicit --precision int8 (and `biolit-id
+# check-runtime` on the real model and real photos).
 AUTO_CANDIDATES: tuple[tuple[str, str], ...] = (
-    ("openvino", "int8"),  # only with an explicit --precision int8
-    ("onnx", "int8"),  # idem
+    ("openvino", "int8"),
+    ("openvino-throughput", "int8"),
+    ("onnx", "int8"),
     ("openvino", "bf16"),
+    ("openvino-throughput", "bf16"),
     ("openvino", "fp32"),
+    ("openvino-throughput", "fp32"),
     ("onnx", "fp32"),
     ("torch", "bf16"),
     ("torch", "fp32"),
@@ -60,6 +65,7 @@ class AutoChoice:
     gates: list[Fidelity]
     ms_per_photo: dict[str, float]  # "runtime precision" -> batched forward, this machine
     reused: bool = False  # read from the data dir's record instead of measured now
+    batch: int = 8  # photos per timed forward: the service's batch size
 
 
 def _eligible(runtime: str, precision: str,
@@ -68,8 +74,8 @@ def _eligible(runtime: str, precision: str,
     for cand_runtime, cand_precision in candidates:
         if runtime not in ("auto", cand_runtime) or precision not in ("auto", cand_precision):
             continue
-        if cand_precision == "int8" and precision != "int8":
-            continue  # never chosen implicitly: its gate needs the real model and photos
+        if cand_precision == "int8" and precision != "int8" and not cpu_has_amx_int8():
+            continue  # opt-in without AMX: modest gain, and its gate needs real photos
         if cand_precision == "bf16" and not cpu_has_bf16():
             log.info("auto: skipping %s bf16 (no native bf16 on this CPU)", cand_runtime)
             continue
@@ -105,11 +111,13 @@ def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
     ``auto`` in either field leaves that field free. Candidates needing a
     missing package or CPU feature are skipped; the others are exported,
     gated against torch fp32 on the calibration set, and the passing ones
-    timed (batched forward, interleaved rounds).
+    timed per photo on batches of ``batch`` (the service's batch size, since
+    a throughput mode only pays off on batches it can split).
     """
     eligible = _eligible(runtime, precision, candidates)
     tag = calibration_tag(calibration_dir)
-    record = artifact_root(loaded, cache_dir) / f"auto-{runtime}-{precision}-{tag}.json"
+    name = f"auto-{runtime}-{precision}-{tag}-b{batch}.json"
+    record = artifact_root(loaded, cache_dir) / name
     cpu = cpu_identity()
     choice = _read_choice(record, cpu, threshold, eligible)
     if choice is not None:
@@ -152,7 +160,7 @@ def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
                     "fp32" if precision == "auto" else precision)
         log.warning("auto: nothing passes the gate; using %s %s", *fallback)
         return make_embedder(loaded, *fallback, cache_dir, calibration_dir), AutoChoice(
-            fallback[0], fallback[1], gates, {})
+            fallback[0], fallback[1], gates, {}, batch=batch)
     sample = np.concatenate([pixels] * (batch // len(pixels) + 1))[:batch]
     timings = (time_forward([e for e, _ in passing], sample) if len(passing) > 1
                else [float("nan")])
@@ -160,11 +168,14 @@ def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
     chosen = passing[best][0]
     choice = AutoChoice(chosen.runtime, chosen.precision, gates,
                         {f"{e.runtime} {e.precision}": t
-                         for (e, _), t in zip(passing, timings, strict=True)})
+                         for (e, _), t in zip(passing, timings, strict=True)}, batch=batch)
     _write_choice(record, choice, cpu, threshold, eligible)
-    log.info("auto: %s %s is the fastest passing the fidelity gate here (%s)", chosen.runtime,
-             chosen.precision, ", ".join(f"{k}: {v:.0f} ms/photo"
-                                         for k, v in choice.ms_per_photo.items()))
+    if chosen.precision == "int8" and precision != "int8" and calibration_dir is None:
+        log.warning("auto: picked int8 (AMX) gated on synthetic photos; check it on real "
+                    "ones with biolit-id check-runtime, or pass --calibration-dir")
+    log.info("auto: %s %s is the fastest passing the fidelity gate here at batch %d (%s)",
+             chosen.runtime, chosen.precision, batch,
+             ", ".join(f"{k}: {v:.1f} ms/photo" for k, v in choice.ms_per_photo.items()))
     return chosen, choice
 
 
@@ -179,7 +190,7 @@ def _read_choice(record: Path, cpu: str, threshold: float,
             return None
         return AutoChoice(data["runtime"], data["precision"],
                           [Fidelity(**g) for g in data["gates"]], data["ms_per_photo"],
-                          reused=True)
+                          reused=True, batch=int(data.get("batch", 8)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -189,6 +200,7 @@ def _write_choice(record: Path, choice: AutoChoice, cpu: str, threshold: float,
     data = {"runtime": choice.runtime, "precision": choice.precision, "cpu": cpu,
             "threshold": threshold, "eligible": eligible,
             "gates": [asdict(g) for g in choice.gates], "ms_per_photo": choice.ms_per_photo,
+            "batch": choice.batch,
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     record.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record, json.dumps(data, indent=2))
@@ -196,7 +208,7 @@ def _write_choice(record: Path, choice: AutoChoice, cpu: str, threshold: float,
 
 def build_embedder(loaded: LoadedModel, runtime: str, precision: str,
                    cache_dir: str | Path | None,
-                   calibration_dir: Path | None = None) -> Embedder:
+                   calibration_dir: Path | None = None, batch: int = 8) -> Embedder:
     """What the service calls: an explicit choice, or ``auto`` resolved by the gate."""
     if runtime not in ("auto", *RUNTIMES):
         raise RuntimeUnavailableError(
@@ -205,7 +217,8 @@ def build_embedder(loaded: LoadedModel, runtime: str, precision: str,
         raise RuntimeUnavailableError(
             f"unknown precision {precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
     if runtime == "auto" or precision == "auto":
-        embedder, _ = resolve_auto(loaded, runtime, precision, cache_dir, calibration_dir)
+        embedder, _ = resolve_auto(loaded, runtime, precision, cache_dir, calibration_dir,
+                                   batch=batch)
         return embedder
     if runtime == "torch" and precision == "int8":
         raise RuntimeUnavailableError(

@@ -1,7 +1,7 @@
 """The one interface every runtime implements, and the names of the choices.
 
 The service, the offline tools and the benchmark only see ``Embedder``, so a
-runtime (``--runtime torch|onnx|openvino``) or precision (``--precision
+runtime (``--runtime torch|onnx|openvino|openvino-throughput``) or precision (``--precision
 fp32|bf16|int8``) can change without touching anything else.
 """
 
@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-RUNTIMES = ("torch", "onnx", "openvino")
+RUNTIMES = ("torch", "onnx", "openvino", "openvino-throughput")
 PRECISIONS = ("fp32", "bf16", "int8")
 
 

@@ -24,7 +24,12 @@ from biolit_id.server.embedders.export import (
     quantize_openvino_int8,
 )
 from biolit_id.server.embedders.onnx import OnnxEmbedder
-from biolit_id.server.embedders.openvino import OpenVinoEmbedder
+from biolit_id.server.embedders.openvino import (
+    LATENCY,
+    THROUGHPUT,
+    OpenVinoEmbedder,
+    ThroughputOpenVinoEmbedder,
+)
 from biolit_id.server.model_loader import LoadedModel
 
 
@@ -38,7 +43,7 @@ def make_embedder(
     """Any runtime by name; exported ones are cached under ``cache_dir``."""
     if runtime == "torch":
         return TorchEmbedder(loaded, precision)
-    if runtime in {"onnx", "openvino"}:
+    if runtime in {"onnx", LATENCY, THROUGHPUT}:
         return make_exported_embedder(loaded, runtime, precision, cache_dir, calibration_dir)
     raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
@@ -67,14 +72,16 @@ def make_exported_embedder(
             export_onnx(loaded, cache_dir)
         )
         return OnnxEmbedder(path, precision, dim)
-    if runtime == "openvino":
+    if runtime in (LATENCY, THROUGHPUT):
         require("openvino", "openvino")
         if precision == "int8":
             path = quantize_openvino_int8(loaded, cache_dir, calibration_dir)
         else:
             path = convert_openvino(loaded, cache_dir)
-        return OpenVinoEmbedder(path, precision, dim,
-                                compile_cache=artifact_root(loaded, cache_dir) / "ov-cache")
+        kind = ThroughputOpenVinoEmbedder if runtime == THROUGHPUT else OpenVinoEmbedder
+        # Both modes compile the same IR; only the compile settings differ.
+        return kind(path, precision, dim,
+                    compile_cache=artifact_root(loaded, cache_dir) / "ov-cache")
     raise RuntimeUnavailableError(
         f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}"
     )

@@ -32,6 +32,19 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx_vnni", "avx512_vnni", "amx_int8"))
 
 
+def cpu_has_amx_int8() -> bool:
+    """AMX int8 tiles: int8 matmuls fast enough that ``auto`` considers int8 at all.
+
+    Without AMX the speed-up is modest and, without VNNI, the kernels may
+    saturate, so there int8 stays opt-in (``--precision int8``).
+    """
+    try:
+        flags = CPUINFO.read_text().split()
+    except OSError:
+        return False
+    return "amx_int8" in flags
+
+
 def cpu_identity() -> str:
     """CPU model and usable cores: a speed ranking measured elsewhere does not apply here."""
     name = ""
