@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -103,3 +104,24 @@ def zero_shot_server(make_server) -> RunningServer:
 @pytest.fixture
 def stub(zero_shot_server: RunningServer) -> pb_grpc.SpeciesIdentifierStub:
     return stub_for(zero_shot_server)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``condition()`` came true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture(scope="session")
+def seed_bundle(tmp_path_factory: pytest.TempPathFactory, loaded_demo_model,
+                demo_model_spec: str) -> Path:
+    """The seed v4's published head and prototypes imported over the demo model."""
+    from biolit_id.cli.import_seed import import_seed
+
+    bundle = import_seed(SEED_DIR / "best_model_top50.pth", SEED_DIR / "prototypes_v4.pt",
+                         demo_model_spec, model=loaded_demo_model)
+    return bundle.save(tmp_path_factory.mktemp("bundle"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.scoring import ZeroShotScorer
 from biolit_id.server.state import initial_prototypes
 from biolit_id.server.text_prototypes import TextPrototypeCache
+from conftest import wait_for
 
 DIM = 512
 
@@ -75,14 +75,6 @@ def rebuild_cli(model_spec: str, data: Path, *extra: str) -> int:
     return main(["gallery", "rebuild", "--model", model_spec, "--data-dir", str(data),
                  "--no-progress", *extra])
 
-
-def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 # ------------------------------------------------------------------- FAISS

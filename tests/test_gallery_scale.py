@@ -8,7 +8,6 @@ benchmark's business; these check the bookkeeping that makes adds O(1).
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -18,17 +17,10 @@ from biolit_id.cli.bench_vectors import synthetic_vectors
 from biolit_id.index import faiss_gallery
 from biolit_id.index.milvus_rows import exemplar_id_for
 from biolit_id.index.prototypes import SpeciesSums
+from conftest import wait_for
 
 DIM = 64
 
-
-def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_a_healthy_10k_milvus_gallery_is_never_repaired_and_a_real_fault_is(tmp_path, caplog):

@@ -11,13 +11,12 @@ import pytest
 from synthetic_bundle import unit, write_bundle
 
 from biolit_id.cli.cli import main as cli
-from biolit_id.cli.import_seed import import_seed
 from biolit_id.cli.infer_csv import TAXON_COLUMNS, errors_path
 from biolit_id.cli.seed_format import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.catalog import Catalog
 from biolit_id.server.routing import SEED_METHOD_NAMES, Method, Thresholds
-from conftest import SEED_DIR, photo_bytes, stub_for
+from conftest import photo_bytes, stub_for
 
 SEED_METHODS = {"classifier_top50", "classifier_top50_low", "prototypical_rare", "rejected"}
 PB_RANK = {"genus": pb.RANK_GENUS, "family": pb.RANK_FAMILY, "order": pb.RANK_ORDER,
@@ -36,13 +35,6 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "sub" / "d.jpg").write_bytes(photo_bytes(4, "JPEG", size=(200, 300)))
     return root
 
-
-@pytest.fixture(scope="module")
-def seed_bundle(tmp_path_factory: pytest.TempPathFactory, loaded_demo_model,
-                demo_model_spec: str) -> Path:
-    bundle = import_seed(SEED_DIR / "best_model_top50.pth", SEED_DIR / "prototypes_v4.pt",
-                         demo_model_spec, model=loaded_demo_model)
-    return bundle.save(tmp_path_factory.mktemp("bundle"))
 
 
 def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:

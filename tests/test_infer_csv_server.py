@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from biolit_id.cli.cli import main as cli
-from biolit_id.cli.import_seed import import_seed
 from biolit_id.cli.infer_csv import errors_path
 from biolit_id.cli.seed_format import SEED_COLUMNS
 from biolit_id.cli.upload import UPLOAD_SHORT_SIDE, downsize_for_upload
 from biolit_id.server.embedders.calibration import synthetic_photos
-from conftest import SEED_DIR, photo_bytes
+from conftest import photo_bytes
 
 BIG = (1200, 900)  # short side above the upload size: downsized before sending
 SMALL = (300, 200)  # already small: sent as it is
@@ -32,13 +31,6 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     return root
 
-
-@pytest.fixture(scope="module")
-def seed_bundle(tmp_path_factory: pytest.TempPathFactory, loaded_demo_model,
-                demo_model_spec: str) -> Path:
-    bundle = import_seed(SEED_DIR / "best_model_top50.pth", SEED_DIR / "prototypes_v4.pt",
-                         demo_model_spec, model=loaded_demo_model)
-    return bundle.save(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ exercised here through the selection logic, with the CPU's flags injected.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,13 @@ import pytest
 from biolit_id.cli.cli import main as cli_main
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.embedders import hardware
-from biolit_id.server.embedders.auto import AUTO_CANDIDATES, _eligible, resolve_auto
+from biolit_id.server.embedders.auto import (
+    AUTO_CANDIDATES,
+    _eligible,
+    resolve_auto,
+    service_cost,
+    time_forward,
+)
 from biolit_id.server.embedders.calibration import calibration_pixels, synthetic_photos
 from biolit_id.server.embedders.factory import make_embedder
 from biolit_id.server.embedders.gate import GATE_COSINE, fidelity
@@ -135,3 +142,24 @@ def test_service_reports_the_throughput_runtime(make_server, cache_dir):
     running = make_server(runtime="openvino-throughput", precision="fp32", data_dir=cache_dir)
     info = stub_for(running).GetServiceInfo(pb.GetServiceInfoRequest())
     assert (info.runtime, info.precision) == ("openvino-throughput", "fp32")
+
+
+class _Timed:
+    """An embedder whose cost is a fixed part per call plus a part per photo."""
+
+    def __init__(self, per_call_ms: float, per_photo_ms: float) -> None:
+        self.per_call_s, self.per_photo_s = per_call_ms / 1e3, per_photo_ms / 1e3
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        time.sleep(self.per_call_s + self.per_photo_s * len(pixels))
+        return np.ones((len(pixels), 4), np.float32)
+
+
+def test_auto_scores_photos_alone_too_so_a_batch_only_mode_does_not_win():
+    batch = np.zeros((8, 3, 4, 4), np.float32)
+    batch_only = _Timed(per_call_ms=40, per_photo_ms=1)  # 6 ms/photo in 8s, 41 alone
+    steady = _Timed(per_call_ms=0, per_photo_ms=8)  # 8 ms/photo either way
+    batched = time_forward([batch_only, steady], batch)
+    assert batched[0] < batched[1]  # timed on batches alone, the batch-only mode wins
+    cost = service_cost([batch_only, steady], batch)
+    assert cost[1] < cost[0]

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 SECTIONS = ("decode", "seed", "forward", "service", "upload", "adds", "gallery", "start",
             *(f"gallery-{b}" for b in BACKENDS))
 DEFAULT_RUNTIMES = ("torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8", "openvino:fp32",
-                    "openvino:bf16", "openvino:int8")
+                    "openvino:bf16", "openvino:int8", "openvino-throughput:bf16",
+                    "openvino-throughput:int8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,8 @@ from biolit_id.server.model_loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
+SCORE = "mean ms/photo at batch 1 and at the service's batch"  # what a record ranked by
+
 # The runtimes `auto` considers (ties go to the earlier one, so a throughput
 # mode is kept only when it is strictly faster than latency mode). int8 is
 # chosen implicitly only on CPUs with AMX int8, and then only through the same
@@ -63,7 +65,7 @@ class AutoChoice:
     runtime: str
     precision: str
     gates: list[Fidelity]
-    ms_per_photo: dict[str, float]  # "runtime precision" -> batched forward, this machine
+    ms_per_photo: dict[str, float]  # "runtime precision" -> service_cost, this machine
     reused: bool = False  # read from the data dir's record instead of measured now
     batch: int = 8  # photos per timed forward: the service's batch size
 
@@ -101,6 +103,15 @@ def time_forward(embedders: Sequence[Embedder], pixels: np.ndarray, rounds: int 
     return [float(np.median(s)) for s in samples]
 
 
+def service_cost(embedders: Sequence[Embedder], batch: np.ndarray) -> list[float]:
+    """Mean ms per photo alone and in ``batch``: an idle service runs photos one at a
+    time and a busy one in batches, so a mode that pays off only on full batches
+    (OpenVINO's throughput hint) must not win on batches alone."""
+    alone = time_forward(embedders, batch[:1])
+    batched = time_forward(embedders, batch)
+    return [(a + b) / 2 for a, b in zip(alone, batched, strict=True)]
+
+
 def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
                  cache_dir: str | Path | None, calibration_dir: Path | None = None,
                  candidates: Sequence[tuple[str, str]] = AUTO_CANDIDATES,
@@ -111,8 +122,8 @@ def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
     ``auto`` in either field leaves that field free. Candidates needing a
     missing package or CPU feature are skipped; the others are exported,
     gated against torch fp32 on the calibration set, and the passing ones
-    timed per photo on batches of ``batch`` (the service's batch size, since
-    a throughput mode only pays off on batches it can split).
+    scored by ``service_cost`` (per photo alone and in batches of ``batch``,
+    the service's batch size).
     """
     eligible = _eligible(runtime, precision, candidates)
     tag = calibration_tag(calibration_dir)
@@ -162,7 +173,7 @@ def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
         return make_embedder(loaded, *fallback, cache_dir, calibration_dir), AutoChoice(
             fallback[0], fallback[1], gates, {}, batch=batch)
     sample = np.concatenate([pixels] * (batch // len(pixels) + 1))[:batch]
-    timings = (time_forward([e for e, _ in passing], sample) if len(passing) > 1
+    timings = (service_cost([e for e, _ in passing], sample) if len(passing) > 1
                else [float("nan")])
     best = int(np.nanargmin(timings)) if len(passing) > 1 else 0
     chosen = passing[best][0]
@@ -173,7 +184,8 @@ def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
     if chosen.precision == "int8" and precision != "int8" and calibration_dir is None:
         log.warning("auto: picked int8 (AMX) gated on synthetic photos; check it on real "
                     "ones with biolit-id check-runtime, or pass --calibration-dir")
-    log.info("auto: %s %s is the fastest passing the fidelity gate here at batch %d (%s)",
+    log.info("auto: %s %s is the fastest passing the fidelity gate here (mean of batch 1 "
+             "and batch %d: %s)",
              chosen.runtime, chosen.precision, batch,
              ", ".join(f"{k}: {v:.1f} ms/photo" for k, v in choice.ms_per_photo.items()))
     return chosen, choice
@@ -186,6 +198,7 @@ def _read_choice(record: Path, cpu: str, threshold: float,
     try:
         data = json.loads(record.read_text("utf-8"))
         if (data["cpu"] != cpu or data["threshold"] != threshold
+                or data.get("score") != SCORE
                 or [tuple(c) for c in data["eligible"]] != eligible):
             return None
         return AutoChoice(data["runtime"], data["precision"],
@@ -200,7 +213,7 @@ def _write_choice(record: Path, choice: AutoChoice, cpu: str, threshold: float,
     data = {"runtime": choice.runtime, "precision": choice.precision, "cpu": cpu,
             "threshold": threshold, "eligible": eligible,
             "gates": [asdict(g) for g in choice.gates], "ms_per_photo": choice.ms_per_photo,
-            "batch": choice.batch,
+            "batch": choice.batch, "score": SCORE,
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     record.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record, json.dumps(data, indent=2))
