@@ -448,6 +448,13 @@ class Gallery(GalleryBase):
 
     # ------------------------------------------------------------ snapshots
 
+    def settle(self) -> None:
+        """Wait for a snapshot being written in the background (benchmarks time adds
+        apart from it; its cost per add is constant: ``_maybe_snapshot``)."""
+        thread = self._snapshot_thread
+        if thread is not None:
+            thread.join()
+
     def snapshot(self) -> None:
         """Write the index atomically with the version it contains; prune older events."""
         with self._snapshot_lock:

@@ -120,6 +120,9 @@ def bench_backend(backend: str, data_dir: Path, *, dim: int = 512,
                 # would have spread over their adds: do them now, not in the timed streams.
                 gallery.snapshot()
                 gallery.store.checkpoint()
+            settled = time.perf_counter()
+            gallery.settle()  # background work (a snapshot, segment indexes) is timed apart
+            settle_s = time.perf_counter() - settled
             rates = []
             for _ in range(repeats):  # the median: background work (compaction) comes in bursts
                 seconds, got = _stream(gallery, _items(vectors[len(ids):len(ids) + stream],
@@ -127,7 +130,7 @@ def bench_backend(backend: str, data_dir: Path, *, dim: int = 512,
                 ids += got
                 rates.append(stream / seconds)
             result["adds"].append({"photos_before": size, "adds_per_s": float(np.median(rates)),
-                                   "streams_adds_per_s": rates})
+                                   "streams_adds_per_s": rates, "settle_s": settle_s})
             log.info("gallery %s: %d adds/s at %d photos (streams: %s)", backend,
                      np.median(rates), size, " ".join(f"{r:.0f}" for r in rates))
         result["photos"] = len(ids)
