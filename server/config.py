@@ -29,6 +29,9 @@ class ServerConfig:
     max_queue_size: int = 64
     # Threads for the model's own kernels (intra-op); 0 = one per core.
     model_threads: int = 0
+    # Photos decoded at once (0 = one per gRPC worker): fewer leave the model's
+    # threads their cores on a small machine (docs/performance.md).
+    decode_threads: int = 0
     # FAISS (OpenMP) threads per search. 1: searches run one query each in gRPC
     # threads next to the model; OpenMP teams on 2 busy cores measured ~10x slower.
     search_threads: int = 1

@@ -7,6 +7,8 @@ depend on how it was asked for.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +79,7 @@ class Identifier:
         similar_search: SimilarSearch | None = None,
         embed_fn: Callable[[np.ndarray], np.ndarray] | None = None,
         neighbours: NeighbourFn | None = None,
+        decode_slots: int = 0,
     ) -> None:
         self.catalog = catalog
         self.embedder = embedder
@@ -88,6 +91,10 @@ class Identifier:
         self.embed_fn = embed_fn or embedder.embed
         # Nearest reference photos per species, for scorers that use them (routing fused).
         self.neighbours = neighbours
+        # At most this many photos decode at once (0: one per calling thread), so that
+        # decoders leave the model's threads their cores (docs/performance.md).
+        self._decode_slots = (threading.BoundedSemaphore(decode_slots) if decode_slots > 0
+                              else contextlib.nullcontext())
 
     @property
     def embedding_dim(self) -> int:
@@ -157,7 +164,8 @@ class Identifier:
     # ------------------------------------------------------------- pipeline
 
     def decode(self, image: bytes) -> np.ndarray:
-        return preprocess(image, self.policy)
+        with self._decode_slots:
+            return preprocess(image, self.policy)
 
     def embed_images(self, images: Sequence[bytes]) -> tuple[np.ndarray, float, float]:
         """Embeddings for a list of photos, plus decode and embed ms per photo."""

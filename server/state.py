@@ -119,6 +119,7 @@ def build_state(config: ServerConfig) -> ServiceState:
         similar_search=gallery.similar_search,
         neighbours=gallery_neighbours(gallery),
         embed_fn=batcher.submit,  # concurrent calls share model batches
+        decode_slots=config.decode_threads,
     )
     return ServiceState(
         config=config,

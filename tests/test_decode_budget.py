@@ -1,46 +1,48 @@
-"""Concurrent decodes share a pixel budget, so many large photos cannot exhaust memory."""
+"""--decode-threads caps how many photos decode at once, over real gRPC."""
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from biolit_id.server.preprocess import PixelBudget
+import pytest
 
-
-def test_a_decode_waits_while_the_budget_is_taken() -> None:
-    budget = PixelBudget()
-    order: list[str] = []
-    first_in = threading.Event()
-    release_first = threading.Event()
-
-    def first() -> None:
-        with budget.hold(8, capacity=10):
-            order.append("first in")
-            first_in.set()
-            release_first.wait(5)
-            order.append("first out")
-
-    def second() -> None:
-        first_in.wait(5)
-        with budget.hold(8, capacity=10):
-            order.append("second in")
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    first_in.wait(5)
-    time.sleep(0.2)  # the second decode had time to start: it must still be waiting
-    assert order == ["first in"]
-    release_first.set()
-    for t in threads:
-        t.join(5)
-    assert order == ["first in", "first out", "second in"]
+from biolit_id.proto import identification_pb2 as pb
+from biolit_id.server import pipeline
+from conftest import photo_bytes, stub_for
 
 
-def test_small_decodes_share_the_budget_and_a_lone_photo_always_fits() -> None:
-    budget = PixelBudget()
-    with budget.hold(4, capacity=10), budget.hold(4, capacity=10):
-        pass  # two fit together without waiting
-    with budget.hold(50, capacity=10):
-        pass  # larger than the whole budget, but alone: it is let through
+@pytest.fixture
+def decodes_at_once(monkeypatch) -> list[int]:
+    """The real decode, slowed so that overlapping calls overlap; records the peak."""
+    lock, state = threading.Lock(), {"now": 0}
+    peaks: list[int] = [0]
+    real = pipeline.preprocess
+
+    def counted(data, policy):
+        with lock:
+            state["now"] += 1
+            peaks[0] = max(peaks[0], state["now"])
+        try:
+            time.sleep(0.05)
+            return real(data, policy)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(pipeline, "preprocess", counted)
+    return peaks
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_decoders_never_exceed_the_budget(make_server, decodes_at_once, limit):
+    stub = stub_for(make_server(decode_threads=limit))
+    photos = [photo_bytes(i, "JPEG") for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda p: stub.Identify(pb.IdentifyRequest(image=p)), photos))
+    assert all(a.HasField("decision") for a in answers)
+    if limit:
+        assert decodes_at_once[0] == limit
+    else:
+        assert decodes_at_once[0] > 1  # unlimited: concurrent calls decode side by side

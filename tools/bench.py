@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service-threads", default="0",
                         help="service section: model thread counts to compare (0 = one per "
                              "core); e.g. 0,1 to see decode/model contention on 2 cores")
+    parser.add_argument("--service-decoders", default="0",
+                        help="service section: --decode-threads values to compare (0 = one "
+                             "per call); e.g. 0,1 to cap decoders beside the model")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--per-client", type=int, default=6,
                         help="photos per client per service run")
@@ -168,14 +171,16 @@ def run(args: argparse.Namespace) -> int:
     if {"service", "adds", "upload"} & sections:
         results["service"] = []
         concurrencies = [int(c) for c in args.concurrency.split(",")]
-        configs = [(pair, int(t)) for pair in parse_pairs(args.service_runtimes)
-                   for t in args.service_threads.split(",")]
-        for i, ((runtime, precision), model_threads) in enumerate(configs):
+        configs = [(pair, int(t), int(d)) for pair in parse_pairs(args.service_runtimes)
+                   for t in args.service_threads.split(",")
+                   for d in args.service_decoders.split(",")]
+        for i, ((runtime, precision), model_threads, decoders) in enumerate(configs):
             # One data dir for all: exports and the auto choice are made once.
             data_dir = args.data_dir / "service"
             shutil.rmtree(data_dir / "gallery", ignore_errors=True)
             running, start_s = start_bench_server(args.model, data_dir, runtime, precision,
-                                                  model_threads=model_threads)
+                                                  model_threads=model_threads,
+                                                  decode_threads=decoders)
             try:
                 if "service" in sections:
                     svc = bench_service(running, start_s, photos, small, concurrencies,
@@ -187,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
                                                          runtime, precision)
                     svc["model_threads"] = running.state.config.model_threads or threads[
                         "model_threads"]
+                    svc["decode_threads"] = decoders
                     svc["ceiling"] = service_ceiling(running, photos, args.per_client)
                     results["service"].append(svc)
                     save()

@@ -89,7 +89,9 @@ def _backend_targets(backends: dict) -> list[dict]:
 
 def _label(svc: dict) -> str:
     threads = svc.get("model_threads")
-    return f"{svc['runtime']} {svc['precision']}" + (f" ({threads} thr)" if threads else "")
+    decoders = svc.get("decode_threads")
+    return (f"{svc['runtime']} {svc['precision']}" + (f" ({threads} thr)" if threads else "")
+            + (f" ({decoders} dec)" if decoders else ""))
 
 
 def table(results: dict) -> str:

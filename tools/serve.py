@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-size", type=int, default=defaults.max_queue_size)
     parser.add_argument("--model-threads", type=int, default=defaults.model_threads,
                         help="intra-op threads for the model (0 = one per core)")
+    parser.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
+                        help="photos decoded at once (0 = one per call; default: %(default)s)")
     parser.add_argument("--search-threads", type=int, default=defaults.search_threads,
                         help="FAISS threads per search (default: %(default)s)")
     parser.add_argument("--stream-read-ahead", type=int, default=defaults.stream_read_ahead,
