@@ -18,7 +18,7 @@ import numpy as np
 
 from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.embedders.hardware import cpu_has_bf16, cpu_identity
+from biolit_id.server.embedders.hardware import cpu_has_amx_int8, cpu_has_bf16, cpu_identity
 from biolit_id.server.embedders.threads import available_cores
 
 
@@ -64,6 +64,7 @@ def machine() -> dict:
     except OSError:
         load = []
     return {"cpu": cpu_identity(), "cores": available_cores(), "bf16": cpu_has_bf16(),
+            "amx": cpu_has_amx_int8(),
             "python": platform.python_version(), "load_average_at_start": load}
 
 
