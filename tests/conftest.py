@@ -125,3 +125,13 @@ def seed_bundle(tmp_path_factory: pytest.TempPathFactory, loaded_demo_model,
     bundle = import_seed(SEED_DIR / "best_model_top50.pth", SEED_DIR / "prototypes_v4.pt",
                          demo_model_spec, model=loaded_demo_model)
     return bundle.save(tmp_path_factory.mktemp("bundle"))
+
+
+def photo_folder(folder: Path, n: int, seed: int, size: tuple[int, int] = (480, 360)) -> Path:
+    """``n`` synthetic phone-like JPEGs in a new ``folder`` (p0.jpg, p1.jpg...)."""
+    from biolit_id.server.embedders.calibration import synthetic_photos
+
+    folder.mkdir()
+    for i, data in enumerate(synthetic_photos(n, size, seed=seed)):
+        (folder / f"p{i}.jpg").write_bytes(data)
+    return folder

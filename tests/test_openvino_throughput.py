@@ -25,10 +25,10 @@ from biolit_id.server.embedders.auto import (
     service_cost,
     time_forward,
 )
-from biolit_id.server.embedders.calibration import calibration_pixels, synthetic_photos
+from biolit_id.server.embedders.calibration import calibration_pixels
 from biolit_id.server.embedders.factory import make_embedder
 from biolit_id.server.embedders.gate import GATE_COSINE, fidelity
-from conftest import stub_for
+from conftest import photo_folder, stub_for
 
 pytest.importorskip("openvino", reason="install biolit-id[openvino] for OpenVINO")
 
@@ -124,10 +124,7 @@ def test_int8_on_amx_goes_through_the_gate(loaded_demo_model, monkeypatch, tmp_p
 
 def test_check_runtime_accepts_the_throughput_mode(demo_model_spec, cache_dir, tmp_path,
                                                   capsys):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, data in enumerate(synthetic_photos(3, (480, 360), seed=4)):
-        (photos / f"p{i}.jpg").write_bytes(data)
+    photos = photo_folder(tmp_path / "photos", 3, seed=4)
     report = tmp_path / "report.json"
     assert cli_main(["check-runtime", "--model", demo_model_spec, "--images", str(photos),
                      "--runtime", "openvino-throughput", "--precision", "fp32",

@@ -31,7 +31,7 @@ from biolit_id.server.embedders.gate import fidelity
 from biolit_id.server.embedders.hardware import cpu_has_amx_int8, cpu_has_bf16, cpu_has_vnni
 from biolit_id.server.embedders.onnx import OnnxEmbedder
 from biolit_id.server.embedders.threads import configure_threads
-from conftest import stub_for
+from conftest import photo_folder, stub_for
 
 pytest.importorskip("onnxruntime", reason="install biolit-id[onnx] for the ONNX runtime")
 pytest.importorskip("openvino", reason="install biolit-id[openvino] for OpenVINO")
@@ -189,10 +189,7 @@ def test_thread_counts_are_applied():
 
 def test_check_runtime_reports_cosine_and_agreement(demo_model_spec, cache_dir, tmp_path,
                                                    capsys):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, data in enumerate(synthetic_photos(4, (480, 360), seed=3)):
-        (photos / f"p{i}.jpg").write_bytes(data)
+    photos = photo_folder(tmp_path / "photos", 4, seed=3)
     report = tmp_path / "report.json"
     args = ["check-runtime", "--model", demo_model_spec, "--images", str(photos),
             "--runtime", "onnx", "--precision", "fp32", "--data-dir", str(cache_dir)]
