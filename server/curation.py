@@ -148,9 +148,8 @@ class CurationServicer:
                         writer.add(item)
                 if writer.full:
                     _write_batch(writer)
-            _write_batch(writer)
         finally:
-            try:  # what was validated before an error is stored, as its message says
+            try:  # the rest; after an error, what was validated before it, as it says
                 _write_batch(writer)
             finally:
                 writer.close()  # prototypes of what was stored, before the call ends
@@ -273,7 +272,6 @@ def _species_record(request: pb.AddSpeciesRequest) -> SpeciesRecord:
         description=request.description,
         added_at_runtime=True,
     )
-
 
 
 def _write_batch(writer: StreamWriter) -> None:
