@@ -106,7 +106,8 @@ def start_server(config: ServerConfig, state: ServiceState | None = None) -> Run
     server.start()
     # The same servicer instance: HTTP calls run the gRPC methods in-process.
     try:
-        http = start_http(config, servicer, keys) if config.http_port is not None else None
+        http = (start_http(config, servicer, keys, metrics) if config.http_port is not None
+                else None)
     except HttpStartError:
         server.stop(0)
         raise

@@ -34,6 +34,29 @@ LATENCY_BUCKETS = (
 MAX_LOGGED_DETAILS = 300
 
 
+def log_access(level: int, event: str, service: str, method: str, code: str,
+               seconds: float, peer: str, details: str | bytes | None = None,
+               **extra) -> None:
+    """One access line, for gRPC calls and HTTP API calls alike (never a body or a key)."""
+    if not access_log.isEnabledFor(level):
+        return
+    record = {
+        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "event": event,
+        "service": service,
+        "method": method,
+        "code": code,
+        "latency_ms": round(seconds * 1000.0, 2),
+        "peer": peer,
+        **extra,
+    }
+    if code != "OK" and details:
+        if isinstance(details, bytes):
+            details = details.decode("utf-8", "replace")
+        record["details"] = details[:MAX_LOGGED_DETAILS]
+    access_log.log(level, json.dumps(record, ensure_ascii=False))
+
+
 class Metrics:
     """The service's Prometheus metrics (one registry per server)."""
 
@@ -50,6 +73,14 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "biolit_requests_in_flight", "gRPC calls being handled now", registry=r,
+        )
+        self.http_requests = Counter(
+            "biolit_http_requests", "JSON API calls by RPC method and status code",
+            ("method", "code"), registry=r,
+        )
+        self.http_latency = Histogram(
+            "biolit_http_request_duration_seconds", "JSON API call latency by RPC method",
+            ("method",), buckets=LATENCY_BUCKETS, registry=r,
         )
         self.deadline_dropped = Counter(
             "biolit_deadline_dropped", "calls dropped unstarted because their deadline had passed",
@@ -195,27 +226,10 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 if not quiet:
                     self.metrics.requests.labels(method, code).inc()
                     self.metrics.latency.labels(method).observe(elapsed)
-            level = logging.DEBUG if quiet else logging.INFO
-            if not access_log.isEnabledFor(level):
-                return
-            record = {
-                "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "event": "rpc",
-                "service": service,
-                "method": method,
-                "code": code,
-                "latency_ms": round(elapsed * 1000.0, 2),
-                "peer": context.peer(),
-            }
-            if responses is not None:
-                record["responses"] = responses
-            if code != "OK":
-                details = context.details() if hasattr(context, "details") else None
-                if details:
-                    if isinstance(details, bytes):
-                        details = details.decode("utf-8", "replace")
-                    record["details"] = details[:MAX_LOGGED_DETAILS]
-            access_log.log(level, json.dumps(record, ensure_ascii=False))
+            extra = {} if responses is None else {"responses": responses}
+            details = context.details() if code != "OK" and hasattr(context, "details") else None
+            log_access(logging.DEBUG if quiet else logging.INFO, "rpc", service, method, code,
+                       elapsed, context.peer(), details, **extra)
 
         def start() -> float:
             if self.metrics is not None:

@@ -160,3 +160,35 @@ def test_serve_writes_bare_json_lines() -> None:
         access_log._biolit_configured = saved[3]  # type: ignore[attr-defined]
     line = stream.getvalue().strip()
     assert json.loads(line) == {"event": "rpc", "method": "Identify"}
+
+
+def test_json_api_calls_have_their_own_metrics_and_access_lines(tmp_path, demo_model_spec,
+                                                                caplog) -> None:
+    import requests
+
+    from biolit_id.server.app import start_server
+    from biolit_id.server.config import ServerConfig
+
+    running = start_server(ServerConfig(model=demo_model_spec, data_dir=tmp_path, port=0,
+                                        http_port=0, grace_seconds=0.5, metrics_port=0))
+    try:
+        base = running.http.url
+        with caplog.at_level("INFO", logger="biolit.access"):
+            ok = requests.post(f"{base}v1/identify", timeout=30,
+                               files={"image": ("p.jpg", photo_bytes(4), "image/jpeg")})
+            bad = requests.post(f"{base}v1/identify", timeout=30,
+                                files={"image": ("p.jpg", b"junk", "image/jpeg")})
+        assert ok.status_code == 200 and bad.status_code == 400
+        after = scrape(running)
+        for code in ("OK", "INVALID_ARGUMENT"):
+            assert after[("biolit_http_requests_total",
+                          (("code", code), ("method", "Identify")))] == 1
+        assert after[("biolit_http_request_duration_seconds_count",
+                      (("method", "Identify"),))] == 2
+        # HTTP calls are not counted as gRPC calls.
+        assert ("biolit_requests_total", (("code", "OK"), ("method", "Identify"))) not in after
+        lines = [r for r in access_records(caplog) if r["event"] == "http"]
+        assert [r["code"] for r in lines] == ["OK", "INVALID_ARGUMENT"]
+        assert "details" in lines[1] and "details" not in lines[0]
+    finally:
+        running.stop(0.5)

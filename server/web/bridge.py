@@ -15,11 +15,9 @@ A gRPC status code becomes the HTTP status of Google's HTTP mapping
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import grpc
@@ -28,9 +26,9 @@ from google.protobuf.message import Message
 from biolit_id.server.auth import SERVICE, ApiKeys, refusal_for
 from biolit_id.server.errors import MAPPED_ERRORS, status_of
 from biolit_id.server.limits import PER_ITEM_METHODS, check_request
+from biolit_id.server.observability import Metrics, log_access
 from biolit_id.server.pipeline import InvalidRequestError
 
-access_log = logging.getLogger("biolit.access")
 log = logging.getLogger(__name__)
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -108,10 +106,12 @@ class HttpContext:
 class Bridge:
     """Runs one RPC of ``servicer`` for an HTTP request (blocking: call it in a thread)."""
 
-    def __init__(self, servicer: object, keys: ApiKeys | None, max_message_bytes: int) -> None:
+    def __init__(self, servicer: object, keys: ApiKeys | None, max_message_bytes: int,
+                 metrics: Metrics | None = None) -> None:
         self.servicer = servicer
         self.keys = keys
         self.max_message_bytes = max_message_bytes
+        self.metrics = metrics
 
     def authorize(self, method: str, token: str | None) -> None:
         """The gRPC key check for ``method``; with no keys configured every call may run."""
@@ -147,7 +147,15 @@ class Bridge:
             code, message = grpc.StatusCode.INTERNAL, "internal error"
             raise ApiError(code, message) from None
         finally:
-            _log_call(method, code, message, time.perf_counter() - started, peer)
+            self._observe(method, code, message, time.perf_counter() - started, peer)
+
+    def _observe(self, method: str, code: grpc.StatusCode, message: str, seconds: float,
+                 peer: str) -> None:
+        """The access line the gRPC interceptor would write, and the HTTP metrics."""
+        if self.metrics is not None:
+            self.metrics.http_requests.labels(method, code.name).inc()
+            self.metrics.http_latency.labels(method).observe(seconds)
+        log_access(logging.INFO, "http", SERVICE, method, code.name, seconds, peer, message)
 
     def _admit(self, method: str, request: Message | list[Message]) -> None:
         """The interceptors' checks: message size, then per-field limits."""
@@ -165,22 +173,3 @@ class Bridge:
             except InvalidRequestError as exc:
                 prefix = f"message {index}: " if isinstance(request, list) else ""
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, f"{prefix}{exc}") from None
-
-
-def _log_call(method: str, code: grpc.StatusCode, message: str, seconds: float,
-              peer: str) -> None:
-    """One access line per call, as the gRPC interceptor writes (never a body or a key)."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    record = {
-        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        "event": "http",
-        "service": SERVICE,
-        "method": method,
-        "code": code.name,
-        "latency_ms": round(seconds * 1000.0, 2),
-        "peer": peer,
-    }
-    if message:
-        record["details"] = message[:300]
-    access_log.info(json.dumps(record, ensure_ascii=False))

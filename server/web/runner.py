@@ -11,6 +11,7 @@ import uvicorn
 
 from biolit_id.server.auth import ApiKeys, is_loopback
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.observability import Metrics
 from biolit_id.server.web.api import create_app
 from biolit_id.server.web.bridge import Bridge
 from biolit_id.server.web.guard import WebGuard, body_cap
@@ -53,12 +54,13 @@ def _bind(host: str, port: int) -> socket.socket:
         raise HttpStartError(f"cannot bind HTTP {host}:{port}: {exc.strerror or exc}") from None
 
 
-def start_http(config: ServerConfig, servicer: object, keys: ApiKeys | None) -> HttpServer:
+def start_http(config: ServerConfig, servicer: object, keys: ApiKeys | None,
+               metrics: Metrics | None = None) -> HttpServer:
     """Serve the page and the API on ``config.host:config.http_port`` (0 = a free port).
 
     Same host, keys and TLS files as gRPC; ``check_exposure`` has already run.
     """
-    bridge = Bridge(servicer, keys, config.max_message_bytes)
+    bridge = Bridge(servicer, keys, config.max_message_bytes, metrics)
     app = WebGuard(create_app(bridge), body_cap(config.max_message_bytes),
                    loopback_only=keys is None and is_loopback(config.host))
     sock = _bind(config.host, int(config.http_port or 0))
