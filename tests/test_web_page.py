@@ -2,8 +2,10 @@
 
 No browser is downloaded: Playwright is pointed at the OS package
 (``apt-get install chromium``; ``.ci/run`` installs it; ``BIOLIT_CHROMIUM``
-overrides the path). The page talks to a real server started in-process;
-the screenshots in docs/screenshots/ are written by these tests.
+overrides the path). The page talks to a real server started in-process.
+The screenshots in docs/screenshots/ are these tests' own, rewritten when
+``BIOLIT_SCREENSHOTS=1`` (otherwise they go to a temporary folder, so that
+a test run leaves the checkout as it was).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.config import ServerConfig
 from conftest import photo_bytes
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+DOC_SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-quic"]
@@ -33,6 +36,14 @@ IDENTIFY_KEY = "id-web-0a1b2c3d4e5f6a7b"
 TIMEOUT_MS = 60_000
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.environ.get("BIOLIT_SCREENSHOTS") == "1":
+        DOC_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return DOC_SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")
 
 
 def chromium_path() -> str:
@@ -141,7 +152,8 @@ def test_dont_know_is_said_plainly(browser: Browser, open_server, tmp_path):
     expect(page.locator("html")).to_have_attribute("lang", "fr")
 
 
-def test_identify_shows_answer_and_similar_photos(browser: Browser, open_server, tmp_path):
+def test_identify_shows_answer_and_similar_photos(browser: Browser, open_server, tmp_path,
+                                                  screenshots):
     seed_gallery(open_server)
     seed = find_seed(open_server, rejected=False)
     photo = photo_bytes(seed)
@@ -170,8 +182,7 @@ def test_identify_shows_answer_and_similar_photos(browser: Browser, open_server,
         int(api(open_server, "GET", "/v1/species/" + expected["species"])["exemplarCount"]))
     page.go_back()
     expect(page.locator(".result[data-state=done]")).to_have_count(1)  # the answer is kept
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "desktop.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "desktop.png"), full_page=True)
 
 
 def test_curator_adds_a_photo_and_the_next_identification_lists_it(browser: Browser,
@@ -282,7 +293,7 @@ def test_non_image_file_gets_a_readable_error_and_the_page_keeps_working(
     expect(page.locator(".result")).to_have_count(2)
 
 
-def test_phone_screen(browser: Browser, open_server, tmp_path):
+def test_phone_screen(browser: Browser, open_server, tmp_path, screenshots):
     page = open_page(browser, open_server, viewport=PHONE, is_mobile=True, has_touch=True)
     seed = find_seed(open_server, rejected=False)
     page.set_input_files("#camera", str(write_photo(tmp_path, "camera.jpg", photo_bytes(seed))))
@@ -294,7 +305,7 @@ def test_phone_screen(browser: Browser, open_server, tmp_path):
     for selector in ("label[for=pick]", "label[for=camera]", "#lang", "#key-button"):
         box = page.locator(selector).bounding_box()
         assert box is not None and box["height"] >= 40 and box["x"] + box["width"] <= 390
-    page.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "phone.png"), full_page=True)
 
 
 def test_keyboard_only(browser: Browser, open_server):
