@@ -139,10 +139,18 @@ def seed_gallery(running: RunningServer, key: str | None = None) -> None:
                   "contributor": f"Observer {i}"})
 
 
-def test_dont_know_is_said_plainly(browser: Browser, open_server, tmp_path):
-    # First in this file: before the gallery has photos, some synthetic photos are rejected.
-    seed = find_seed(open_server, rejected=True)
-    page = open_page(browser, open_server)
+@pytest.fixture
+def empty_server(tmp_path, demo_model_spec: str) -> Iterator[RunningServer]:
+    """A server of its own, whose gallery no other test has filled."""
+    running = _server(tmp_path / "empty", demo_model_spec)
+    yield running
+    running.stop(0.5)
+
+
+def test_dont_know_is_said_plainly(browser: Browser, empty_server, tmp_path):
+    # With an empty gallery some synthetic photos are rejected by the random model.
+    seed = find_seed(empty_server, rejected=True)
+    page = open_page(browser, empty_server)
     page.set_input_files("#pick", str(write_photo(tmp_path, "blur.jpg", photo_bytes(seed))))
     card = page.locator(".result[data-state=done]").first
     expect(card.locator(".decision")).to_have_text("Don't know")
