@@ -297,9 +297,8 @@ class GalleryStore:
                          ) -> tuple[list[tuple[int, bool]], int]:
         """Store many exemplars in ONE transaction: ([(id, created)], version).
 
-        The durable path commits one photo at a time (``insert_exemplar``);
-        bulk loads (benchmarks, imports) would spend their time in fsyncs.
-        Each created row leaves its change event, as a single add does.
+        ``AddExemplars`` streams come here a batch at a time (``stream_writer``):
+        one fsync per batch instead of one per photo. Each created row leaves its change event, as a single add does.
         ``sums`` (state of each species with all its new photos) are written
         only for species that got at least one new photo.
         """
