@@ -208,15 +208,9 @@ def import_export(path: Path, gallery: str, model_spec: str, bundle_path: Path |
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from biolit_id.server.bundle import load_bundle
+    from biolit_id.cli.gallery_rebuild import open_offline_gallery
     from biolit_id.server.catalog import SpeciesRecord
-    from biolit_id.server.catalog_store import load_catalog
-    from biolit_id.server.config import ServerConfig
-    from biolit_id.server.gallery_setup import open_gallery
     from biolit_id.server.model_loader import load_model
-    from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
-    from biolit_id.server.state import initial_prototypes
-    from biolit_id.server.text_prototypes import TextPrototypeCache
 
     header = read_export_header(path)
     model = load_model(model_spec)
@@ -227,19 +221,7 @@ def import_export(path: Path, gallery: str, model_spec: str, bundle_path: Path |
             f"({header['embedding_dim']}-d); --model is {model.fingerprint} "
             f"({model.embedding_dim}-d). Re-embed the photos instead (gallery import "
             "MANIFEST.csv against a server running the new model).")
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = load_catalog(data_dir)
-    bundle = (load_bundle(bundle_path, model.fingerprint, model.embedding_dim)
-              if bundle_path is not None else None)
-    scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
-    text_cache = TextPrototypeCache(model, data_dir)
-    base = initial_prototypes(catalog, scorer, text_cache)
-    target = gallery + ("&" if "?" in gallery else "?") + "poll=0"  # a one-shot writer
-    config = ServerConfig(model=model_spec, data_dir=data_dir, bundle=bundle_path,
-                          gallery=target)
-    g = open_gallery(config, model=model, catalog=catalog, scorer=scorer,
-                     text_cache=text_cache, base=base)
+    g = open_offline_gallery(gallery, model_spec, bundle_path, data_dir, model=model)
     imported = skipped = 0
     species: set[str] = set()
     try:

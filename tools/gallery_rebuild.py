@@ -108,11 +108,11 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
 
 def open_offline_gallery(gallery: str, model_spec: str, bundle_path: Path | None,
-                         data_dir: Path) -> GalleryBase:
+                         data_dir: Path, model=None) -> GalleryBase:
     """The gallery as the servers open it (same model, bundle and catalog), for one writer.
 
     FAISS: held exclusively, so GalleryInUseError while a server has it. Milvus:
-    without its sync thread, as ``gallery import`` opens it.
+    without its sync thread. ``model``: already loaded from ``model_spec``.
     """
     from biolit_id.server.bundle import load_bundle
     from biolit_id.server.catalog_store import load_catalog
@@ -126,7 +126,7 @@ def open_offline_gallery(gallery: str, model_spec: str, bundle_path: Path | None
     gallery = gallery or "faiss"
     if gallery.startswith("milvus"):
         gallery += ("&" if "?" in gallery else "?") + "poll=0"  # a one-shot writer
-    model = load_model(model_spec)
+    model = model if model is not None else load_model(model_spec)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     catalog = load_catalog(data_dir)
