@@ -48,6 +48,11 @@ def test_quick_bench_writes_every_section(demo_model_spec, tmp_path, capsys):
         assert scale["recall@10"] == 1.0  # both search exactly at this size
         assert scale["memory"]["rss_bytes"] > 0
     assert isinstance(results["targets"], list) and results["targets"]
+    names = [t["target"] for t in results["targets"]]
+    assert any(n.startswith("service c=4 / measured ceiling") for n in names)
+    assert any(n.startswith("idle p50 / (decode + bare forward)") for n in names)
+    assert all(a["settle_s"] >= 0 for a in results["gallery_backends"]["faiss"]["adds"])
+    assert results["machine"]["amx"] in (True, False)
     printed = capsys.readouterr().out
     assert "Service over gRPC" in printed and "Targets" in printed
     assert "Gallery backends" in printed
