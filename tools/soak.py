@@ -140,6 +140,9 @@ def _client_loop(kind: str, server: Server, ledger: Ledger, stop: threading.Even
                 with ledger.lock:
                     ledger.maybe.discard(victim)
                     ledger.removed.add(victim)
+                    # An add of the same photo answered meanwhile (with this id) came
+                    # before the removal on the server: the photo is gone either way.
+                    ledger.live.discard(victim)
             ledger.count(kind, "OK")
         except grpc.RpcError as exc:
             ledger.count(kind, exc.code().name)
@@ -180,7 +183,10 @@ def run_soak(args: argparse.Namespace) -> int:
     while time.monotonic() < end:
         stop = threading.Event()
         kinds = ["identify"] * args.soak_clients + ["add", "remove"]
-        threads = [threading.Thread(target=_client_loop, args=(k, server, ledger, stop, i),
+        # New seeds each round: the same photos again would only be found, not added.
+        round_seed = len(report["restarts"]) * len(kinds)
+        threads = [threading.Thread(target=_client_loop,
+                                    args=(k, server, ledger, stop, round_seed + i),
                                     daemon=True) for i, k in enumerate(kinds)]
         for t in threads:
             t.start()
