@@ -298,7 +298,8 @@ class GalleryStore:
         """Store many exemplars in ONE transaction: ([(id, created)], version).
 
         ``AddExemplars`` streams come here a batch at a time (``stream_writer``):
-        one fsync per batch instead of one per photo. Each created row leaves its change event, as a single add does.
+        one fsync per batch instead of one per photo. Each created row leaves
+        its change event, as a single add does.
         ``sums`` (state of each species with all its new photos) are written
         only for species that got at least one new photo.
         """
