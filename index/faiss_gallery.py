@@ -400,9 +400,7 @@ class Gallery(GalleryBase):
         held exclusively, nothing searches it, so the old index is dropped first
         and memory holds one index instead of two. Returns the photos indexed.
         """
-        thread = self._snapshot_thread
-        if thread is not None:  # it would write the old index after ours
-            thread.join()
+        self.settle()  # a snapshot in flight would write the old index after ours
         with self._write_lock:
             if self.exclusive:
                 self.index = VectorIndex.build(IndexSpec(), self.dim)
@@ -449,8 +447,9 @@ class Gallery(GalleryBase):
     # ------------------------------------------------------------ snapshots
 
     def settle(self) -> None:
-        """Wait for a snapshot being written in the background (benchmarks time adds
-        apart from it; its cost per add is constant: ``_maybe_snapshot``)."""
+        """Wait for a snapshot being written in the background: before a rebuild or a
+        close, and where benchmarks time adds apart from it (its cost per add is
+        constant: ``_maybe_snapshot``)."""
         thread = self._snapshot_thread
         if thread is not None:
             thread.join()
@@ -495,9 +494,7 @@ class Gallery(GalleryBase):
         if self._closed:
             return
         self._stop_refiner()
-        thread = self._snapshot_thread
-        if thread is not None:
-            thread.join()
+        self.settle()
         try:
             self.snapshot()
         except Exception:

@@ -34,7 +34,7 @@ def open_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
     return open_backend(config.gallery, data_dir=config.data_dir, catalog=catalog,
                         builder=builder, space=space,
                         snapshot_every=int(every) if every else None,
-                        refine_every=float(getattr(config, "gallery_refine_every", 0) or 0),
+                        refine_every=config.gallery_refine_every,
                         exclusive=exclusive)
 
 

@@ -14,6 +14,7 @@ docs/gallery.md ("Rebuilding and refining").
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -58,15 +59,8 @@ class RebuildSummary:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM), 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """This process's peak resident memory (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
