@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from biolit_id.cli.gallery_backup import add_backup_arguments, run_backup_command
 from biolit_id.cli.gallery_rebuild import add_rebuild_arguments, run_rebuild
-from biolit_id.cli.identify_client import open_channel
+from biolit_id.cli.identify_client import auth_metadata, open_channel
 from biolit_id.core.exemplar import META_FIELDS, ExemplarMeta
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return run_backup_command(args)
     if args.gallery_command == "rebuild":
         return run_rebuild(args)
-    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    metadata = auth_metadata(args.api_key)
     with open_channel(args.server, args.tls_ca) as channel:
         client = Client(pb_grpc.SpeciesIdentifierStub(channel), metadata, args.timeout)
         command = {

@@ -38,6 +38,11 @@ def open_channel(server: str, tls_ca: Path | None = None) -> grpc.Channel:
     return grpc.insecure_channel(server)
 
 
+def auth_metadata(api_key: str | None) -> list[tuple[str, str]]:
+    """The call metadata carrying an API key (none without one)."""
+    return [("authorization", f"Bearer {api_key}")] if api_key else []
+
+
 def method_name(value: int) -> str:
     return pb.Method.Name(value).removeprefix("METHOD_").lower().replace("_", "-")
 
@@ -76,7 +81,7 @@ def sheet_path(sheet: Path, photo: Path, n_photos: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    metadata = auth_metadata(args.api_key)
     status = 0
     with open_channel(args.server, args.tls_ca) as channel:
         stub = pb_grpc.SpeciesIdentifierStub(channel)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from biolit_id.cli.identify_client import open_channel
+from biolit_id.cli.identify_client import auth_metadata, open_channel
 from biolit_id.cli.infer_csv_rows import TOP_K, BatchResult, Inputs, seed_row, write_csv
 from biolit_id.cli.seed_format import SEED_COLUMNS
 from biolit_id.cli.upload import downsize_for_upload
@@ -112,7 +112,7 @@ def run_remote(args: argparse.Namespace, items: Inputs) -> int:
     if args.taxonomy:
         print("infer-csv: --taxonomy needs the scores in-process; drop --server or --taxonomy")
         return 1
-    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    metadata = auth_metadata(args.api_key)
     with open_channel(args.server, args.tls_ca) as channel:
         stub = pb_grpc.SpeciesIdentifierStub(channel)
         try:
