@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.core.catalog_view import CatalogView
-from biolit_id.index.gallery_base import GalleryBase, GalleryConfigError
+from biolit_id.index.base import GalleryBase, GalleryConfigError
+from biolit_id.index.core.catalog_view import CatalogView
 from biolit_id.index.prototypes import PrototypeBuilder
 
 FAISS_KINDS = ("faiss:flat | faiss:ivf-flat,nlist=N,nprobe=N | faiss:ivf-sq8 | "
@@ -45,8 +45,8 @@ def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
                   embedding_dim=space.embedding_dim, builder=builder,
                   project=space.project, space_id=space.space_id)
     if uri.startswith("milvus"):
-        from biolit_id.index.milvus_gallery import MilvusGallery
-        from biolit_id.index.milvus_target import parse_target
+        from biolit_id.index.milvus.gallery import MilvusGallery
+        from biolit_id.index.milvus.target import parse_target
 
         target = parse_target(uri)
         if refine_every > 0:
@@ -58,8 +58,8 @@ def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
             f"gallery backend {backend!r} is not available here; use faiss "
             f"(optionally {FAISS_KINDS}) or milvus-lite:PATH | milvus://HOST:PORT/COLLECTION"
         )
-    from biolit_id.index.faiss_gallery import DEFAULT_SNAPSHOT_EVERY, Gallery
-    from biolit_id.index.faiss_index import IndexSpec
+    from biolit_id.index.faiss.gallery import DEFAULT_SNAPSHOT_EVERY, Gallery
+    from biolit_id.index.faiss.vector_index import IndexSpec
 
     gallery = Gallery(Path(data_dir) / "gallery", index_spec=IndexSpec.parse(options or "flat"),
                       snapshot_every=snapshot_every or DEFAULT_SNAPSHOT_EVERY,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biolit_id.core.vectors import (  # the trainer's: same prototypes
+from biolit_id.index.core.vectors import (  # the trainer's: same prototypes
     fuse_prototypes,
     l2_normalize64,
     weighted_prototype,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.core.exemplar import META_FIELDS, ExemplarMeta
+from biolit_id.index.core.exemplar import META_FIELDS, ExemplarMeta
 from biolit_id.index.prototypes import SpeciesSums
 
 SCHEMA = """

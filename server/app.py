@@ -13,15 +13,24 @@ from grpc_reflection.v1alpha import reflection
 
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
-from biolit_id.server.auth import AuthInterceptor, check_exposure, load_api_keys, server_credentials
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.errors import ErrorInterceptor
-from biolit_id.server.limits import GuardInterceptor
-from biolit_id.server.observability import Metrics, ObservabilityInterceptor, configure_access_log
-from biolit_id.server.service import SpeciesIdentifierServicer
-from biolit_id.server.state import ServiceState, build_state
-from biolit_id.server.streams import StreamGuardInterceptor
+from biolit_id.server.grpc.auth import (
+    AuthInterceptor,
+    check_exposure,
+    load_api_keys,
+    server_credentials,
+)
+from biolit_id.server.grpc.errors import ErrorInterceptor
+from biolit_id.server.grpc.limits import GuardInterceptor
+from biolit_id.server.grpc.observability import (
+    Metrics,
+    ObservabilityInterceptor,
+    configure_access_log,
+)
+from biolit_id.server.grpc.servicer import SpeciesIdentifierServicer
+from biolit_id.server.grpc.streams import StreamGuardInterceptor
 from biolit_id.server.web.runner import HttpServer, HttpStartError, start_http
+from biolit_id.server.wiring import ServiceState, build_state
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpeciesIdentifier"].full_name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from biolit_id.server.model_loader import DEFAULT_MODEL
+from biolit_id.server.inference.model_loader import DEFAULT_MODEL
 
 
 @dataclass

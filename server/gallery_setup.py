@@ -12,11 +12,11 @@ import hashlib
 
 import numpy as np
 
-from biolit_id.core.types import PrototypeSet
 from biolit_id.index.backends import GallerySpace, open_backend
-from biolit_id.index.gallery_base import GalleryBase
+from biolit_id.index.base import GalleryBase
+from biolit_id.index.core.types import PrototypeSet
 from biolit_id.index.prototypes import PrototypeBuilder
-from biolit_id.server.catalog import Catalog
+from biolit_id.server.catalog.catalog import Catalog
 
 
 def open_gallery(config, *, model, catalog: Catalog, scorer, text_cache,

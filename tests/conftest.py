@@ -39,7 +39,7 @@ def demo_model_spec(demo_model_dir: Path) -> str:
 
 @pytest.fixture(scope="session")
 def loaded_demo_model(demo_model_spec: str):
-    from biolit_id.server.model_loader import load_model
+    from biolit_id.server.inference.model_loader import load_model
 
     return load_model(demo_model_spec)
 
@@ -129,7 +129,7 @@ def seed_bundle(tmp_path_factory: pytest.TempPathFactory, loaded_demo_model,
 
 def photo_folder(folder: Path, n: int, seed: int, size: tuple[int, int] = (480, 360)) -> Path:
     """``n`` synthetic phone-like JPEGs in a new ``folder`` (p0.jpg, p1.jpg...)."""
-    from biolit_id.server.embedders.calibration import synthetic_photos
+    from biolit_id.server.inference.embedders.calibration import synthetic_photos
 
     folder.mkdir()
     for i, data in enumerate(synthetic_photos(n, size, seed=seed)):

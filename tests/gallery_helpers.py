@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.core.vectors import fuse_prototypes
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
-from biolit_id.server.catalog import Catalog
+from biolit_id.index.core.vectors import fuse_prototypes
+from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle
+from biolit_id.server.decision.head import build_head, head_state_from_module
+from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
+from biolit_id.server.decision.types import Thresholds
+from biolit_id.server.decision.zero_shot import ZeroShotScorer
 from biolit_id.server.gallery_setup import open_gallery
-from biolit_id.server.head import build_head, head_state_from_module
-from biolit_id.server.routing import Thresholds
-from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
-from biolit_id.server.state import initial_prototypes
+from biolit_id.server.wiring import initial_prototypes
 
 DIM = 512
 WHITENED_DIM = 64
@@ -36,7 +37,7 @@ def open_test_gallery(gallery: str, data_dir: Path, model, text_cache,
     """``gallery`` is a ``--gallery`` value (``faiss:...``, ``milvus-lite:...``);
     ``extra`` goes to ``ServerConfig.extra``; without a bundle the gallery is zero-shot."""
     catalog = Catalog.load_default()
-    scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
+    scorer = SeedCascadeScorer(bundle) if bundle is not None else ZeroShotScorer()
     base = initial_prototypes(catalog, scorer, text_cache)
     config = ServerConfig(model=model.spec, data_dir=data_dir, gallery=gallery, extra=extra)
     return open_gallery(config, model=model, catalog=catalog, scorer=scorer, text_cache=text_cache,

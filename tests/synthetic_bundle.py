@@ -1,4 +1,4 @@
-"""Small hybrid bundles with chosen prototypes, for tests that need a real HybridScorer.
+"""Small hybrid bundles with chosen prototypes, for tests that need a real SeedCascadeScorer.
 
 The prototypes live in the raw embedding space (no whitening), so a test can
 send a prototype, or a point between two, as the request's ``embedding`` and
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biolit_id.core.vectors import fuse_prototypes
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
-from biolit_id.server.head import build_head, head_state_from_module
-from biolit_id.server.routing import Thresholds
+from biolit_id.index.core.vectors import fuse_prototypes
+from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle
+from biolit_id.server.decision.head import build_head, head_state_from_module
+from biolit_id.server.decision.types import Thresholds
 
 
 def unit(x: np.ndarray) -> np.ndarray:

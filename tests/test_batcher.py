@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.batcher import (
+from biolit_id.server.inference.batcher import (
     BatcherClosedError,
     DeadlineExceededError,
     MicroBatcher,

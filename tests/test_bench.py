@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from biolit_id.cli.cli import main as cli_main
+from biolit_id.cli.main import main as cli_main
 
 
 def test_quick_bench_writes_every_section(demo_model_spec, tmp_path, capsys):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from biolit_id.cli.bench_service import ceiling, with_cpu
+from biolit_id.cli.bench.service import ceiling, with_cpu
 
 
 def test_ceiling_is_cores_over_the_summed_core_cost() -> None:

@@ -17,21 +17,22 @@ import pytest
 from training_data import longtail_features
 
 from biolit_id.cli.calibrate import fit_taxon_thresholds, search_thresholds
-from biolit_id.cli.cli import main
-from biolit_id.cli.datasets import read_embeddings, write_embeddings
-from biolit_id.cli.metrics import (
+from biolit_id.cli.evaluation.metrics import (
     ScoredSet,
     fit_logit_scale,
     rank_answers,
     risk_coverage,
     score_set,
 )
+from biolit_id.cli.main import main
+from biolit_id.cli.training.datasets import read_embeddings, write_embeddings
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.bundle import Bundle, load_bundle
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import Routed, Thresholds, route_hybrid, routed_distribution
-from biolit_id.server.scoring import HybridScorer, Scores
-from biolit_id.server.taxonomy import taxon_fallback
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import Bundle, load_bundle
+from biolit_id.server.decision.ranks import taxon_fallback
+from biolit_id.server.decision.rules import route_hybrid, routed_distribution
+from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
+from biolit_id.server.decision.types import Routed, Scores, Thresholds
 from conftest import stub_for
 
 CATALOG = Catalog.load_default().of_generation("v4")  # the species of training_data
@@ -156,11 +157,11 @@ def test_service_gives_the_rank_answers_evaluate_counted(coverage_bundle, make_s
 # ------------------------------------------------------------ unit level
 
 
-def cascade(names: list[str]) -> HybridScorer:
+def cascade(names: list[str]) -> SeedCascadeScorer:
     """The seed's cascade over ``names``, prototypes only (no head)."""
     s, dim = len(names), 4
     zeros = np.zeros((s, dim), np.float32)
-    return HybridScorer(Bundle(
+    return SeedCascadeScorer(Bundle(
         model_id="test", model_fingerprint="", embedding_dim=dim, species=list(names),
         common=[], head_config={}, head_state={}, visual_prototypes=zeros,
         text_prototypes=zeros, prototypes=zeros, whitening_mu=None, whitening_W=None,

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from biolit_id.cli.cli import main
+from biolit_id.cli.main import main
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
 from conftest import photo_bytes
@@ -46,7 +46,7 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> N
 def served(tmp_path: Path, demo_model_spec: str):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "biolit_id.cli.cli", "serve", "--model", demo_model_spec,
+        [sys.executable, "-m", "biolit_id.cli.main", "serve", "--model", demo_model_spec,
          "--data-dir", str(tmp_path / "data"), "--port", str(port), "--grace-seconds", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -85,7 +85,7 @@ def test_identify_command_reports_bad_photo(served, tmp_path: Path, capsys) -> N
 
 
 def test_one_contact_sheet_per_photo(tmp_path: Path) -> None:
-    from biolit_id.cli.identify_client import sheet_path
+    from biolit_id.cli.identify import sheet_path
 
     assert sheet_path(tmp_path / "out.png", Path("a.jpg"), 1) == tmp_path / "out.png"
     assert sheet_path(tmp_path / "out.png", Path("x/a.jpg"), 2) == tmp_path / "out-a.png"
@@ -115,7 +115,7 @@ def test_serve_without_model_fails_fast_with_instructions(tmp_path: Path) -> Non
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_OFFLINE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "biolit_id.cli.cli", "serve", "--data-dir", str(tmp_path / "d"),
+        [sys.executable, "-m", "biolit_id.cli.main", "serve", "--data-dir", str(tmp_path / "d"),
          "--port", str(free_port())],
         capture_output=True, text=True, timeout=120, env=env,
     )

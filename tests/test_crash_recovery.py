@@ -43,7 +43,7 @@ def zygote_main(model_spec: str, data_dir: str) -> None:
     import open_clip  # noqa: F401
     import torch  # noqa: F401
 
-    import biolit_id.index.faiss_gallery  # noqa: F401
+    import biolit_id.index.faiss.gallery  # noqa: F401
     import biolit_id.server.app as app
     from biolit_id.server.config import ServerConfig
 
@@ -137,7 +137,7 @@ class Writer(threading.Thread):
 
     def message(self):
         from biolit_id.proto import identification_pb2 as pb
-        from biolit_id.server.curation import content_hash_of_embedding
+        from biolit_id.server.grpc.curation import content_hash_of_embedding
         from conftest import photo_bytes
 
         species = self.rng.choice(self.species)
@@ -200,7 +200,7 @@ def listed_exemplars(port: int) -> tuple[dict[int, tuple[str, str]], int, int]:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork() and SIGKILL (POSIX)")
 def test_sigkill_during_adds_loses_nothing_acknowledged(tmp_path: Path, demo_model_spec: str,
                                                         loaded_demo_model) -> None:
-    from biolit_id.server.catalog import Catalog
+    from biolit_id.server.catalog.catalog import Catalog
 
     species = Catalog.load_default().names()[:12]
     data_dir = tmp_path / "data"

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server import pipeline
+from biolit_id.server.inference import pipeline
 from conftest import photo_bytes, stub_for
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from gbif_fake import FakeGbif, refused_url
 
-from biolit_id.cli.cli import main as cli
+from biolit_id.cli.main import main as cli
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.catalog import Catalog, SpeciesRecord
-from biolit_id.server.catalog_store import (
+from biolit_id.server.catalog.catalog import Catalog, SpeciesRecord
+from biolit_id.server.catalog.store import (
     CatalogStoreError,
     load_catalog,
     overlay_path,

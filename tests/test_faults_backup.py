@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biolit_id.cli.cli import main
+from biolit_id.cli.main import main
 from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
 

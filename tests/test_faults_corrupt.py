@@ -19,8 +19,8 @@ from synthetic_bundle import write_bundle
 from biolit_id.index.store import StoreError
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.app import start_server
-from biolit_id.server.bundle import BundleError
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.decision.bundle import BundleError
 from conftest import photo_bytes, stub_for
 
 SPECIES = "Carcinus maenas"
@@ -144,7 +144,7 @@ def test_corrupt_bundle_stops_the_start_naming_the_file(demo_model_spec, loaded_
 
 def test_corrupt_runtime_export_is_rebuilt(loaded_demo_model, tmp_path, caplog):
     pytest.importorskip("onnxruntime")
-    from biolit_id.server.embedders.factory import make_embedder
+    from biolit_id.server.inference.embedders.factory import make_embedder
 
     size = loaded_demo_model.image_size
     pixels = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)

@@ -11,23 +11,25 @@ import pytest
 import torch
 
 from biolit_id.cli.calibrate import answer_threshold
-from biolit_id.cli.fusion_fit import fit_fusion, fusion_logits_torch
-from biolit_id.cli.metrics import ScoredSet
-from biolit_id.core.types import PrototypeSet
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle, BundleError
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.decision import ROUTINGS, scorer_for
-from biolit_id.server.fused import (
+from biolit_id.cli.evaluation.metrics import ScoredSet
+from biolit_id.cli.training.fusion import fit_fusion, fusion_logits_torch
+from biolit_id.index.core.types import PrototypeSet
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle, BundleError
+from biolit_id.server.decision.fused import (
     FusedScorer,
     FusionWeights,
     fused_logits,
     log_softmax,
     neighbour_similarity,
 )
-from biolit_id.server.head import build_head, head_state_from_module
-from biolit_id.server.routing import Method, Thresholds, route_fused
-from biolit_id.server.scoring import HybridScorer, Scores, ZeroShotScorer
-from biolit_id.server.taxonomy import answer_rank, taxon_masses, taxon_of
+from biolit_id.server.decision.head import build_head, head_state_from_module
+from biolit_id.server.decision.ranks import answer_rank, taxon_masses, taxon_of
+from biolit_id.server.decision.registry import ROUTINGS, scorer_for
+from biolit_id.server.decision.rules import route_fused
+from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
+from biolit_id.server.decision.types import Method, Scores, Thresholds
+from biolit_id.server.decision.zero_shot import ZeroShotScorer
 
 CATALOG = Catalog.load_default()
 WEIGHTS = FusionWeights(proto=20.0, head=0.7, prior=0.3, novel_proto=15.0, novel_knn=30.0,
@@ -107,7 +109,7 @@ def test_route_fused_answers_above_the_cut_and_reports_the_probability():
 def test_registry_picks_the_bundles_routing():
     species = ["Patella vulgata", "Carcinus maenas", "Fucus serratus"]
     assert isinstance(scorer_for(tiny_bundle(species, species[:2])), FusedScorer)
-    assert isinstance(scorer_for(tiny_bundle(species, species[:2], "seed")), HybridScorer)
+    assert isinstance(scorer_for(tiny_bundle(species, species[:2], "seed")), SeedCascadeScorer)
     assert isinstance(scorer_for(None), ZeroShotScorer)
     assert {"seed", "fused"} <= set(ROUTINGS)
     with pytest.raises(BundleError, match="routing 'per-rank'"):

@@ -1,6 +1,6 @@
 """The fused decision on the synthetic long tail, end to end, against the seed's method.
 
-A reduced draw of ``tools/longtail.py`` (the seed's real 100 prototypes, a
+A reduced draw of ``tools/evaluation/longtail.py`` (the seed's real 100 prototypes, a
 few views per species, 3 % wrong training labels) with one species left out
 of training: ``train`` -> ``calibrate`` -> ``evaluate --compare-seed`` with
 their defaults, the seed's method re-trained on the same split, the imported
@@ -16,16 +16,16 @@ import json
 import numpy as np
 import pytest
 
-from biolit_id.cli.cli import main
-from biolit_id.cli.datasets import write_embeddings
-from biolit_id.cli.longtail import LongTailSpec, generate
-from biolit_id.cli.longtail_bench import add_at_runtime, without
-from biolit_id.cli.metrics import score_set
+from biolit_id.cli.bench_quality import add_at_runtime, without
+from biolit_id.cli.evaluation.longtail import LongTailSpec, generate
+from biolit_id.cli.evaluation.metrics import score_set
+from biolit_id.cli.main import main
+from biolit_id.cli.training.datasets import write_embeddings
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.bundle import load_bundle
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.model_loader import load_model
-from biolit_id.server.taxonomy import taxon_of
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import load_bundle
+from biolit_id.server.decision.ranks import taxon_of
+from biolit_id.server.inference.model_loader import load_model
 from conftest import SEED_DIR, stub_for
 
 CATALOG = Catalog.load_default()

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.curation import content_hash_of_embedding
+from biolit_id.server.grpc.curation import content_hash_of_embedding
 from conftest import stub_for
 
 NEW_SPECIES = "Nudibranchus imaginarius"

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 from test_gallery import species_photo
 
-from biolit_id.cli.cli import main
-from biolit_id.cli.contact_sheet import PAD, TILE, render_contact_sheet
+from biolit_id.cli.client.contact_sheet import PAD, TILE, render_contact_sheet
+from biolit_id.cli.main import main
 from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
 

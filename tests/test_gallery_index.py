@@ -11,32 +11,38 @@ import numpy as np
 import pytest
 from gallery_helpers import open_test_gallery, whitened_bundle
 
-from biolit_id.core.vectors import fuse_prototypes
-from biolit_id.index.faiss_gallery import SNAPSHOT_FILE, STORE_FILE
-from biolit_id.index.faiss_index import (
+from biolit_id.index.base import (
+    SpeciesExistsError,
+    UnknownExemplarError,
+    UnknownSpeciesError,
+)
+from biolit_id.index.core.vectors import fuse_prototypes
+from biolit_id.index.faiss.gallery import SNAPSHOT_FILE, STORE_FILE
+from biolit_id.index.faiss.snapshot import (
+    SnapshotError,
+    SnapshotMeta,
+    read_snapshot,
+    write_snapshot,
+)
+from biolit_id.index.faiss.vector_index import (
     PROTOTYPE_ID_BASE,
     IndexSpec,
     IndexSpecError,
     RWLock,
     VectorIndex,
 )
-from biolit_id.index.gallery_base import (
-    SpeciesExistsError,
-    UnknownExemplarError,
-    UnknownSpeciesError,
-)
 from biolit_id.index.prototypes import (
     DEFAULT_PRIOR_WEIGHT,
     combine_with_prior,
     weighted_prototype,
 )
-from biolit_id.index.snapshot import SnapshotError, SnapshotMeta, read_snapshot, write_snapshot
 from biolit_id.index.store import GalleryStore, NewExemplar, StoreError
-from biolit_id.server.bundle import Bundle, load_bundle
-from biolit_id.server.catalog import Catalog, SpeciesRecord
+from biolit_id.server.catalog.catalog import Catalog, SpeciesRecord
+from biolit_id.server.decision.bundle import Bundle, load_bundle
+from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
+from biolit_id.server.decision.zero_shot import ZERO_SHOT_ALPHA
 from biolit_id.server.gallery_setup import space_id_for
-from biolit_id.server.scoring import ZERO_SHOT_ALPHA, HybridScorer
-from biolit_id.server.text_prototypes import TextPrototypeCache
+from biolit_id.server.inference.text_prototypes import TextPrototypeCache
 
 DIM = 512
 
@@ -449,5 +455,5 @@ def test_gallery_in_a_bundles_whitened_space(tmp_path: Path, open_at, loaded_dem
     hit = gallery.search(photos[:1], 1, species=[outside])[0][0]
     assert hit.species == outside and hit.score > 0.999
     # The head is untouched and the scorer accepts the grown PrototypeSet.
-    scores = HybridScorer(bundle).score(photos[:1], protos)
+    scores = SeedCascadeScorer(bundle).score(photos[:1], protos)
     assert scores.p_proto.shape == (1, 13) and scores.p_common.shape == (1, 6)

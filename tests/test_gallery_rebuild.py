@@ -20,19 +20,19 @@ import pytest
 from gallery_helpers import open_test_gallery
 
 from biolit_id.cli import serve
-from biolit_id.cli.cli import main
-from biolit_id.cli.gallery_rebuild import open_offline_gallery
-from biolit_id.index import faiss_gallery
-from biolit_id.index.faiss_index import VectorIndex
-from biolit_id.index.gallery_base import GalleryInUseError
+from biolit_id.cli.main import main
+from biolit_id.cli.maintenance.rebuild import open_offline_gallery
+from biolit_id.index.base import GalleryInUseError
+from biolit_id.index.faiss import gallery as faiss_gallery
+from biolit_id.index.faiss.vector_index import VectorIndex
 from biolit_id.index.prototypes import SpeciesSums
 from biolit_id.index.store import GalleryStore, NewExemplar
-from biolit_id.server.catalog import Catalog
+from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.config import ServerConfig
+from biolit_id.server.decision.zero_shot import ZeroShotScorer
 from biolit_id.server.gallery_setup import open_gallery
-from biolit_id.server.scoring import ZeroShotScorer
-from biolit_id.server.state import initial_prototypes
-from biolit_id.server.text_prototypes import TextPrototypeCache
+from biolit_id.server.inference.text_prototypes import TextPrototypeCache
+from biolit_id.server.wiring import initial_prototypes
 from conftest import wait_for
 
 DIM = 512

@@ -1,7 +1,7 @@
 """The gallery at scale: running sums kept with the photos, sweeps that repair only real damage.
 
 Real milvus-lite and real SQLite/FAISS, synthetic vectors (no model), the
-benchmark's own gallery (``tools/bench_gallery_scale.py``). Speed is the
+benchmark's own gallery (``tools/bench/gallery_scale.py``). Speed is the
 benchmark's business; these check the bookkeeping that makes adds O(1).
 """
 
@@ -12,10 +12,10 @@ import logging
 import numpy as np
 import pytest
 
-from biolit_id.cli.bench_gallery_scale import _items, open_synthetic_gallery
-from biolit_id.cli.bench_vectors import synthetic_vectors
-from biolit_id.index import faiss_gallery
-from biolit_id.index.milvus_rows import exemplar_id_for
+from biolit_id.cli.bench.gallery_scale import _items, open_synthetic_gallery
+from biolit_id.cli.bench.vectors import synthetic_vectors
+from biolit_id.index.faiss import gallery as faiss_gallery
+from biolit_id.index.milvus.rows import exemplar_id_for
 from biolit_id.index.prototypes import SpeciesSums
 from conftest import wait_for
 
@@ -32,7 +32,7 @@ def test_a_healthy_10k_milvus_gallery_is_never_repaired_and_a_real_fault_is(tmp_
             gallery.add_many(_items(vectors[start:start + 2000], start, species))
         assert gallery.index.count() == gallery.size == 10_000
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="biolit_id.index.milvus_gallery"):
+        with caplog.at_level(logging.INFO, logger="biolit_id.index.milvus.gallery"):
             sweeps = gallery.sweeps
             assert wait_for(lambda: gallery.sweeps >= sweeps + 3, timeout=60)
         assert gallery.repairs == 0
@@ -76,7 +76,7 @@ def test_faiss_sums_are_written_with_the_photos_and_survive_a_restart(tmp_path, 
     before = gallery.prototypes().vectors.copy()
     gallery.close()
 
-    with caplog.at_level(logging.INFO, logger="biolit_id.index.faiss_gallery"):
+    with caplog.at_level(logging.INFO, logger="biolit_id.index.faiss.gallery"):
         again = open_synthetic_gallery("faiss", tmp_path, DIM)
     assert not [r for r in caplog.records if "recomputing" in r.getMessage()]
     np.testing.assert_allclose(again.prototypes().vectors, before, atol=1e-6)
@@ -84,7 +84,7 @@ def test_faiss_sums_are_written_with_the_photos_and_survive_a_restart(tmp_path, 
     again.store.write_species_sums(again.space_id, {species[1]: SpeciesSums.empty(DIM)})
     again.close()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="biolit_id.index.faiss_gallery"):
+    with caplog.at_level(logging.INFO, logger="biolit_id.index.faiss.gallery"):
         third = open_synthetic_gallery("faiss", tmp_path, DIM)
     assert [r for r in caplog.records if "recomputing" in r.getMessage()]
     assert third.store.species_sums(third.space_id)[species[1]].refined_count == 150

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 from gbif_fake import FakeGbif, refused_url
 
-from biolit_id.server.catalog import Catalog, SpeciesRecord
-from biolit_id.server.gbif import (
+from biolit_id.server.catalog.catalog import Catalog, SpeciesRecord
+from biolit_id.server.catalog.gbif import (
     GbifClient,
     GbifError,
     GbifUnavailableError,

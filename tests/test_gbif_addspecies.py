@@ -9,7 +9,7 @@ import pytest
 from gbif_fake import FakeGbif, refused_url
 
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.catalog_store import load_catalog
+from biolit_id.server.catalog.store import load_catalog
 from conftest import stub_for
 
 

@@ -20,10 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from biolit_id.index.core.errors import InvalidRequestError
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.limits import RequestLimitError, check_request
-from biolit_id.server.pipeline import InvalidRequestError
-from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, open_image, preprocess
+from biolit_id.server.grpc.limits import RequestLimitError, check_request
+from biolit_id.server.inference.preprocess import (
+    ImageDecodeError,
+    ImagePolicy,
+    open_image,
+    preprocess,
+)
 from conftest import photo_bytes, stub_for
 
 pytestmark = [

@@ -18,7 +18,7 @@ from PIL import Image
 
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.app import RunningServer, start_server
-from biolit_id.server.catalog import Catalog
+from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.config import ServerConfig
 from biolit_id.server.web.bridge import HTTP_STATUS
 from conftest import photo_bytes, stub_for
@@ -401,7 +401,7 @@ def test_serve_cli_prints_the_page_address(tmp_path: Path, demo_model_spec: str)
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "biolit_id.cli.cli", "serve", "--model", demo_model_spec,
+        [sys.executable, "-m", "biolit_id.cli.main", "serve", "--model", demo_model_spec,
          "--data-dir", str(tmp_path / "d"), "--port", "0", "--http-port", "0",
          "--runtime", "torch", "--precision", "fp32"],
         stdout=subprocess.PIPE, stderr=open(tmp_path / "log", "w"), text=True)  # noqa: SIM115

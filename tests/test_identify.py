@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.messages import RANK_TO_PB
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.grpc.messages import RANK_TO_PB
 from conftest import photo_bytes
 
 CATALOG = set(Catalog.load_default().names())

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from synthetic_bundle import unit, write_bundle
 
-from biolit_id.cli.cli import main as cli
 from biolit_id.cli.infer_csv import TAXON_COLUMNS, errors_path
-from biolit_id.cli.seed_format import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
+from biolit_id.cli.main import main as cli
+from biolit_id.cli.seedcompat.formats import SEED_COLUMNS, SEED_RANKS, taxonomy_columns
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import SEED_METHOD_NAMES, Method, Thresholds
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.types import SEED_METHOD_NAMES, Method, Thresholds
 from conftest import photo_bytes, stub_for
 
 SEED_METHODS = {"classifier_top50", "classifier_top50_low", "prototypical_rare", "rejected"}
@@ -157,9 +157,9 @@ def test_an_answer_above_species_level_keeps_the_seed_columns_meaning(
     """Two near-identical limpet prototypes around a.jpg's embedding: the species mass
     splits, the genus passes its threshold: the service answers METHOD_TAXON Patella."""
     from biolit_id.server.config import ServerConfig
-    from biolit_id.server.embedders.eager import TorchEmbedder
-    from biolit_id.server.preprocess import preprocess
-    from biolit_id.server.state import policy_for
+    from biolit_id.server.inference.embedders.eager import TorchEmbedder
+    from biolit_id.server.inference.preprocess import preprocess
+    from biolit_id.server.wiring import policy_for
 
     pixels = preprocess((photo_dir / "a.jpg").read_bytes(),
                         policy_for(loaded_demo_model, ServerConfig()))
@@ -222,7 +222,7 @@ def test_embeddings_instead_of_photos(seed_bundle: Path, demo_model_spec: str, t
                                       make_server) -> None:
     """`biolit-id embed`'s parquet in place of photos: rows as the service answers them;
     a vector the service would refuse goes to the errors file, named."""
-    from biolit_id.cli.datasets import EmbeddingSet, write_embeddings
+    from biolit_id.cli.training.datasets import EmbeddingSet, write_embeddings
 
     rng = np.random.default_rng(4)
     vectors = unit(rng.normal(size=(3, 512))).astype(np.float32)

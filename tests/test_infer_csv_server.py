@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from biolit_id.cli.cli import main as cli
+from biolit_id.cli.client.upload import UPLOAD_SHORT_SIDE, downsize_for_upload
 from biolit_id.cli.infer_csv import errors_path
-from biolit_id.cli.seed_format import SEED_COLUMNS
-from biolit_id.cli.upload import UPLOAD_SHORT_SIDE, downsize_for_upload
-from biolit_id.server.embedders.calibration import synthetic_photos
+from biolit_id.cli.main import main as cli
+from biolit_id.cli.seedcompat.formats import SEED_COLUMNS
+from biolit_id.server.inference.embedders.calibration import synthetic_photos
 from conftest import photo_bytes
 
 BIG = (1200, 900)  # short side above the upload size: downsized before sending

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.limits import (
+from biolit_id.server.grpc.limits import (
     MAX_EMBEDDING_VALUES,
     MAX_LIST_LENGTH,
     MAX_METADATA_LENGTH,

@@ -80,7 +80,7 @@ class LoadResult:
 
 def run_load(port: int, server_pid: int, seconds: float, warmup: float) -> LoadResult:
     """Drive the server; RSS is sampled after warm-up (model, caches and pools built)."""
-    from biolit_id.server.catalog import Catalog
+    from biolit_id.server.catalog.catalog import Catalog
 
     species = Catalog.load_default().names()
     photos = [photo_bytes(1000 + i, "JPEG", (480, 360)) for i in range(24)]
@@ -191,7 +191,7 @@ def test_short_load(tmp_path: Path, demo_model_spec: str, capsys) -> None:
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS is read from /proc")
 def test_sustained_load(tmp_path: Path, demo_model_spec: str, capsys) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "biolit_id.cli.cli", "serve", "--model", demo_model_spec,
+        [sys.executable, "-m", "biolit_id.cli.main", "serve", "--model", demo_model_spec,
          "--data-dir", str(tmp_path / "data"), "--port", "0"],
         stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "w"), text=True,  # noqa: SIM115
         cwd=Path(__file__).resolve().parents[1],

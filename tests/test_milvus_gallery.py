@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from gallery_helpers import open_test_gallery, whitened_bundle
 
-from biolit_id.core.vectors import fuse_prototypes
-from biolit_id.index.gallery_base import UnknownExemplarError, UnknownSpeciesError
-from biolit_id.index.milvus_rows import exemplar_id_for
+from biolit_id.index.base import UnknownExemplarError, UnknownSpeciesError
+from biolit_id.index.core.vectors import fuse_prototypes
+from biolit_id.index.milvus.rows import exemplar_id_for
 from biolit_id.index.store import NewExemplar
-from biolit_id.server.bundle import Bundle
-from biolit_id.server.catalog import Catalog, SpeciesRecord
-from biolit_id.server.text_prototypes import TextPrototypeCache
+from biolit_id.server.catalog.catalog import Catalog, SpeciesRecord
+from biolit_id.server.decision.bundle import Bundle
+from biolit_id.server.inference.text_prototypes import TextPrototypeCache
 
 DIM = 512
 

@@ -13,13 +13,13 @@ import json
 import numpy as np
 import pytest
 
-from biolit_id.cli.bench_vectors import exact_neighbours, recall_at_k, synthetic_vectors
-from biolit_id.index.faiss_index import IndexSpec, VectorIndex
-from biolit_id.index.milvus_errors import MilvusConfigError, MilvusGalleryError, milvus_errors
-from biolit_id.index.milvus_index import MilvusIndex
-from biolit_id.index.milvus_rows import MAX_ID, exemplar_id_for
-from biolit_id.index.milvus_target import parse_target
-from biolit_id.index.milvus_thumbnail import THUMBNAIL_MAX_CHARS, decode_thumbnail, encode_thumbnail
+from biolit_id.cli.bench.vectors import exact_neighbours, recall_at_k, synthetic_vectors
+from biolit_id.index.faiss.vector_index import IndexSpec, VectorIndex
+from biolit_id.index.milvus.collections import MilvusIndex
+from biolit_id.index.milvus.errors import MilvusConfigError, MilvusGalleryError, milvus_errors
+from biolit_id.index.milvus.rows import MAX_ID, exemplar_id_for
+from biolit_id.index.milvus.target import parse_target
+from biolit_id.index.milvus.thumbnail import THUMBNAIL_MAX_CHARS, decode_thumbnail, encode_thumbnail
 from conftest import photo_bytes
 
 DIM = 256

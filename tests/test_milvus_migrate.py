@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from biolit_id.cli.cli import main
+from biolit_id.cli.main import main
 from biolit_id.proto import identification_pb2 as pb
 from conftest import photo_bytes, stub_for
 

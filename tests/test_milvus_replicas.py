@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biolit_id.index.milvus_errors import MilvusGalleryError
-from biolit_id.index.milvus_target import connect, parse_target
+from biolit_id.index.milvus.errors import MilvusGalleryError
+from biolit_id.index.milvus.target import connect, parse_target
 from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
 

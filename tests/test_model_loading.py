@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biolit_id.server.model_loader import ModelUnavailableError, load_model, resolve_model_dir
-from biolit_id.server.text_prototypes import TextPrototypeCache
+from biolit_id.server.inference.model_loader import (
+    ModelUnavailableError,
+    load_model,
+    resolve_model_dir,
+)
+from biolit_id.server.inference.text_prototypes import TextPrototypeCache
 
 
 def test_demo_model_has_bioclip_layout(demo_model_dir: Path) -> None:
@@ -88,7 +92,7 @@ def test_loading_skips_the_random_draw_and_nothing_else(demo_model_dir: Path) ->
     import open_clip
     import torch
 
-    from biolit_id.server.model_loader import skipping_random_init
+    from biolit_id.server.inference.model_loader import skipping_random_init
 
     before = torch.nn.init.kaiming_uniform_
     plain = open_clip.create_model(f"local-dir:{demo_model_dir}")  # with the random draw

@@ -1,4 +1,4 @@
-"""The observation combiner (server/observation.py): pure numpy over per-photo distributions."""
+"""The observation combiner (decision/observations.py): pure numpy over photo distributions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biolit_id.server.observation import (
+from biolit_id.server.decision.observations import (
     CombinerParams,
     combine,
     combine_batch,

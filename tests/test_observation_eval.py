@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from biolit_id.cli.cli import main
-from biolit_id.cli.observation_data import read_observations
-from biolit_id.cli.observations_synth import write_world
-from biolit_id.server.observation import CombinerParams
+from biolit_id.cli.main import main
+from biolit_id.cli.training.observation_data import read_observations
+from biolit_id.cli.training.synthetic_observations import write_world
+from biolit_id.server.decision.observations import CombinerParams
 
 
 @pytest.fixture(scope="module")

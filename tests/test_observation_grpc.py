@@ -2,7 +2,7 @@
 (and POST /v1/identify-observation over real HTTP).
 
 The bundle, the occurrence records and the photos are SYNTHETIC
-(tools/observations_synth.py): catalog names with invented looks and ranges,
+(tools/training/synthetic_observations.py): catalog names with invented looks and ranges,
 embeddings sent as embedding input.
 """
 
@@ -16,17 +16,17 @@ import pandas as pd
 import pytest
 import requests
 
-from biolit_id.cli.observations_synth import (
+from biolit_id.cli.prior import clean_records, fit_prior
+from biolit_id.cli.training.synthetic_observations import (
     fit_temperature,
     make_world,
     occurrences,
     photo_embeddings,
     world_bundle,
 )
-from biolit_id.cli.prior import clean_records, fit_prior
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.auth import ROLE_IDENTIFY, required_role
-from biolit_id.server.observation import CombinerParams
+from biolit_id.server.decision.observations import CombinerParams
+from biolit_id.server.grpc.auth import ROLE_IDENTIFY, required_role
 from conftest import code_of, photo_bytes, stub_for
 
 ROSCOFF = pb.Location(latitude=48.73, longitude=-3.98, uncertainty_m=500)

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biolit_id.cli.cli import main as cli_main
+from biolit_id.cli.main import main as cli_main
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.embedders import hardware
-from biolit_id.server.embedders.auto import (
+from biolit_id.server.inference.embedders import hardware
+from biolit_id.server.inference.embedders.auto import (
     AUTO_CANDIDATES,
     _eligible,
     resolve_auto,
     service_cost,
     time_forward,
 )
-from biolit_id.server.embedders.calibration import calibration_pixels
-from biolit_id.server.embedders.factory import make_embedder
-from biolit_id.server.embedders.gate import GATE_COSINE, fidelity
+from biolit_id.server.inference.embedders.calibration import calibration_pixels
+from biolit_id.server.inference.embedders.factory import make_embedder
+from biolit_id.server.inference.embedders.gate import GATE_COSINE, fidelity
 from conftest import photo_folder, stub_for
 
 pytest.importorskip("openvino", reason="install biolit-id[openvino] for OpenVINO")

@@ -46,7 +46,7 @@ def test_every_module_and_data_file_is_in_the_wheel(wheel_names: set[str]) -> No
                 continue
             rel = path.relative_to(ROOT / folder)
             if folder == "index" and rel.parts[0] == "core":
-                continue  # mapped on its own, as biolit_id.core
+                continue  # mapped on its own, as biolit_id.index.core
             expected.add(f"{package}/{rel.as_posix()}")
     missing = sorted(expected - wheel_names)
     assert not missing, f"not packaged (add them to [tool.setuptools] packages): {missing}"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from biolit_id.cli.cli import main
+from biolit_id.cli.main import main
 from biolit_id.cli.prior import (
     OccurrenceError,
     clean_records,
@@ -17,8 +17,8 @@ from biolit_id.cli.prior import (
     match_names,
     read_occurrences,
 )
-from biolit_id.server.pipeline import InvalidRequestError
-from biolit_id.server.prior import (
+from biolit_id.index.core.errors import InvalidRequestError
+from biolit_id.server.decision.prior import (
     PRIOR_NPZ,
     PriorError,
     Where,

@@ -17,10 +17,10 @@ from synthetic_bundle import unit, write_bundle
 
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.app import RunningServer, start_server
-from biolit_id.server.catalog import Catalog
+from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.pipeline import MAX_RESTRICT_TO
-from biolit_id.server.routing import Thresholds
+from biolit_id.server.decision.types import Thresholds
+from biolit_id.server.inference.types import MAX_RESTRICT_TO
 from conftest import stub_for
 
 CATALOG = Catalog.load_default()

@@ -12,25 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biolit_id.cli.cli import main as cli_main
+from biolit_id.cli.main import main as cli_main
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.embedders.auto import build_embedder, resolve_auto
-from biolit_id.server.embedders.base import RuntimeUnavailableError
-from biolit_id.server.embedders.calibration import (
+from biolit_id.server.inference.embedders.auto import build_embedder, resolve_auto
+from biolit_id.server.inference.embedders.base import RuntimeUnavailableError
+from biolit_id.server.inference.embedders.calibration import (
     calibration_pixels,
     calibration_tag,
     synthetic_photos,
 )
-from biolit_id.server.embedders.export import (
+from biolit_id.server.inference.embedders.export import (
     artifact_root,
     onnx_int8_weight_type,
     quantize_onnx_int8,
 )
-from biolit_id.server.embedders.factory import make_embedder
-from biolit_id.server.embedders.gate import fidelity
-from biolit_id.server.embedders.hardware import cpu_has_amx_int8, cpu_has_bf16, cpu_has_vnni
-from biolit_id.server.embedders.onnx import OnnxEmbedder
-from biolit_id.server.embedders.threads import configure_threads
+from biolit_id.server.inference.embedders.factory import make_embedder
+from biolit_id.server.inference.embedders.gate import fidelity
+from biolit_id.server.inference.embedders.hardware import (
+    cpu_has_amx_int8,
+    cpu_has_bf16,
+    cpu_has_vnni,
+)
+from biolit_id.server.inference.embedders.onnx import OnnxEmbedder
+from biolit_id.server.inference.embedders.threads import configure_threads
 from conftest import photo_folder, stub_for
 
 pytest.importorskip("onnxruntime", reason="install biolit-id[onnx] for the ONNX runtime")

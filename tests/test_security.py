@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
 from biolit_id.server.app import RunningServer, start_server
-from biolit_id.server.auth import (
+from biolit_id.server.config import ServerConfig
+from biolit_id.server.grpc.auth import (
     ApiKeyFileError,
     InsecureBindError,
     SecurityConfigError,
@@ -32,7 +33,6 @@ from biolit_id.server.auth import (
     parse_api_keys,
     required_role,
 )
-from biolit_id.server.config import ServerConfig
 from conftest import code_of, photo_bytes
 
 IDENTIFY_KEY = "id-4f9c2e8a71b3d6c05e1f"
@@ -228,7 +228,7 @@ def test_public_bind_without_keys_is_refused_before_loading(tmp_path: Path) -> N
 
 
 def test_insecure_flag_and_key_file_allow_public_bind(caplog, key_file: Path) -> None:
-    caplog.set_level(logging.WARNING, logger="biolit_id.server.auth")
+    caplog.set_level(logging.WARNING, logger="biolit_id.server.grpc.auth")
     check_exposure("0.0.0.0", has_keys=True, insecure=False)
     check_exposure("0.0.0.0", has_keys=False, insecure=True)
     assert "WITHOUT authentication" in caplog.text
@@ -237,7 +237,7 @@ def test_insecure_flag_and_key_file_allow_public_bind(caplog, key_file: Path) ->
 
 
 def test_serve_cli_refuses_public_bind(capsys) -> None:
-    from biolit_id.cli.cli import main
+    from biolit_id.cli.main import main
 
     rc = main(["serve", "--host", "0.0.0.0", "--port", "0", "--model", "local-dir:/nonexistent"])
     assert rc == 1
@@ -324,7 +324,7 @@ def test_tls_with_keys_end_to_end(tmp_path: Path, demo_model_spec: str, key_file
 
 
 def test_serve_cli_reports_a_bad_key_file(tmp_path: Path, capsys) -> None:
-    from biolit_id.cli.cli import main
+    from biolit_id.cli.main import main
 
     bad = tmp_path / "keys.txt"
     bad.write_text(f"root {CURATE_KEY}\n")

@@ -14,7 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.observability import access_log, configure_access_log
+from biolit_id.server.grpc.observability import access_log, configure_access_log
 from conftest import photo_bytes, stub_for
 
 MARKER = "SECRET-MARKER-7f3a"

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from biolit_id.cli.cli import main as cli
 from biolit_id.cli.import_seed import (
     GENERIC_PROMPT,
     SeedImportError,
@@ -21,9 +20,10 @@ from biolit_id.cli.import_seed import (
     seed_safe_globals,
     summary_lines,
 )
-from biolit_id.core.vectors import fuse_prototypes
-from biolit_id.server.bundle import load_bundle
-from biolit_id.server.catalog import Catalog
+from biolit_id.cli.main import main as cli
+from biolit_id.index.core.vectors import fuse_prototypes
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import load_bundle
 from conftest import SEED_DIR
 
 CLASSIFIER = SEED_DIR / "best_model_top50.pth"
@@ -242,7 +242,7 @@ def test_model_with_another_embedding_dim_is_refused(tmp_path: Path) -> None:
     import open_clip
 
     from biolit_id.cli.demo_model import TINY_CONFIG
-    from biolit_id.server.model_loader import load_model
+    from biolit_id.server.inference.model_loader import load_model
 
     cfg = {**TINY_CONFIG, "embed_dim": 256}
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}), "utf-8")

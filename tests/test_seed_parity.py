@@ -19,9 +19,9 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
-from biolit_id.cli.cli import main as cli
+from biolit_id.cli.main import main as cli
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.routing import SEED_METHOD_NAMES, Method
+from biolit_id.server.decision.types import SEED_METHOD_NAMES, Method
 from conftest import SEED_DIR, stub_for
 
 CLASSIFIER = SEED_DIR / "best_model_top50.pth"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from biolit_id.cli.cli import main as cli
-from biolit_id.cli.evaluate_real import LabelMap, crops_of, evaluate_real_crops, normalise
-from biolit_id.cli.import_seed_v2 import import_seed_v2
-from biolit_id.cli.seed_format import read_feature_cache
-from biolit_id.server.catalog import Catalog
+from biolit_id.cli.evaluation.real_crops import LabelMap, crops_of, evaluate_real_crops, normalise
+from biolit_id.cli.main import main as cli
+from biolit_id.cli.seedcompat.formats import read_feature_cache
+from biolit_id.cli.seedcompat.import_v2 import import_seed_v2
+from biolit_id.server.catalog.catalog import Catalog
 from conftest import SEED_V2_DIR
 
 FEATURES = SEED_V2_DIR / "bioclip_features.npz"

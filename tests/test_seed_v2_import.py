@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from biolit_id.cli.cli import main as cli
-from biolit_id.cli.import_seed_v2 import (
+from biolit_id.cli.main import main as cli
+from biolit_id.cli.seedcompat.formats import SeedImportError
+from biolit_id.cli.seedcompat.import_v2 import (
     LabelEncoderStub,
     check_data_pickle,
     classifier_safe_globals,
@@ -23,10 +24,9 @@ from biolit_id.cli.import_seed_v2 import (
     read_prototypes,
     read_tax_lookup,
 )
-from biolit_id.cli.seed_format import SeedImportError
-from biolit_id.server.bundle import load_bundle
-from biolit_id.server.seed_v2 import SeedV2Settings
-from biolit_id.server.seed_v2_heads import RankHeads
+from biolit_id.server.decision.bundle import load_bundle
+from biolit_id.server.decision.rank_heads import RankHeads
+from biolit_id.server.decision.seed_v2 import SeedV2Settings
 from conftest import SEED_V2_DIR
 
 PROTOS = SEED_V2_DIR / "proto_model.npz"

@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 import pytest
 
-from biolit_id.cli.cli import main as cli
+from biolit_id.cli.main import main as cli
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.bundle import BundleError, load_bundle
+from biolit_id.server.decision.bundle import BundleError, load_bundle
 from conftest import SEED_DIR, SEED_V2_DIR, stub_for
 
 FEATURES = SEED_V2_DIR / "bioclip_features.npz"
@@ -189,8 +189,8 @@ def test_infer_csv_writes_the_seed_v2_file(v2_bundle: Path, vit_l14_spec: str,
 def test_production_thresholds_are_flags(v2_bundle: Path, vit_l14_spec: str,
                                          tmp_path: Path) -> None:
     """REFERENCE.md §11: with 0.35 / 0.05, 58 of the 79 keep their level and label."""
-    from biolit_id.core.types import PrototypeSet
-    from biolit_id.server.decision import scorer_for
+    from biolit_id.index.core.types import PrototypeSet
+    from biolit_id.server.decision.registry import scorer_for
 
     out = tmp_path / "production"
     assert cli(["import-seed", *seed_files("--threshold", "0.35", "--margin", "0.05"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from synthetic_bundle import unit, write_bundle
 
-from biolit_id.cli.rank_heads import (
+from biolit_id.cli.training.rank_heads import (
     RankHeadSettings,
     rank_labels,
     rank_training_set,
@@ -16,11 +16,11 @@ from biolit_id.cli.rank_heads import (
     train_rank_heads,
 )
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.bundle import load_bundle
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import Thresholds
-from biolit_id.server.seed_v2_heads import RankHeads
-from biolit_id.server.seed_v2_ranks import agreed_distribution
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import load_bundle
+from biolit_id.server.decision.rank_heads import RankHeads
+from biolit_id.server.decision.rank_heads_scorer import agreed_distribution
+from biolit_id.server.decision.types import Thresholds
 from conftest import stub_for
 
 CATALOG = Catalog.load_default()

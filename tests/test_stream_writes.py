@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from biolit_id.index.stream_writer import WRITE_BATCH
+from biolit_id.index.writer import WRITE_BATCH
 from biolit_id.proto import identification_pb2 as pb
 from conftest import stub_for
 

@@ -17,10 +17,11 @@ from synthetic_bundle import unit, write_bundle
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.pipeline import Identifier, IdentifyOptions
-from biolit_id.server.routing import Method, Thresholds
-from biolit_id.server.scoring import HybridScorer
-from biolit_id.server.taxonomy import RankAnswer, taxon_fallback
+from biolit_id.server.decision.ranks import taxon_fallback
+from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
+from biolit_id.server.decision.types import Method, RankAnswer, Thresholds
+from biolit_id.server.inference.pipeline import Identifier
+from biolit_id.server.inference.types import IdentifyOptions
 from conftest import stub_for
 
 SPECIES = [
@@ -124,7 +125,7 @@ def test_restriction_to_one_congener_gives_back_the_species(server) -> None:
 def test_without_calibrated_thresholds_there_is_no_fallback(server) -> None:
     state = server.state
     bare = dataclasses.replace(state.bundle, taxon_thresholds={})
-    identifier = Identifier(state.catalog, state.embedder, HybridScorer(bare),
+    identifier = Identifier(state.catalog, state.embedder, SeedCascadeScorer(bare),
                             state.identifier.prototypes, state.identifier.policy)
     query = np.asarray(between("Patella vulgata", "Patella caerulea"), dtype=np.float32)
     (result,) = identifier.identify_embeddings(query[None, :], [IdentifyOptions()])

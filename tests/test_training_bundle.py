@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from training_data import longtail_features
 
-from biolit_id.cli.cli import main
-from biolit_id.cli.datasets import (
+from biolit_id.cli.main import main
+from biolit_id.cli.train import fit_whitening
+from biolit_id.cli.training.datasets import (
     EmbeddingSet,
     fingerprint,
     read_embeddings,
     stratified_split,
     write_embeddings,
 )
-from biolit_id.cli.train import fit_whitening
-from biolit_id.core.vectors import weighted_prototype
-from biolit_id.server.bundle import BundleError, load_bundle
+from biolit_id.index.core.vectors import weighted_prototype
+from biolit_id.server.decision.bundle import BundleError, load_bundle
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 from training_data import synthetic_photo, write_photo_set
 
-from biolit_id.cli.cli import main
-from biolit_id.cli.datasets import read_embeddings
-from biolit_id.cli.metrics import score_set
+from biolit_id.cli.evaluation.metrics import score_set
+from biolit_id.cli.main import main
+from biolit_id.cli.training.datasets import read_embeddings
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.bundle import load_bundle
-from biolit_id.server.catalog import Catalog
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import load_bundle
 from conftest import stub_for
 
 COUNTS = [60, 50, 40, 34, 28, 22, 18, 14, 12, 10, 10, 10]

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from biolit_id.cli.upload import UPLOAD_SHORT_SIDE, downsize_for_upload
-from biolit_id.server.preprocess import ImagePolicy, preprocess
+from biolit_id.cli.client.upload import UPLOAD_SHORT_SIDE, downsize_for_upload
+from biolit_id.server.inference.preprocess import ImagePolicy, preprocess
 from conftest import photo_bytes
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from biolit_id.cli.datasets import EmbeddingSet
-from biolit_id.server.catalog import LINEAGE_RANKS, Catalog
+from biolit_id.cli.training.datasets import EmbeddingSet
+from biolit_id.server.catalog.catalog import LINEAGE_RANKS, Catalog
 
 # Norm of each rank's offset: congeneric species share everything above genus.
 RANK_SCALE = {"kingdom": 0.0, "phylum": 1.0, "class": 0.9, "order": 0.8, "family": 0.7,

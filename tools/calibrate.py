@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import DatasetError
-from biolit_id.cli.fusion_fit import HEAD_TERMS, fit_fusion
-from biolit_id.cli.metrics import (
+from biolit_id.cli.evaluation.metrics import (
     ScoredSet,
-    ece,
     fallback_outcomes,
     fit_logit_scale,
     load_labelled_split,
@@ -27,13 +24,15 @@ from biolit_id.cli.metrics import (
     risk_coverage,
     score_set,
     taxon_is_right,
-    top1_calibration,
 )
-from biolit_id.server.bundle import Bundle, BundleError
-from biolit_id.server.catalog import FALLBACK_RANKS, Catalog
-from biolit_id.server.fused import FusedScorer
-from biolit_id.server.routing import Thresholds
-from biolit_id.server.scoring import masked_softmax
+from biolit_id.cli.training.calibration_metrics import ece, top1_calibration
+from biolit_id.cli.training.datasets import DatasetError
+from biolit_id.cli.training.fusion import HEAD_TERMS, fit_fusion
+from biolit_id.server.catalog.catalog import FALLBACK_RANKS, Catalog
+from biolit_id.server.decision.bundle import Bundle, BundleError
+from biolit_id.server.decision.fused import FusedScorer
+from biolit_id.server.decision.rules import masked_softmax
+from biolit_id.server.decision.types import Thresholds
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.server.embedders.base import PRECISIONS, RUNTIMES
+from biolit_id.server.inference.embedders.base import PRECISIONS, RUNTIMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,23 +50,24 @@ def decisions(scorer, protos, embeddings: np.ndarray) -> tuple[np.ndarray, np.nd
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from biolit_id.server.bundle import BundleError, load_bundle
-    from biolit_id.server.catalog import Catalog
-    from biolit_id.server.embedders.auto import build_embedder
-    from biolit_id.server.embedders.base import RuntimeUnavailableError
-    from biolit_id.server.embedders.calibration import image_files
-    from biolit_id.server.embedders.gate import (
+    from biolit_id.server.catalog.catalog import Catalog
+    from biolit_id.server.decision.bundle import BundleError, load_bundle
+    from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
+    from biolit_id.server.decision.zero_shot import ZeroShotScorer
+    from biolit_id.server.inference.embedders.auto import build_embedder
+    from biolit_id.server.inference.embedders.base import RuntimeUnavailableError
+    from biolit_id.server.inference.embedders.calibration import image_files
+    from biolit_id.server.inference.embedders.gate import (
         GATE_COSINE,
         cosine_rows,
         embed_batched,
         reference_embeddings,
     )
-    from biolit_id.server.embedders.threads import configure_threads
-    from biolit_id.server.model_loader import ModelUnavailableError, load_model
-    from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
-    from biolit_id.server.scoring import HybridScorer, ZeroShotScorer
-    from biolit_id.server.state import initial_prototypes
-    from biolit_id.server.text_prototypes import TextPrototypeCache
+    from biolit_id.server.inference.embedders.threads import configure_threads
+    from biolit_id.server.inference.model_loader import ModelUnavailableError, load_model
+    from biolit_id.server.inference.preprocess import ImageDecodeError, ImagePolicy, preprocess
+    from biolit_id.server.inference.text_prototypes import TextPrototypeCache
+    from biolit_id.server.wiring import initial_prototypes
 
     threshold = GATE_COSINE if args.threshold is None else args.threshold
     files = image_files(args.images, args.limit or None)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     embedded = embed_batched(candidate, batch)
     cos = cosine_rows(reference, embedded)
 
-    scorer = HybridScorer(bundle) if bundle is not None else ZeroShotScorer()
+    scorer = SeedCascadeScorer(bundle) if bundle is not None else ZeroShotScorer()
     protos = initial_prototypes(Catalog.load_default(), scorer,
                                 TextPrototypeCache(loaded, args.data_dir))
     ref_species, ref_method, ref_proto = decisions(scorer, protos, reference)

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from biolit_id.server.preprocess import CLIP_MEAN, CLIP_STD
+from biolit_id.server.inference.preprocess import CLIP_MEAN, CLIP_STD
 
 # A tiny ViT/text transformer with BioCLIP's interface: 224 px in, 512-d out.
 TINY_CONFIG = {

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import EmbeddingSet, errors_path, write_embeddings
-from biolit_id.core.atomic import atomic_open
-from biolit_id.server.embedders.calibration import IMAGE_SUFFIXES
-from biolit_id.server.model_loader import DEFAULT_MODEL
-from biolit_id.server.preprocess import ImageDecodeError, ImagePolicy, preprocess
+from biolit_id.cli.training.datasets import EmbeddingSet, errors_path, write_embeddings
+from biolit_id.index.core.atomic import atomic_open
+from biolit_id.server.inference.embedders.calibration import IMAGE_SUFFIXES
+from biolit_id.server.inference.model_loader import DEFAULT_MODEL
+from biolit_id.server.inference.preprocess import ImageDecodeError, ImagePolicy, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.server.embedders.factory import make_embedder
-    from biolit_id.server.model_loader import load_model
+    from biolit_id.server.inference.embedders.factory import make_embedder
+    from biolit_id.server.inference.model_loader import load_model
 
     try:
         items = items_from_csv(args.manifest) if args.manifest else items_from_folder(args.folder)

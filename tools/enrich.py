@@ -12,8 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from biolit_id.server.catalog_store import CatalogStoreError, load_catalog, save_records
-from biolit_id.server.gbif import (
+from biolit_id.server.catalog.gbif import (
     CACHE_DIRNAME,
     DEFAULT_GBIF_URL,
     DEFAULT_LANGUAGES,
@@ -23,6 +22,7 @@ from biolit_id.server.gbif import (
     apply_lookup,
     lookup_species,
 )
+from biolit_id.server.catalog.store import CatalogStoreError, load_catalog, save_records
 
 EXIT_OK = 0
 EXIT_UNKNOWN_SPECIES = 2

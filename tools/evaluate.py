@@ -17,23 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli import evaluate_observations as observations
-from biolit_id.cli import evaluate_real
-from biolit_id.cli.datasets import DatasetError, EmbeddingSet, fingerprint
-from biolit_id.cli.metrics import (
+from biolit_id.cli.evaluation import observations
+from biolit_id.cli.evaluation import real_crops as evaluate_real
+from biolit_id.cli.evaluation.metrics import (
     ScoredSet,
     at_coverage,
-    ece,
     fallback_outcomes,
     load_labelled_split,
     reliability_bins,
     risk_coverage_curve,
     score_set,
-    top1_calibration,
 )
-from biolit_id.server.bundle import Bundle, BundleError, load_bundle
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.routing import SEED_METHOD_NAMES, Method
+from biolit_id.cli.training.calibration_metrics import ece, top1_calibration
+from biolit_id.cli.training.datasets import DatasetError, EmbeddingSet, fingerprint
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import Bundle, BundleError, load_bundle
+from biolit_id.server.decision.types import SEED_METHOD_NAMES, Method
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ HEADLINE = ("coverage", "accuracy_global", "accuracy_common", "accuracy_rare", "
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.cli.report import write_report
+    from biolit_id.cli.evaluation.report import write_report
 
     if args.observations is not None:  # observations, not photos: tools/evaluate_observations
         return observations.run(args)

@@ -16,19 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli import import_seed_v2 as v2
-from biolit_id.cli.seed_format import (
+from biolit_id.cli.seedcompat import import_v2 as v2
+from biolit_id.cli.seedcompat.formats import (
     SEED_PREPROCESSING,
     SeedImportError,
     numpy_reconstruct,
     safe_torch_load,
     sha256_of,
 )
-from biolit_id.core.vectors import fuse_prototypes
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.model_loader import DEFAULT_MODEL
-from biolit_id.server.routing import Thresholds
+from biolit_id.index.core.vectors import fuse_prototypes
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle
+from biolit_id.server.decision.types import Thresholds
+from biolit_id.server.inference.model_loader import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _file_info(path: Path, data: dict) -> dict:
 
 def _check_head(state: dict[str, np.ndarray], input_dim: int, num_classes: int) -> None:
     """The weights must load, strictly, into the architecture the server builds."""
-    from biolit_id.server.head import Head
+    from biolit_id.server.decision.head import Head
 
     try:
         Head(state, input_dim, num_classes, DEFAULT_HEAD)
@@ -217,7 +217,7 @@ def import_seed(classifier: Path, prototypes: Path, model_spec: str,
                 prompts_csv: Path | None = None, catalog: Catalog | None = None,
                 model=None) -> Bundle:
     """The bundle, not yet saved. ``model`` may be a LoadedModel already in memory."""
-    from biolit_id.server.model_loader import load_model
+    from biolit_id.server.inference.model_loader import load_model
 
     seed = read_seed(classifier, prototypes)
     catalog = catalog or Catalog.load_default()
@@ -321,7 +321,7 @@ def _build(args: argparse.Namespace) -> tuple[Bundle, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.server.model_loader import ModelUnavailableError
+    from biolit_id.server.inference.model_loader import ModelUnavailableError
 
     try:
         bundle, lines = _build(args)

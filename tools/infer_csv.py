@@ -17,11 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import DatasetError, read_embeddings
-from biolit_id.cli.datasets import errors_path as errors_path  # where the tests look
-from biolit_id.cli.infer_csv_rows import TOP_K, BatchResult, Inputs, seed_row, write_csv
-from biolit_id.cli.metrics import row_scores
-from biolit_id.cli.seed_format import (
+from biolit_id.cli.seedcompat.csv_rows import TOP_K, BatchResult, Inputs, seed_row, write_csv
+from biolit_id.cli.seedcompat.formats import (
     SEED_COLUMNS,
     SEED_RANKS,
     SEED_V2_COLUMNS,
@@ -37,13 +34,15 @@ from biolit_id.cli.seed_format import (
     v2_percent,
     v2_rounded_percent,
 )
+from biolit_id.cli.training.datasets import DatasetError, read_embeddings
+from biolit_id.cli.training.datasets import errors_path as errors_path  # where the tests look
+from biolit_id.index.core.errors import InvalidRequestError
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.embedders.base import PRECISIONS, RUNTIMES
-from biolit_id.server.embedders.calibration import IMAGE_SUFFIXES
-from biolit_id.server.model_loader import DEFAULT_MODEL
-from biolit_id.server.pipeline import InvalidRequestError
-from biolit_id.server.seed_v2 import RANK_TO_LEVEL
-from biolit_id.server.seed_v2 import ROUTING as SEED_V2_ROUTING
+from biolit_id.server.decision.seed_v2 import RANK_TO_LEVEL
+from biolit_id.server.decision.seed_v2 import ROUTING as SEED_V2_ROUTING
+from biolit_id.server.inference.embedders.base import PRECISIONS, RUNTIMES
+from biolit_id.server.inference.embedders.calibration import IMAGE_SUFFIXES
+from biolit_id.server.inference.model_loader import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class CsvIdentifier:
 
     def _decode(self, path: Path) -> np.ndarray | str:
         """Pixels, or the reason the photo cannot be read."""
-        from biolit_id.server.preprocess import ImageDecodeError
+        from biolit_id.server.inference.preprocess import ImageDecodeError
 
         try:
             return self.identifier.decode(path.read_bytes())
@@ -153,14 +152,14 @@ class CsvIdentifier:
 
     def _add_taxonomy(self, rows: list[dict[str, str]], embeddings: np.ndarray) -> None:
         """docs/seed-v4.md "Taxonomic confidence": routed distribution summed per taxon."""
-        from biolit_id.server.taxonomy import rank_confidences
+        from biolit_id.server.decision.ranks import rank_confidences
 
         protos = self.identifier.prototypes()
         scores = self.identifier.scorer.score(embeddings, protos)
         catalog = self.identifier.catalog
         ranks = list(SEED_RANKS.values())
         for i, row in enumerate(rows):
-            answers = {a.rank: a for a in rank_confidences(row_scores(scores, i), protos.names,
+            answers = {a.rank: a for a in rank_confidences(scores.distribution[i], protos.names,
                                                           catalog, ranks)}
             for seed_rank, rank in SEED_RANKS.items():
                 a = answers.get(rank)
@@ -214,11 +213,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.index.gallery_base import GalleryError
+    from biolit_id.index.base import GalleryError
     from biolit_id.index.store import StoreError
-    from biolit_id.server.bundle import BundleError
-    from biolit_id.server.model_loader import ModelUnavailableError
-    from biolit_id.server.state import build_state
+    from biolit_id.server.decision.bundle import BundleError
+    from biolit_id.server.inference.model_loader import ModelUnavailableError
+    from biolit_id.server.wiring import build_state
 
     if args.batch_size < 1:
         print("infer-csv: --batch-size must be at least 1")
@@ -229,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"infer-csv: {exc}")
         return 1
     if args.server:
-        from biolit_id.cli.infer_csv_server import run_remote
+        from biolit_id.cli.client.infer_csv_remote import run_remote
 
         return run_remote(args, items)
     config = ServerConfig(model=args.model, bundle=args.bundle, data_dir=args.data_dir,

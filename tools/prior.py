@@ -9,7 +9,7 @@
   it then runs ``calibrate``.
 * ``prior calibrate --bundle B --observations VAL`` fits the combiner (photo
   correlation, outlier rate, pooled exponent) and the prior's weight and floor
-  on validation observations (``tools/observation_data.py`` layout) and writes
+  on validation observations (``tools/training/observation_data.py`` layout) and writes
   ``combiner.json`` beside the prior.
 * ``prior synth --out DIR`` writes a SYNTHETIC world to try all of this on.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import DatasetError
-from biolit_id.server.bundle import BundleError
-from biolit_id.server.prior import (
+from biolit_id.cli.training.datasets import DatasetError
+from biolit_id.server.decision.bundle import BundleError
+from biolit_id.server.decision.prior import (
     PRIOR_DIR,
     PRIOR_JSON,
     SpaceSeasonPrior,
@@ -302,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _known_names(args: argparse.Namespace) -> list[str]:
-    from biolit_id.server.bundle import load_bundle
-    from biolit_id.server.catalog import Catalog
+    from biolit_id.server.catalog.catalog import Catalog
+    from biolit_id.server.decision.bundle import load_bundle
 
     catalog = Catalog.load(args.catalog) if args.catalog else Catalog.load_default()
     known = list(catalog.names())
@@ -333,10 +333,10 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from biolit_id.cli.observation_data import read_observations
-    from biolit_id.cli.observation_fit import fit_combiner, score_observations
-    from biolit_id.server.bundle import load_bundle
-    from biolit_id.server.observation import CombinerParams
+    from biolit_id.cli.training.observation_data import read_observations
+    from biolit_id.cli.training.observation_fit import fit_combiner, score_observations
+    from biolit_id.server.decision.bundle import load_bundle
+    from biolit_id.server.decision.observations import CombinerParams
 
     if args.bundle is None:
         raise SystemExit("calibrate scores the photos with a bundle: pass --bundle")
@@ -361,7 +361,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from biolit_id.cli.observations_synth import write_world
+    from biolit_id.cli.training.synthetic_observations import write_world
 
     paths = write_world(args.out, dim=args.dim, seed=args.seed, correlated=args.correlated)
     print("SYNTHETIC world written:")

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.embedders.base import PRECISIONS, RUNTIMES
-from biolit_id.server.model_loader import DEFAULT_MODEL, ModelUnavailableError
+from biolit_id.server.inference.embedders.base import PRECISIONS, RUNTIMES
+from biolit_id.server.inference.model_loader import DEFAULT_MODEL, ModelUnavailableError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,14 +85,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.index.faiss_index import IndexSpecError
-    from biolit_id.index.gallery_base import GalleryConfigError, GalleryError
+    from biolit_id.index.base import GalleryConfigError, GalleryError
+    from biolit_id.index.faiss.vector_index import IndexSpecError
     from biolit_id.index.store import StoreError
     from biolit_id.server.app import serve_forever
-    from biolit_id.server.auth import SecurityConfigError
-    from biolit_id.server.bundle import BundleError
-    from biolit_id.server.catalog_store import CatalogStoreError
-    from biolit_id.server.embedders.base import RuntimeUnavailableError
+    from biolit_id.server.catalog.store import CatalogStoreError
+    from biolit_id.server.decision.bundle import BundleError
+    from biolit_id.server.grpc.auth import SecurityConfigError
+    from biolit_id.server.inference.embedders.base import RuntimeUnavailableError
     from biolit_id.server.web.runner import HttpStartError
 
     # Set-up errors a user can fix: one clear line, no traceback.

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.datasets import (
+from biolit_id.cli.evaluation.metrics import fit_logit_scale
+from biolit_id.cli.training.calibration_metrics import top1_calibration
+from biolit_id.cli.training.datasets import (
     DatasetError,
     EmbeddingSet,
     fingerprint,
@@ -22,16 +24,15 @@ from biolit_id.cli.datasets import (
     stratified_split,
     write_embeddings,
 )
-from biolit_id.cli.fusion_fit import choose_alpha, fit_fused
-from biolit_id.cli.head_training import FUSED_HEAD, HeadSettings, train_head
-from biolit_id.cli.metrics import fit_logit_scale, top1_calibration
-from biolit_id.cli.rank_heads import RankHeadSettings, train_rank_heads
-from biolit_id.core.vectors import class_prototypes, fuse_prototypes
-from biolit_id.server.bundle import DEFAULT_HEAD, Bundle
-from biolit_id.server.catalog import Catalog
-from biolit_id.server.model_loader import DEFAULT_MODEL
-from biolit_id.server.routing import Thresholds
-from biolit_id.server.scoring import masked_softmax
+from biolit_id.cli.training.fusion import choose_alpha, fit_fused
+from biolit_id.cli.training.head import FUSED_HEAD, HeadSettings, train_head
+from biolit_id.cli.training.rank_heads import RankHeadSettings, train_rank_heads
+from biolit_id.index.core.vectors import class_prototypes, fuse_prototypes
+from biolit_id.server.catalog.catalog import Catalog
+from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle
+from biolit_id.server.decision.rules import masked_softmax
+from biolit_id.server.decision.types import Thresholds
+from biolit_id.server.inference.model_loader import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from biolit_id.server.model_loader import load_model
+    from biolit_id.server.inference.model_loader import load_model
 
     out = Path(args.out)
     try:
@@ -310,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         head_min_count=args.head_min_count,
     )
     bundle.extra["split"] = split_info
-    if args.rank_heads:  # tools/rank_heads.py: the rows that have each rank, aligned
+    if args.rank_heads:  # tools/training/rank_heads.py: the rows that have each rank, aligned
         train_rank_heads(bundle.whiten(train.embeddings), train.species, catalog,
                          settings=RankHeadSettings(seed=args.seed, threads=args.threads)
                          ).attach(bundle)

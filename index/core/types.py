@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biolit_id.core.exemplar import ExemplarMeta
+from biolit_id.index.core.exemplar import ExemplarMeta
 
 
 @dataclass(frozen=True)

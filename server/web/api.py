@@ -25,10 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from biolit_id.index.core.errors import InvalidRequestError
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.server.auth import bearer_token
-from biolit_id.server.pipeline import InvalidRequestError
-from biolit_id.server.state import SERVICE_VERSION
+from biolit_id.server.grpc.auth import bearer_token
 from biolit_id.server.web.bridge import HTTP_STATUS, ApiError, Bridge
 from biolit_id.server.web.guard import BodyTooLargeError
 from biolit_id.server.web.protojson import (
@@ -38,6 +37,7 @@ from biolit_id.server.web.protojson import (
     query_parameters,
     to_json,
 )
+from biolit_id.server.wiring import SERVICE_VERSION
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_FORM_FILES = 100

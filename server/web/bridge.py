@@ -23,11 +23,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from biolit_id.server.auth import SERVICE, ApiKeys, refusal_for
-from biolit_id.server.errors import MAPPED_ERRORS, status_of
-from biolit_id.server.limits import PER_ITEM_METHODS, check_request
-from biolit_id.server.observability import Metrics, log_access
-from biolit_id.server.pipeline import InvalidRequestError
+from biolit_id.index.core.errors import InvalidRequestError
+from biolit_id.server.grpc.auth import SERVICE, ApiKeys, refusal_for
+from biolit_id.server.grpc.errors import MAPPED_ERRORS, status_of
+from biolit_id.server.grpc.limits import PER_ITEM_METHODS, check_request
+from biolit_id.server.grpc.observability import Metrics, log_access
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import time
 
 import uvicorn
 
-from biolit_id.server.auth import ApiKeys, is_loopback
 from biolit_id.server.config import ServerConfig
-from biolit_id.server.observability import Metrics
+from biolit_id.server.grpc.auth import ApiKeys, is_loopback
+from biolit_id.server.grpc.observability import Metrics
 from biolit_id.server.web.api import create_app
 from biolit_id.server.web.bridge import Bridge
 from biolit_id.server.web.guard import WebGuard, body_cap

@@ -1,0 +1,1 @@
+"""The gallery on FAISS over SQLite: one machine, durable, snapshotted."""

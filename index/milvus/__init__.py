@@ -1,0 +1,1 @@
+"""The gallery on Milvus: replicas sharing one collection pair."""

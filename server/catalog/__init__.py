@@ -1,0 +1,1 @@
+"""The species catalog: names, taxonomy, vernacular names, its overlay and GBIF."""

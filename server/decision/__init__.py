@@ -1,0 +1,1 @@
+"""From embeddings to an answer: scorers, rules, rank answers, observations, the prior."""

@@ -1,0 +1,1 @@
+"""The gRPC side: servicers, interceptors (auth, errors, observability), limits, messages."""

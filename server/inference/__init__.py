@@ -1,0 +1,1 @@
+"""A photo's way to an embedding: decode, batch, embed, and the pipeline that calls the decision."""

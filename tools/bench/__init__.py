@@ -1,0 +1,1 @@
+"""``biolit-id bench``: its sections, measurements and report."""

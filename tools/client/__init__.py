@@ -1,0 +1,1 @@
+"""Clients of a running service: uploads, remote infer-csv, contact sheets."""

@@ -1,0 +1,1 @@
+"""Library code of ``evaluate`` and ``bench-quality``: metrics, reports, benchmarks."""

@@ -1,0 +1,1 @@
+"""Offline gallery maintenance: backup, migrate, rebuild."""

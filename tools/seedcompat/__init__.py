@@ -1,0 +1,1 @@
+"""The BioLit seed's formats: importing its artifacts, writing its CSV."""

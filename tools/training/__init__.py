@@ -1,0 +1,1 @@
+"""Library code of ``train``, ``calibrate`` and ``prior``: data sets, heads, fusion fits."""
