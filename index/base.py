@@ -59,6 +59,16 @@ class GalleryInUseError(GalleryError):
     """Another process holds the gallery in a way that excludes this one (index/gallery_lock)."""
 
 
+@dataclass(frozen=True)
+class GallerySpace:
+    """Where the gallery's vectors live and how a raw embedding gets there."""
+
+    model_fingerprint: str
+    embedding_dim: int
+    space_id: str
+    project: Callable[[np.ndarray], np.ndarray]
+
+
 _last_degraded_warning = [0.0]
 
 
@@ -99,11 +109,12 @@ class GalleryBase:
     backend = ""
 
     def __init__(self, *, catalog: CatalogView, builder: PrototypeBuilder,
-                 project: Callable[[np.ndarray], np.ndarray], space_id: str) -> None:
+                 space: GallerySpace) -> None:
         self.catalog = catalog
         self.builder = builder
-        self.project = lambda raw: np.ascontiguousarray(project(raw), dtype=np.float32)
-        self.space_id = space_id
+        self.space = space
+        self.project = lambda raw: np.ascontiguousarray(space.project(raw), dtype=np.float32)
+        self.space_id = space.space_id
         self.dim = int(builder.base_vectors.shape[1])
         self._write_lock = threading.Lock()
         self._closed = False

@@ -4,9 +4,6 @@ SQLite because one file gives transactions and, with ``synchronous=FULL``, an
 acknowledged add survives ``kill -9``. Rows keep the RAW embedding so the
 index can be rebuilt for any bundle; the event log lets a restart replay only
 what a snapshot lacks. Tables: docs/gallery.md ("The store").
-
-Over 400 lines on purpose: every SQL statement of the store sits in this one
-class, so that the schema and each transaction's content are read in one place.
 """
 
 from __future__ import annotations

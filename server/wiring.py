@@ -1,7 +1,8 @@
-"""Everything a running service holds, built once at start-up."""
+"""Everything a running service holds, built once at start-up, its gallery included."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from biolit_id.index.base import GalleryBase, GallerySpace
 from biolit_id.index.core.types import PrototypeSet
+from biolit_id.index.gallery import open_gallery
+from biolit_id.index.prototypes import PrototypeBuilder
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.catalog.store import load_catalog
@@ -20,7 +24,6 @@ from biolit_id.server.decision.observations import ObservationSetup, load_observ
 from biolit_id.server.decision.rank_heads_scorer import with_rank_heads
 from biolit_id.server.decision.registry import scorer_for
 from biolit_id.server.decision.types import Scorer
-from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.inference.batcher import MicroBatcher
 from biolit_id.server.inference.embedders.auto import build_embedder
 from biolit_id.server.inference.embedders.base import Embedder
@@ -108,7 +111,7 @@ def build_state(config: ServerConfig) -> ServiceState:
                            config.max_queue_size)
     protos = initial_prototypes(catalog, scorer, text_cache)
     # After the catalog: the gallery adds runtime species to it.
-    gallery = open_gallery(config, model=model, catalog=catalog, scorer=scorer,
+    gallery = open_service_gallery(config, model=model, catalog=catalog, scorer=scorer,
                            text_cache=text_cache, base=protos)
     identifier = Identifier(
         catalog=catalog,
@@ -135,3 +138,73 @@ def build_state(config: ServerConfig) -> ServiceState:
         observations=observations,
     )
 
+
+# ------------------------------------------------------------------ the gallery
+
+
+def open_service_gallery(config, *, model, catalog: Catalog, scorer, text_cache,
+                 base: PrototypeSet, exclusive: bool = False) -> GalleryBase:
+    """The gallery a ServerConfig names (``--gallery``), over the start-up prototypes.
+
+    ``--gallery-refine-every`` starts its background refiner; ``exclusive``
+    (``gallery rebuild``) holds a FAISS gallery with no server beside it.
+    """
+    builder, space_id = prototype_builder(model=model, catalog=catalog, scorer=scorer,
+                                          text_cache=text_cache, base=base)
+    space = GallerySpace(model.fingerprint, model.embedding_dim, space_id,
+                         scorer.to_prototype_space)
+    every = config.extra.get("gallery_snapshot_every")
+    return open_gallery(config.gallery, data_dir=config.data_dir, catalog=catalog,
+                        builder=builder, space=space,
+                        snapshot_every=int(every) if every else None,
+                        refine_every=config.gallery_refine_every,
+                        exclusive=exclusive)
+
+
+def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
+                      base: PrototypeSet) -> tuple[PrototypeBuilder, str]:
+    """(builder, space id) for the loaded scorer; every gallery backend builds them here.
+
+    One recipe, so that the FAISS and Milvus galleries compute identical
+    prototypes. The space id names the space the vectors live in (the bundle's
+    whitened space, or the model's raw one, see ``space_id_for``): a snapshot
+    or collection made for another space must not be reused.
+    """
+
+    def text_for(names: list[str]) -> np.ndarray:
+        prompts = [catalog.prompt_for(n) for n in names]
+        return scorer.to_prototype_space(text_cache.embed(prompts))
+
+    alpha = float(scorer.alpha)
+    bundle = scorer.bundle
+    if bundle is None:
+        builder = PrototypeBuilder(base_names=base.names, base_vectors=base.vectors,
+                                   text_for=text_for, alpha=alpha, text_base=base.vectors,
+                                   source=f"zero-shot:{model.fingerprint}")
+        return builder, space_id_for(model.fingerprint, None)
+    support = bundle.extra.get("prototype_support") or bundle.extra.get("train_counts") or {}
+    builder = PrototypeBuilder(
+        base_names=base.names, base_vectors=base.vectors, text_for=text_for, alpha=alpha,
+        visual_prior=bundle.visual_prototypes, text_base=bundle.text_prototypes,
+        prior_weights={str(k): float(v) for k, v in support.items()},
+        source=f"bundle:{bundle.bundle_id}",
+    )
+    return builder, space_id_for(model.fingerprint, bundle)
+
+
+def space_id_for(model_fingerprint: str, bundle) -> str:
+    """``raw:<model>``, or ``whitened:<digest>`` of the bundle's whitening.
+
+    Not the bundle id: that digests the whole weights file, which
+    ``biolit-id calibrate`` rewrites (it rescales the head) while the
+    whitening, hence every stored vector, stays valid. A bundle without
+    whitening scores in the raw space (unit embeddings), like zero-shot.
+    """
+    if bundle is None or bundle.whitening_W is None:
+        return f"raw:{model_fingerprint}"
+    h = hashlib.sha256(model_fingerprint.encode("utf-8") + b"\0")
+    for tensor in (bundle.whitening_mu, bundle.whitening_W):
+        arr = np.ascontiguousarray(tensor, dtype="<f4")
+        h.update(repr(arr.shape).encode("ascii"))
+        h.update(arr.tobytes())
+    return f"whitened:{h.hexdigest()[:16]}"

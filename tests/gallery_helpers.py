@@ -20,8 +20,7 @@ from biolit_id.server.decision.head import build_head, head_state_from_module
 from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
 from biolit_id.server.decision.types import Thresholds
 from biolit_id.server.decision.zero_shot import ZeroShotScorer
-from biolit_id.server.gallery_setup import open_gallery
-from biolit_id.server.wiring import initial_prototypes
+from biolit_id.server.wiring import initial_prototypes, open_service_gallery
 
 DIM = 512
 WHITENED_DIM = 64
@@ -40,8 +39,8 @@ def open_test_gallery(gallery: str, data_dir: Path, model, text_cache,
     scorer = SeedCascadeScorer(bundle) if bundle is not None else ZeroShotScorer()
     base = initial_prototypes(catalog, scorer, text_cache)
     config = ServerConfig(model=model.spec, data_dir=data_dir, gallery=gallery, extra=extra)
-    return open_gallery(config, model=model, catalog=catalog, scorer=scorer, text_cache=text_cache,
-                  base=base)
+    return open_service_gallery(config, model=model, catalog=catalog, scorer=scorer,
+                                text_cache=text_cache, base=base)
 
 
 def whitened_bundle(model, catalog: Catalog, text_cache, *, extra: dict,

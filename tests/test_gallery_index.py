@@ -41,8 +41,8 @@ from biolit_id.server.catalog.catalog import Catalog, SpeciesRecord
 from biolit_id.server.decision.bundle import Bundle, load_bundle
 from biolit_id.server.decision.seed_cascade import SeedCascadeScorer
 from biolit_id.server.decision.zero_shot import ZERO_SHOT_ALPHA
-from biolit_id.server.gallery_setup import space_id_for
 from biolit_id.server.inference.text_prototypes import TextPrototypeCache
+from biolit_id.server.wiring import space_id_for
 
 DIM = 512
 

@@ -30,9 +30,8 @@ from biolit_id.index.store import GalleryStore, NewExemplar
 from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.config import ServerConfig
 from biolit_id.server.decision.zero_shot import ZeroShotScorer
-from biolit_id.server.gallery_setup import open_gallery
 from biolit_id.server.inference.text_prototypes import TextPrototypeCache
-from biolit_id.server.wiring import initial_prototypes
+from biolit_id.server.wiring import initial_prototypes, open_service_gallery
 from conftest import wait_for
 
 DIM = 512
@@ -270,7 +269,7 @@ def test_milvus_rebuild_writes_refined_rows_and_the_flag_overrides_the_uri(
         scorer = ZeroShotScorer()
         config = ServerConfig(model=demo_model_spec, data_dir=data, gallery=uri + query,
                               gallery_refine_every=refine_every)
-        return open_gallery(config, model=loaded_demo_model, catalog=catalog, scorer=scorer,
+        return open_service_gallery(config, model=loaded_demo_model, catalog=catalog, scorer=scorer,
                             text_cache=text_cache,
                             base=initial_prototypes(catalog, scorer, text_cache))
 

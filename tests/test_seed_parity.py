@@ -3,7 +3,7 @@
 The reference below is written from docs/seed-v4.md alone, on the raw seed files
 (its own MLP class loaded with the seed's ``net.*`` state dict, the seed's
 whitening, temperature and thresholds) and deliberately imports nothing from
-``server.routing`` or ``server.scoring``. The fused prototypes are read from
+``server.decision.rules`` or the scorers. The fused prototypes are read from
 the bundle's tensor: the demo model's text tower is not BioCLIP's, so they
 cannot come from the seed itself.
 """

@@ -114,7 +114,7 @@ def search_thresholds(scored: ScoredSet, target_coverage: float | None = None,
 
     Candidates are quantiles of the validation maxima, so the search spends
     its points where the photos are. Every candidate is routed by
-    ``server.routing.route_hybrid`` itself.
+    ``server.decision.rules.route_hybrid`` itself.
     """
     if (target_coverage is None) == (max_risk is None):
         raise ValueError("give exactly one of target_coverage and max_risk")
@@ -241,7 +241,7 @@ def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog
 
     The threshold is the lowest taxon mass (>= 0.5) at which the answers at
     or above it reach ``precision``; photos below it move on to the next
-    coarser rank, as ``server.taxonomy.taxon_fallback`` will do at serving.
+    coarser rank, as ``server.decision.ranks.taxon_fallback`` will do at serving.
     """
     rejected = np.flatnonzero(~scored.accepted)
     answers = rank_answers(scored, rejected, catalog)

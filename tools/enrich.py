@@ -1,7 +1,7 @@
 """``biolit-id enrich``: refresh catalog taxonomy and vernacular names from GBIF.
 
 Writes the catalog overlay, never the shipped catalog, with the match policy
-of ``server.gbif``. Offline it keeps existing data and says so. Exit codes: 0
+of ``server.catalog.gbif``. Offline it keeps existing data and says so. Exit codes: 0
 all looked up, 2 unknown ``--species``, 3 some not looked up. docs/taxonomy.md.
 """
 

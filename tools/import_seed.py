@@ -22,8 +22,8 @@ from biolit_id.cli.seedcompat.formats import (
     SeedImportError,
     numpy_reconstruct,
     safe_torch_load,
-    sha256_of,
 )
+from biolit_id.index.core.digest import file_sha256
 from biolit_id.index.core.vectors import fuse_prototypes
 from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle
@@ -152,7 +152,7 @@ def read_seed(classifier_path: Path, prototypes_path: Path) -> SeedArtifacts:
 
 
 def _file_info(path: Path, data: dict) -> dict:
-    info = {"file": Path(path).name, "sha256": sha256_of(path)}
+    info = {"file": Path(path).name, "sha256": file_sha256(path)}
     if "val_acc" in data:
         info["val_acc"] = float(data["val_acc"])  # the seed's own record, not re-measured
     return info

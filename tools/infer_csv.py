@@ -124,7 +124,7 @@ class CsvIdentifier:
         return rows
 
     def _row_v2(self, image: str, result) -> dict[str, str]:
-        """The v2 seed's row (REFERENCE.md §7), names as the seed spells them."""
+        """The v2 seed's row (docs/seed-v2.md), names as the seed spells them."""
         seed_name = self.state.scorer.settings.seed_name
         protos = result.prototype_candidates
         p1 = protos[0][1] if protos else 0.0

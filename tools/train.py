@@ -105,7 +105,7 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
     ``routing="seed"``: the seed's head over the common species (``common_n``
     most frequent, or ``min_count``) and its cascade. ``"fused"``: a
     logit-adjusted head over every species with ``head_min_count`` photos and
-    the fused decision (``server.fused``); the common/rare split then only
+    the fused decision (``server.decision.fused``); the common/rare split then only
     groups the evaluation report.
     """
     if routing not in ("seed", "fused"):

@@ -4,9 +4,6 @@ Curators add photos while the service runs and the next Identify uses them.
 SQLite is the source of truth (raw embeddings), the FAISS index is derived
 and rebuildable, and each write publishes a new immutable prototype set, so
 readers never lock. Spaces, locking, recovery and options: docs/gallery.md.
-
-Over 400 lines on purpose: writes, recovery (snapshot, replay, rebuild) and
-snapshots share the version and index they keep consistent.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from tqdm import tqdm
 from biolit_id.index.base import (
     AddOutcome,
     GalleryBase,
+    GallerySpace,
     RemoveOutcome,
     SpeciesExistsError,
     UnknownExemplarError,
@@ -53,7 +51,7 @@ TRAINING_SAMPLE = 200_000
 INDEX_CHUNK = 4096  # photos read from the store per index add, when rebuilding
 
 
-class Gallery(GalleryBase):
+class FaissGallery(GalleryBase):
     backend = "faiss"
 
     def __init__(
@@ -61,16 +59,13 @@ class Gallery(GalleryBase):
         directory: Path,
         *,
         catalog: CatalogView,
-        model_fingerprint: str,
-        embedding_dim: int,
         builder: PrototypeBuilder,
-        project: Callable[[np.ndarray], np.ndarray],
-        space_id: str,
+        space: GallerySpace,
         index_spec: IndexSpec | None = None,
         snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
         exclusive: bool = False,
     ) -> None:
-        super().__init__(catalog=catalog, builder=builder, project=project, space_id=space_id)
+        super().__init__(catalog=catalog, builder=builder, space=space)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.index_spec = index_spec or IndexSpec()
@@ -79,7 +74,7 @@ class Gallery(GalleryBase):
         self.exclusive = exclusive
         self._owner_fd = lock_gallery(self.directory, exclusive)
         try:
-            self._open(model_fingerprint, embedding_dim)
+            self._open(space.model_fingerprint, space.embedding_dim)
         except BaseException:
             if getattr(self, "store", None) is not None:
                 self.store.close()

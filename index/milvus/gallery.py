@@ -14,9 +14,6 @@ Milvus holds. Only a disagreement that outlives a whole sweep with no write to
 that species in between (an interrupted add, two replicas racing on one row)
 is repaired, by recomputing the species from its photos. How replicas stay
 in step, and the settings: docs/deploy.md.
-
-Over 400 lines on purpose: the write path, the sync and the consistency check
-share the pending sums and the row stamps, and read best side by side.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +31,7 @@ from biolit_id.index.base import (
     AddOutcome,
     GalleryBase,
     GalleryError,
+    GallerySpace,
     RemoveOutcome,
     SpeciesExistsError,
     UnknownExemplarError,
@@ -84,19 +82,16 @@ class MilvusGallery(GalleryBase):
         target: MilvusTarget,
         *,
         catalog: CatalogView,
-        model_fingerprint: str,
-        embedding_dim: int,
         builder: PrototypeBuilder,
-        project: Callable[[np.ndarray], np.ndarray],
-        space_id: str,
+        space: GallerySpace,
         index: MilvusIndex | None = None,
     ) -> None:
-        super().__init__(catalog=catalog, builder=builder, project=project, space_id=space_id)
+        super().__init__(catalog=catalog, builder=builder, space=space)
         self.target = target
-        self.raw_dim = int(embedding_dim)
+        self.raw_dim = int(space.embedding_dim)
         self.index = index or MilvusIndex(
-            target, dim=self.dim, raw_dim=embedding_dim,
-            meta={"model_fingerprint": model_fingerprint, "space_id": space_id,
+            target, dim=self.dim, raw_dim=space.embedding_dim,
+            meta={"model_fingerprint": space.model_fingerprint, "space_id": space.space_id,
                   "legacy_space_id": builder.source},
         )
         self._stamps: dict[str, int] = {}

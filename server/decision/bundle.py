@@ -10,7 +10,6 @@ is refused: its prototypes and head would silently score garbage.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from biolit_id.index.core.atomic import atomic_write
+from biolit_id.index.core.digest import file_sha256
 from biolit_id.server.decision.types import Thresholds
 
 FORMAT = "biolit-id-bundle/1"
@@ -52,7 +52,7 @@ class Bundle:
     alpha: float
     thresholds: Thresholds
     taxon_thresholds: dict[str, float] = field(default_factory=dict)
-    # Decision rule (server.decision.ROUTINGS): "seed" (the cascade; bundles without the
+    # Decision rule (server.decision.registry.ROUTINGS): "seed" (the cascade; bundles without the
     # key), "fused" (one calibrated distribution, what train writes); "fusion" its weights.
     routing: str = "seed"
     fusion: dict = field(default_factory=dict)
@@ -148,7 +148,7 @@ class Bundle:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / WEIGHTS, save(self.tensors()))
-        self.bundle_id = _file_digest(directory / WEIGHTS)
+        self.bundle_id = file_sha256(directory / WEIGHTS)[:16]
         manifest = self.manifest()
         manifest["bundle_id"] = self.bundle_id
         atomic_write(directory / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -179,7 +179,7 @@ def load_bundle(
     except Exception as exc:
         raise BundleError(f"{weights_path} is corrupt: {exc}") from None
     recorded_id = manifest.get("bundle_id")
-    if recorded_id and recorded_id != _file_digest(weights_path):
+    if recorded_id and recorded_id != file_sha256(weights_path)[:16]:
         raise BundleError(f"{weights_path} does not match its manifest (bundle_id differs)")
 
     dim = int(manifest["embedding_dim"])
@@ -237,7 +237,7 @@ def load_bundle(
         },
         created_at=manifest.get("created_at", ""),
         training_fingerprint=manifest.get("training_data_fingerprint", ""),
-        bundle_id=recorded_id or _file_digest(weights_path),
+        bundle_id=recorded_id or file_sha256(weights_path)[:16],
     )
 
 
@@ -275,13 +275,4 @@ def _check_consistent(directory: Path, species: list[str], common: list[str],
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
 

@@ -20,7 +20,7 @@ photo does not cost a confident answer the others agree on.
 is sharpened or softened by ``1 + gamma (n - 1)``. Measured against the
 product in docs/observations.md.
 
-**Prior**: the place-and-season factor of ``server.prior`` enters as
+**Prior**: the place-and-season factor of ``server.decision.prior`` enters as
 ``factor ** weight``. ``rho``, ``eps``, ``gamma``, ``weight`` and the prior's
 floor are fitted by ``biolit-id prior calibrate`` on validation observations
 (``tools/training/observation_fit.py``); the answer is given when its probability

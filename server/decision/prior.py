@@ -13,7 +13,7 @@ once, which a few hundred records per species do not give (measured in
 docs/observations.md). Each species gets its own bandwidths, chosen by
 leave-one-out likelihood when it is fitted. How strongly the factor counts
 (``weight``) and the floor kept by species never recorded nearby are fitted
-on validation observations (``server.observation.CombinerParams``), not here.
+on validation observations (``server.decision.observations.CombinerParams``), not here.
 
 Files (``biolit-id prior fit`` writes them, into ``BUNDLE/prior/`` or
 ``DATA_DIR/prior/``): ``prior.npz`` (records as unit vectors and day angles,

@@ -1,7 +1,7 @@
 """Per-rank heads: one small MLP per taxonomic rank, on the whitened features.
 
-The architecture is the BioLit seed v2's ``LevelMLP`` (``../shared/seed-v2/
-REFERENCE.md`` §3): Linear(P -> H), BatchNorm1d(H) in eval mode, ReLU,
+The architecture is the BioLit seed v2's ``LevelMLP`` (docs/seed-v2.md,
+"The decision, in our words"): Linear(P -> H), BatchNorm1d(H) in eval mode, ReLU,
 Dropout (identity at inference), Linear(H -> C), softmax. Imported v2 heads
 and the heads ``biolit-id train --rank-heads`` fits share this module, so one
 forward pass (float64 numpy) serves both.

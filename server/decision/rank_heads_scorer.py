@@ -11,7 +11,7 @@ class and phylum were mostly wrong):
   mass under taxon ``t``. A taxon without species mass gets ``q = 0``: no
   taxon is ever reported that the species distribution does not support.
 * a rank answer (species not answered) is given at the finest rank whose
-  mass-based answer passes its calibrated threshold (``server.taxonomy``)
+  mass-based answer passes its calibrated threshold (``server.decision.ranks``)
   *and* is the head's own top-1; otherwise the next coarser rank is tried.
   The confidence stays the calibrated mass, so ``calibrate``'s thresholds
   keep their meaning; the heads can only withhold an answer, never invent one.

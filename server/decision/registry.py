@@ -1,7 +1,7 @@
 """Which decision rule a bundle gets: its manifest's ``routing`` names one here.
 
 A new rule (say per-rank heads) lives in its own module with a scorer class
-(``server.scoring.Scorer``) and adds one line to ``ROUTINGS``; nothing else
+(``server.decision.types.Scorer``) and adds one line to ``ROUTINGS``; nothing else
 in the service or the tools needs to know about it. Bundles without a
 ``routing`` key are the seed's (``import-seed`` writes none), so they keep
 the seed's cascade.

@@ -1,6 +1,6 @@
 """``routing: seed-v2``: the BioLit seed's second-generation decision, exactly.
 
-``../shared/seed-v2/REFERENCE.md`` §4-6: Proto-CLIP over the species
+docs/seed-v2.md ("The decision, in our words"): Proto-CLIP over the species
 (``softmax(T * cos)`` on the whitened 256-d features); the species is answered
 when its probability ``p1 >= threshold`` and ``p1 - p2 >= margin``. Otherwise
 the per-rank heads are walked family -> order -> class -> phylum -> kingdom
@@ -38,7 +38,7 @@ from biolit_id.server.decision.types import (
 
 ROUTING = "seed-v2"
 MANIFEST_KEY = "seed_v2"
-# REFERENCE.md §5: ml/classification/BioClipv2/config.py; the later production copy: 0.35 / 0.05.
+# The seed v2 config (docs/seed-v2.md); the later production copy: 0.35 / 0.05.
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MARGIN = 0.10
 PRODUCTION_THRESHOLD = 0.35
@@ -111,7 +111,7 @@ def decide(p_proto: np.ndarray, rank_probs: Mapping[str, np.ndarray],
            rank_labels: Mapping[str, Sequence[str]], names: Sequence[str],
            threshold: float, margin: float, walk: Sequence[str] = WALK
            ) -> tuple[Routed, np.ndarray, np.ndarray]:
-    """REFERENCE.md §6 for a batch: (routed, rank per row, answered name per row)."""
+    """The seed v2 decision (docs/seed-v2.md), batched: (routed, rank per row, name per row)."""
     p_proto = np.asarray(p_proto, dtype=np.float64)
     n = len(p_proto)
     method = np.full(n, int(Method.REJECTED))
@@ -153,7 +153,7 @@ def allowed_labels(heads: RankHeads, taxonomy: Mapping[str, Mapping[str, str]],
 
 
 class SeedV2Scorer:
-    """Scorer for ``routing: seed-v2`` bundles (``server.decision.ROUTINGS``)."""
+    """Scorer for ``routing: seed-v2`` bundles (``server.decision.registry.ROUTINGS``)."""
 
     mode = ROUTING
     owns_rank_answers = True

@@ -99,7 +99,7 @@ class Identification:
 
 
 # (queries in the prototype space [B, P], species names) -> [B, n] similarity of each
-# query to that species' nearest reference photos, NaN where it has none (server.fused).
+# query to that species' nearest reference photos, NaN where it has none (server.decision.fused).
 NeighbourFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 

@@ -2,7 +2,7 @@
 
 Mixed into ``SpeciesIdentifierServicer``: this module validates and decodes,
 the gallery (``state.gallery``) does the work, and errors are raised for
-``server.errors`` to map, so every RPC reports a failure with one code.
+``server.grpc.errors`` to map, so every RPC reports a failure with one code.
 Stream semantics and codes: docs/api.md.
 """
 
@@ -86,7 +86,7 @@ class CurationServicer:
     deadline the batcher honours) from the servicer."""
 
     # -------------------------------------------------------------- helpers
-    # Errors are raised, never aborted here: server.errors maps them to codes.
+    # Errors are raised, never aborted here: server.grpc.errors maps them to codes.
 
     def _gallery(self):
         gallery = getattr(self.state, "gallery", None)

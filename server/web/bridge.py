@@ -7,7 +7,7 @@ server uses, through ``HttpContext``, which gives it what a
 ``invocation_metadata``). What the gRPC interceptors do before a call is done
 here with the same functions: the API key check (``auth.refusal_for``), the
 message-size cap and the per-field limits (``limits.check_request``).
-Servicers raise errors that ``server.errors`` maps to a status (the gRPC
+Servicers raise errors that ``server.grpc.errors`` maps to a status (the gRPC
 ``ErrorInterceptor`` applies the same table) or abort through the context.
 A gRPC status code becomes the HTTP status of Google's HTTP mapping
 (``google/rpc/code.proto``) and a JSON body ``{"code": NAME, "message": ...}``.
@@ -134,7 +134,7 @@ class Bridge:
             argument = iter(request) if isinstance(request, list) else request
             try:
                 return behavior(argument, HttpContext(peer))
-            except MAPPED_ERRORS as exc:  # servicers raise; server.errors has the table
+            except MAPPED_ERRORS as exc:  # servicers raise; server.grpc.errors has the table
                 found = status_of(exc)
                 if found is None:
                     raise

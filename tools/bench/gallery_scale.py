@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from biolit_id.cli.bench.vectors import K, exact_neighbours, recall_at_k, synthetic_vectors
-from biolit_id.index.backends import GallerySpace, open_backend
-from biolit_id.index.base import GalleryBase
+from biolit_id.index.base import GalleryBase, GallerySpace
+from biolit_id.index.gallery import open_gallery
 from biolit_id.index.prototypes import PrototypeBuilder
 from biolit_id.index.store import NewExemplar
 from biolit_id.index.writer import write_stream
@@ -70,7 +70,7 @@ def open_synthetic_gallery(uri: str, data_dir: Path, dim: int, seed: int = 0) ->
                                alpha=0.8, text_base=text, source="bench:synthetic")
     space = GallerySpace(f"bench-{dim}", dim, f"raw:bench-{dim}",
                          lambda x: np.asarray(x, np.float32))
-    return open_backend(uri.format(dir=data_dir), data_dir=data_dir, catalog=catalog,
+    return open_gallery(uri.format(dir=data_dir), data_dir=data_dir, catalog=catalog,
                         builder=builder, space=space)
 
 

@@ -1,6 +1,6 @@
 """Scoring a labelled embedding set with a bundle, and the numbers we judge it by.
 
-``score_set`` runs the bundle's own scorer (``server.decision.scorer_for``:
+``score_set`` runs the bundle's own scorer (``server.decision.registry.scorer_for``:
 the seed's cascade or the fused distribution) and ``rank_answers`` the
 service's own taxonomy code, so calibration and evaluation measure exactly
 what ``serve`` will answer — there is no second implementation of the

@@ -1,7 +1,7 @@
 """``biolit-id evaluate --real-crops FEATURES.npz``: a bundle on the seed v2's 79 real crops.
 
 The only real, labelled BioCLIP-2 embeddings this project has: 79 crops of 46
-field photos (``../shared/seed-v2/``). Their labels are the observers' French
+field photos (the seed v2 data, docs/seed-v2.md). Their labels are the observers' French
 vernacular names inside the file names (``{id}_{vernacular}_{photo}_{phrase}_
 {score}.jpg``), mapped to species through the catalog's French names only when
 exactly one species carries the name. Observations of a species' eggs,

@@ -16,7 +16,6 @@ and puts the copy in place atomically. Milvus galleries: docs/operations.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -26,12 +25,13 @@ import time
 from pathlib import Path
 
 from biolit_id.index.core.atomic import atomic_path, atomic_write
+from biolit_id.index.core.digest import file_sha256
 from biolit_id.index.faiss.gallery import SNAPSHOT_FILE, STORE_FILE
 from biolit_id.index.store import StoreError, lock_store
 from biolit_id.server.catalog.store import OVERLAY_FILE
 
 FORMAT = "biolit-gallery-backup/1"
-GALLERY_DIR = "gallery"  # under --data-dir, as index.backends opens it
+GALLERY_DIR = "gallery"  # under --data-dir, as index.gallery opens it
 MANIFEST = "backup.json"
 
 
@@ -92,7 +92,7 @@ def backup(data_dir: Path, out_dir: Path) -> dict:
     if overlay.is_file():
         atomic_write(out_dir / OVERLAY_FILE, overlay.read_bytes())
     info.update(format=FORMAT, source=str(source), taken_at=started,
-                seconds=round(time.time() - started, 3), sha256=_sha256(target),
+                seconds=round(time.time() - started, 3), sha256=file_sha256(target),
                 overlay=overlay.is_file())
     atomic_write(out_dir / MANIFEST, json.dumps(info, indent=2))
     return info
@@ -108,7 +108,7 @@ def restore(data_dir: Path, in_dir: Path) -> dict:
     if info.get("format") != FORMAT:
         raise BackupError(f"{in_dir} holds format {info.get('format')!r}, not {FORMAT}")
     copy = in_dir / STORE_FILE
-    if _sha256(copy) != info.get("sha256"):
+    if file_sha256(copy) != info.get("sha256"):
         raise BackupError(f"{copy} does not match {MANIFEST} (SHA-256 differs): damaged copy")
     gallery = Path(data_dir) / GALLERY_DIR
     gallery.mkdir(parents=True, exist_ok=True)
@@ -149,10 +149,3 @@ def _describe(conn: sqlite3.Connection) -> dict:
         "embedding_dim": int(meta.get("embedding_dim", 0)),
     }
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -112,10 +112,9 @@ def open_offline_gallery(gallery: str, model_spec: str, bundle_path: Path | None
     from biolit_id.server.config import ServerConfig
     from biolit_id.server.decision.bundle import load_bundle
     from biolit_id.server.decision.registry import scorer_for
-    from biolit_id.server.gallery_setup import open_gallery
     from biolit_id.server.inference.model_loader import load_model
     from biolit_id.server.inference.text_prototypes import TextPrototypeCache
-    from biolit_id.server.wiring import initial_prototypes
+    from biolit_id.server.wiring import initial_prototypes, open_service_gallery
 
     gallery = gallery or "faiss"
     if gallery.startswith("milvus"):
@@ -131,7 +130,7 @@ def open_offline_gallery(gallery: str, model_spec: str, bundle_path: Path | None
     base = initial_prototypes(catalog, scorer, text_cache)
     config = ServerConfig(model=model_spec, data_dir=data_dir, bundle=bundle_path,
                           gallery=gallery)
-    return open_gallery(config, model=model, catalog=catalog, scorer=scorer,
+    return open_service_gallery(config, model=model, catalog=catalog, scorer=scorer,
                         text_cache=text_cache, base=base, exclusive=True)
 
 

@@ -7,7 +7,6 @@ for a rejection and the French rank names must stay exactly as they were.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,14 +27,6 @@ SEED_PREPROCESSING = {
 
 class SeedImportError(ValueError):
     """The seed files cannot be imported as they are; the message says why."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
@@ -149,7 +140,7 @@ def confidence_text(value: float | None) -> str:
 
 # ------------------------------------------------------------------ seed v2 (BioCLIP-2)
 
-# ../shared/seed-v2/REFERENCE.md §7, predictions.csv, in this order.
+# The seed v2 predictions.csv columns (docs/seed-v2.md), in this order.
 SEED_V2_COLUMNS: tuple[str, ...] = (
     "image",
     "best_level",

@@ -1,6 +1,6 @@
 """``biolit-id import-seed --v2``: the seed's second generation (BioCLIP-2) as a bundle.
 
-Three files (``../shared/seed-v2/REFERENCE.md`` §8), each read without ever
+Three files (docs/seed-v2.md), each read without ever
 running code from it:
 
 * ``proto_model.npz``: ``np.load(allow_pickle=False)``: prototypes, the PCA
@@ -37,8 +37,8 @@ from biolit_id.cli.seedcompat.formats import (
     numpy_reconstruct,
     safe_torch_load,
     seed_file,
-    sha256_of,
 )
+from biolit_id.index.core.digest import file_sha256
 from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.decision.bundle import Bundle
 from biolit_id.server.decision.rank_heads import LAYER_KEYS, RankHead, RankHeadError, RankHeads
@@ -268,7 +268,7 @@ def read_seed_v2(prototypes: Path, classifier: Path, taxonomy: Path) -> SeedV2Ar
         heads=heads,
         taxonomy=taxonomy_by_rank,
         source={"kind": "biolit-seed-v2",
-                **{k: {"file": Path(p).name, "sha256": sha256_of(p)}
+                **{k: {"file": Path(p).name, "sha256": file_sha256(p)}
                    for k, p in (("prototypes", prototypes), ("classifier", classifier),
                                 ("taxonomy", taxonomy))}},
     )

@@ -39,7 +39,7 @@ SIMULATED_MAX = 12
 
 
 def fusion_logits_torch(w: dict, cos, head_lp, c2g, log_prior, near):
-    """``server.fused.fused_logits`` in torch (a test keeps the two equal)."""
+    """``server.decision.fused.fused_logits`` in torch (a test keeps the two equal)."""
     import torch
 
     level = w["prior"] * log_prior.mean() if len(log_prior) else 0.0

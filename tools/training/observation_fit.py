@@ -1,8 +1,8 @@
 """Scoring labelled observations with a bundle, and fitting the combiner on them.
 
 Per-photo distributions come from the bundle's own scorer (``scorer_for``,
-what ``serve`` uses), the combination from ``server.observation`` and the
-place-and-season densities from ``server.prior``: the fit and the evaluation
+what ``serve`` uses), the combination from ``server.decision.observations`` and the
+place-and-season densities from ``server.decision.prior``: the fit and the evaluation
 measure what the service answers. Parameters are chosen by grid search on
 the negative log-likelihood of the true species (a proper scoring rule, so
 the fitted answers stay calibrated): ``rho``/``outlier`` (and ``pooled_gamma``)

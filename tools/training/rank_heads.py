@@ -1,11 +1,11 @@
 """Per-rank heads for ``biolit-id train --rank-heads``: one head per rank, on the rows that have it.
 
-The head is the seed v2's ``LevelMLP`` (``server.seed_v2_heads``), fitted on
+The head is the seed v2's ``LevelMLP`` (``server.decision.rank_heads``), fitted on
 the bundle's whitened training features. A photo whose species has no taxon
 at a rank (a group across genera, a species the taxonomy leaves without an
 order) is left out of that rank's head, and only of that one.
 
-The seed v2's trainer did this wrongly (``../shared/seed-v2/REFERENCE.md``
+The seed v2's trainer did this wrongly (docs/seed-v2.md
 §3): it filtered the rows, re-indexed them from 0, then took the features by
 the new index, so every label after the first dropped row was paired with
 another photo. Here one array of row numbers selects both the features and
@@ -36,7 +36,7 @@ DEFAULT_RANKS = HEAD_RANKS  # kingdom ... genus
 
 @dataclass(frozen=True)
 class RankHeadSettings:
-    """The seed v2's recipe (REFERENCE.md §5), with a class-balanced loss for its sampler."""
+    """The seed v2's recipe (docs/seed-v2.md), with a class-balanced loss for its sampler."""
 
     epochs: int = 40
     batch_size: int = 64

@@ -15,7 +15,6 @@ processes starting at once never read a half-written model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from biolit_id.index.core.digest import file_sha256
 from biolit_id.server.inference.embedders.base import RuntimeUnavailableError, require
 from biolit_id.server.inference.embedders.calibration import calibration_pixels, calibration_tag
 from biolit_id.server.inference.embedders.hardware import cpu_has_vnni
@@ -76,7 +76,7 @@ CHECKSUMS = "checksums.json"
 
 def _write_checksums(folder: Path) -> None:
     """SHA-256 of every file the build wrote, checked each time the export is reused."""
-    sums = {p.relative_to(folder).as_posix(): _sha256(p)
+    sums = {p.relative_to(folder).as_posix(): file_sha256(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), "utf-8")
 
@@ -91,14 +91,9 @@ def _damage(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its checksum"
     return None
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _image_tower(visual):

@@ -6,13 +6,10 @@ FAISS and a FAISS one never needs pymilvus.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from biolit_id.index.base import GalleryBase, GalleryConfigError
+from biolit_id.index.base import GalleryBase, GalleryConfigError, GallerySpace
 from biolit_id.index.core.catalog_view import CatalogView
 from biolit_id.index.prototypes import PrototypeBuilder
 
@@ -20,17 +17,7 @@ FAISS_KINDS = ("faiss:flat | faiss:ivf-flat,nlist=N,nprobe=N | faiss:ivf-sq8 | "
                "faiss:ivf-pq | faiss:auto")
 
 
-@dataclass(frozen=True)
-class GallerySpace:
-    """Where the gallery's vectors live and how a raw embedding gets there."""
-
-    model_fingerprint: str
-    embedding_dim: int
-    space_id: str
-    project: Callable[[np.ndarray], np.ndarray]
-
-
-def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
+def open_gallery(uri: str, *, data_dir: str | Path, catalog: CatalogView,
                  builder: PrototypeBuilder, space: GallerySpace,
                  snapshot_every: int | None = None, refine_every: float = 0.0,
                  exclusive: bool = False) -> GalleryBase:
@@ -41,9 +28,7 @@ def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
     ``exclusive``: hold a FAISS gallery alone (``gallery rebuild``); Milvus ignores it.
     """
     uri = uri or "faiss"
-    common = dict(catalog=catalog, model_fingerprint=space.model_fingerprint,
-                  embedding_dim=space.embedding_dim, builder=builder,
-                  project=space.project, space_id=space.space_id)
+    common = dict(catalog=catalog, builder=builder, space=space)
     if uri.startswith("milvus"):
         from biolit_id.index.milvus.gallery import MilvusGallery
         from biolit_id.index.milvus.target import parse_target
@@ -58,11 +43,12 @@ def open_backend(uri: str, *, data_dir: str | Path, catalog: CatalogView,
             f"gallery backend {backend!r} is not available here; use faiss "
             f"(optionally {FAISS_KINDS}) or milvus-lite:PATH | milvus://HOST:PORT/COLLECTION"
         )
-    from biolit_id.index.faiss.gallery import DEFAULT_SNAPSHOT_EVERY, Gallery
+    from biolit_id.index.faiss.gallery import DEFAULT_SNAPSHOT_EVERY, FaissGallery
     from biolit_id.index.faiss.vector_index import IndexSpec
 
-    gallery = Gallery(Path(data_dir) / "gallery", index_spec=IndexSpec.parse(options or "flat"),
-                      snapshot_every=snapshot_every or DEFAULT_SNAPSHOT_EVERY,
-                      exclusive=exclusive, **common)
+    gallery = FaissGallery(Path(data_dir) / "gallery",
+                           index_spec=IndexSpec.parse(options or "flat"),
+                           snapshot_every=snapshot_every or DEFAULT_SNAPSHOT_EVERY,
+                           exclusive=exclusive, **common)
     gallery.start_refiner(refine_every)
     return gallery
