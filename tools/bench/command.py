@@ -21,6 +21,7 @@ from biolit_id.cli.bench.common import machine, parse_pairs, parse_size, start_b
 from biolit_id.cli.bench.gallery import bench_gallery_size, bench_start
 from biolit_id.cli.bench.gallery_scale import BACKENDS, CHECKPOINTS, STREAM, bench_backend
 from biolit_id.cli.bench.model import bench_decode, bench_forward, bench_seed_path
+from biolit_id.cli.bench.models import run_models
 from biolit_id.cli.bench.report import evaluate_targets, table
 from biolit_id.cli.bench.rpc import auto_record, bench_adds, bench_service
 from biolit_id.cli.bench.service import report_lines, service_ceiling
@@ -90,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(short runs) or streams all the way (default: %(default)s)")
     parser.add_argument("--scale-dim", type=int, default=512,
                         help="vector size of the gallery-<backend> sections (512: zero-shot)")
+    parser.add_argument("--models", action="store_true",
+                        help="compare BioCLIP and BioCLIP-2 (demo weights): load, CPU per photo, "
+                             "memory; writes bench-models.json beside --out")
+    parser.add_argument("--models-runtimes", default="",
+                        help="with --models, also time these runtime:precision pairs in wall "
+                             "time, e.g. torch:fp32,openvino:fp32 (wants a quiet machine)")
     add_soak_arguments(parser)
 
 
@@ -112,6 +119,8 @@ def quick_settings(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.soak:  # not a section: a long run with kills (tools/bench/soak.py)
         return run_soak(args)
+    if args.models:  # not a section: two models of its own (tools/bench/models.py)
+        return run_models(args)
     if args.report:
         results = json.loads(args.out.read_text("utf-8"))
         results["targets"] = evaluate_targets(results)

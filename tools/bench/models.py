@@ -9,8 +9,7 @@ numbers), the text tower on the catalog's prompts (a zero-shot start),
 resident memory and the weights on disk. With ``pairs`` the image tower is
 also timed per runtime as ``biolit-id bench`` does (``bench_model.
 bench_forward``: wall time, fidelity gate), which wants a quiet machine. ``biolit-id
-bench`` can call ``compare_models``; ``python -m biolit_id.cli.bench.models``
-runs it alone.
+bench --models`` runs it (not a section: it loads two models of its own).
 """
 
 from __future__ import annotations
@@ -170,24 +169,13 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for models and JSON")
-    parser.add_argument("--runtimes", default="",
-                        help="also time these runtime:precision pairs in wall time, e.g. "
-                             "torch:fp32,openvino:fp32 (wants a quiet machine)")
-    parser.add_argument("--photos", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    pairs = parse_pairs(args.runtimes) if args.runtimes else ()
-    report = compare_models(args.out, pairs=pairs, photos=args.photos,
-                            repeats=args.repeats, batch=args.batch)
-    (args.out / "bench-models.json").write_text(json.dumps(report, indent=2), "utf-8")
+def run_models(args: argparse.Namespace) -> int:
+    """``biolit-id bench --models``: both architectures side by side, JSON beside ``--out``."""
+    pairs = parse_pairs(args.models_runtimes) if args.models_runtimes else ()
+    folder = args.out.parent
+    report = compare_models(folder / "models", pairs=pairs, photos=args.photos,
+                            repeats=args.repeats, batch=8)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench-models.json").write_text(json.dumps(report, indent=2), "utf-8")
     print(table(report))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
