@@ -120,7 +120,7 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
 def seed_bundle(tmp_path_factory: pytest.TempPathFactory, loaded_demo_model,
                 demo_model_spec: str) -> Path:
     """The seed v4's published head and prototypes imported over the demo model."""
-    from biolit_id.cli.import_seed import import_seed
+    from biolit_id.cli.seedcompat.import_v4 import import_seed
 
     bundle = import_seed(SEED_DIR / "best_model_top50.pth", SEED_DIR / "prototypes_v4.pt",
                          demo_model_spec, model=loaded_demo_model)

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pytest
 
-from biolit_id.cli.bench.gallery_scale import _items, open_synthetic_gallery
+from biolit_id.cli.bench.gallery_scale import open_synthetic_gallery, synthetic_items
 from biolit_id.cli.bench.vectors import synthetic_vectors
 from biolit_id.index.faiss import gallery as faiss_gallery
 from biolit_id.index.milvus.rows import exemplar_id_for
@@ -29,7 +29,7 @@ def test_a_healthy_10k_milvus_gallery_is_never_repaired_and_a_real_fault_is(tmp_
         species = list(gallery.prototypes().names[:3])
         vectors, _ = synthetic_vectors(10_000, DIM, seed=3)
         for start in range(0, len(vectors), 2000):
-            gallery.add_many(_items(vectors[start:start + 2000], start, species))
+            gallery.add_many(synthetic_items(vectors[start:start + 2000], start, species))
         assert gallery.index.count() == gallery.size == 10_000
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="biolit_id.index.milvus.gallery"):
@@ -41,7 +41,7 @@ def test_a_healthy_10k_milvus_gallery_is_never_repaired_and_a_real_fault_is(tmp_
         # A photo stored without its species row (a replica killed mid-add): repaired,
         # once it has outlived a sweep, from the photos themselves.
         vec = synthetic_vectors(1, DIM, seed=4)[0][0]
-        item = _items(vec[None, :], 10_000, species[:1])[0]
+        item = synthetic_items(vec[None, :], 10_000, species[:1])[0]
         eid = exemplar_id_for(item.species, item.content_sha256)
         gallery.index.insert([gallery.index.exemplar_row(
             eid, item.species, vec, vec, content_sha256=item.content_sha256, added_at=0.0)])
@@ -60,7 +60,7 @@ def test_faiss_sums_are_written_with_the_photos_and_survive_a_restart(tmp_path, 
     gallery = open_synthetic_gallery("faiss", tmp_path, DIM)
     species = list(gallery.prototypes().names[:2])
     vectors, _ = synthetic_vectors(300, DIM, seed=5)
-    items = _items(vectors, 0, species)
+    items = synthetic_items(vectors, 0, species)
     for item in items[:100]:
         gallery.add_exemplar(item, refresh=False)
     gallery.add_many(items[100:])
@@ -96,7 +96,7 @@ def test_ivf_training_reads_only_the_sample(tmp_path, monkeypatch):
     try:
         species = list(gallery.prototypes().names[:3])
         vectors, _ = synthetic_vectors(2000, DIM, seed=6)
-        gallery.add_many(_items(vectors, 0, species))
+        gallery.add_many(synthetic_items(vectors, 0, species))
         sample = gallery.store.sample_ids(300, seed=1)
         assert len(sample) == len(set(sample.tolist())) == 300
         assert np.all(np.diff(sample) > 0) and set(sample) <= set(gallery.store.all_ids())

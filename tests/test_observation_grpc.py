@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import requests
 
-from biolit_id.cli.prior import clean_records, fit_prior
+from biolit_id.cli.training.prior_fit import clean_records, fit_prior
 from biolit_id.cli.training.synthetic_observations import (
     fit_temperature,
     make_world,

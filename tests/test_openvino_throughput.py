@@ -20,7 +20,7 @@ from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.inference.embedders import hardware
 from biolit_id.server.inference.embedders.auto import (
     AUTO_CANDIDATES,
-    _eligible,
+    eligible_candidates,
     resolve_auto,
     service_cost,
     time_forward,
@@ -95,21 +95,21 @@ def test_a_throughput_mode_that_fails_the_gate_is_not_kept(loaded_demo_model, ca
 
 def test_int8_is_an_auto_candidate_only_on_amx(monkeypatch, tmp_path):
     _fake_cpu(monkeypatch, tmp_path, AVX2_FLAGS)
-    plain = _eligible("auto", "auto", AUTO_CANDIDATES)
+    plain = eligible_candidates("auto", "auto", AUTO_CANDIDATES)
     assert not any(p == "int8" for _, p in plain)
     assert not any(p == "bf16" for _, p in plain)
     assert ("openvino-throughput", "fp32") in plain
     _fake_cpu(monkeypatch, tmp_path, INTEL_AMX_FLAGS)
-    amx = _eligible("auto", "auto", AUTO_CANDIDATES)
+    amx = eligible_candidates("auto", "auto", AUTO_CANDIDATES)
     for cand in [("openvino", "int8"), ("openvino-throughput", "int8"), ("onnx", "int8"),
                  ("openvino-throughput", "bf16")]:
         assert cand in amx
     # A pinned precision still wins over the CPU.
-    assert {p for _, p in _eligible("auto", "fp32", AUTO_CANDIDATES)} == {"fp32"}
+    assert {p for _, p in eligible_candidates("auto", "fp32", AUTO_CANDIDATES)} == {"fp32"}
     # AVX512-VNNI without AMX: int8 stays opt-in.
     _fake_cpu(monkeypatch, tmp_path, "avx2 avx512f avx512_vnni")
-    assert not any(p == "int8" for _, p in _eligible("auto", "auto", AUTO_CANDIDATES))
-    assert any(p == "int8" for _, p in _eligible("auto", "int8", AUTO_CANDIDATES))
+    assert not any(p == "int8" for _, p in eligible_candidates("auto", "auto", AUTO_CANDIDATES))
+    assert any(p == "int8" for _, p in eligible_candidates("auto", "int8", AUTO_CANDIDATES))
 
 
 def test_int8_on_amx_goes_through_the_gate(loaded_demo_model, monkeypatch, tmp_path):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from biolit_id.cli.main import main
-from biolit_id.cli.prior import (
+from biolit_id.cli.training.prior_fit import (
     OccurrenceError,
     clean_records,
     fit_prior,

@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from biolit_id.cli.import_seed import (
+from biolit_id.cli.import_seed import SeedImportError, summary_lines
+from biolit_id.cli.main import main as cli
+from biolit_id.cli.seedcompat.import_v4 import (
     GENERIC_PROMPT,
-    SeedImportError,
     import_seed,
     load_seed_file,
     seed_safe_globals,
-    summary_lines,
 )
-from biolit_id.cli.main import main as cli
 from biolit_id.index.core.vectors import fuse_prototypes
 from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.decision.bundle import load_bundle

@@ -6,8 +6,8 @@ import itertools
 
 import numpy as np
 
-from biolit_id.cli.import_seed import load_seed_file
 from biolit_id.cli.seedcompat.import_v2 import read_tax_lookup
+from biolit_id.cli.seedcompat.import_v4 import load_seed_file
 from biolit_id.server.catalog.catalog import LINEAGE_RANKS, Catalog
 from conftest import SEED_DIR, SEED_V2_DIR
 

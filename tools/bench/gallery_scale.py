@@ -74,7 +74,7 @@ def open_synthetic_gallery(uri: str, data_dir: Path, dim: int, seed: int = 0) ->
                         builder=builder, space=space)
 
 
-def _items(vectors: np.ndarray, start: int, species: Sequence[str]) -> list[NewExemplar]:
+def synthetic_items(vectors: np.ndarray, start: int, species: Sequence[str]) -> list[NewExemplar]:
     return [NewExemplar(species=species[(start + i) % len(species)], embedding=v,
                         content_sha256=hashlib.sha256(v.tobytes()).hexdigest(),
                         source_uri=f"bench://{start + i}")
@@ -110,7 +110,7 @@ def bench_backend(backend: str, data_dir: Path, *, dim: int = 512,
         for size in sorted(checkpoints):
             while len(ids) < size:  # fill up to the checkpoint
                 n = min(stream if fill == "stream" else BULK, size - len(ids))
-                batch = _items(vectors[len(ids):len(ids) + n], len(ids), species)
+                batch = synthetic_items(vectors[len(ids):len(ids) + n], len(ids), species)
                 if fill == "stream":
                     ids += _stream(gallery, batch)[1]
                 else:
@@ -125,7 +125,7 @@ def bench_backend(backend: str, data_dir: Path, *, dim: int = 512,
             settle_s = time.perf_counter() - settled
             rates = []
             for _ in range(repeats):  # the median: background work (compaction) comes in bursts
-                seconds, got = _stream(gallery, _items(vectors[len(ids):len(ids) + stream],
+                seconds, got = _stream(gallery, synthetic_items(vectors[len(ids):len(ids) + stream],
                                                        len(ids), species))
                 ids += got
                 rates.append(stream / seconds)

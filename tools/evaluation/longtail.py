@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.import_seed import load_seed_file
+from biolit_id.cli.seedcompat.import_v4 import load_seed_file
 from biolit_id.cli.training.datasets import EmbeddingSet, stratified_split, write_embeddings
 from biolit_id.server.catalog.catalog import Catalog
 

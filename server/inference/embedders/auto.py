@@ -74,7 +74,7 @@ class AutoChoice:
     batch: int = 8  # photos per timed forward: the service's batch size
 
 
-def _eligible(runtime: str, precision: str,
+def eligible_candidates(runtime: str, precision: str,
               candidates: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     out = []
     for cand_runtime, cand_precision in candidates:
@@ -129,7 +129,7 @@ def resolve_auto(loaded: LoadedModel, runtime: str, precision: str,
     scored by ``service_cost`` (per photo alone and in batches of ``batch``,
     the service's batch size).
     """
-    eligible = _eligible(runtime, precision, candidates)
+    eligible = eligible_candidates(runtime, precision, candidates)
     tag = calibration_tag(calibration_dir)
     name = f"auto-{runtime}-{precision}-{tag}-b{batch}.json"
     record = artifact_root(loaded, cache_dir) / name
