@@ -908,7 +908,8 @@
                    "aria-label": t("result.confidence", { value: percent(d.confidence) }) }),
       h("br"), h("small", { class: "muted",
         text: what + " · " + t("result.method", { value: t("method." + d.method) }) })));
-    if (prior) nodes.push(priorBlock(prior, response));
+    // Without a place or date, IdentifyResponse has no prior: say the answer is photos-only.
+    if (prior || find) nodes.push(priorBlock(prior || { applied: false, reason: "" }, response));
     if (!rejected) {
       nodes.push(h("h4", { text: t("result.lineage") }),
                  lineageList(response.taxonomy, h("ol", { class: "lineage" })));
