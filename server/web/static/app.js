@@ -345,8 +345,9 @@
     card._context = contextForm(card);
     card._extras = h("div", { class: "extras" });
     card._tools = h("div", { class: "find-tools" });
-    card.append(h("div", { class: "result-head" }, card._strip, card._answer),
-                card._context, card._extras, card._tools);
+    card.append(h("div", { class: "result-head" },
+                  h("div", { class: "find-side" }, card._strip, card._tools), card._answer),
+                card._context, card._extras);
     return card;
   }
 
