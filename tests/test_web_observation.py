@@ -2,8 +2,8 @@
 
 Headless Chromium (the OS package) through Playwright, against a real server started
 in-process with the demo model, a SYNTHETIC bundle and a place-and-season prior
-(``biolit_id.cli.observations_synth``, as in tests/test_observation_grpc.py). The photos
-are real JPEG files written here with Pillow, carrying EXIF GPS positions and original
+(``biolit_id.cli.training.synthetic_observations``, as in tests/test_observation_grpc.py). The
+photos are real JPEG files written here with Pillow, carrying EXIF GPS positions and original
 dates (or none). What the page sends is read from the request itself (Playwright's
 request interception: URL, form fields or JSON, the image's pixel size); what it shows
 is read from the result card. The demo model is random: answers are meaningless, so the
@@ -28,15 +28,15 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from test_web_page import CHROMIUM_ARGS, DESKTOP, PHONE, _server, chromium_path, open_page
 
-from biolit_id.cli.observations_synth import (
+from biolit_id.cli.training.prior_fit import clean_records, fit_prior
+from biolit_id.cli.training.synthetic_observations import (
     fit_temperature,
     make_world,
     occurrences,
     world_bundle,
 )
-from biolit_id.cli.prior import clean_records, fit_prior
 from biolit_id.server.app import RunningServer
-from biolit_id.server.observation import CombinerParams
+from biolit_id.server.decision.observations import CombinerParams
 from conftest import photo_bytes
 
 ROSCOFF = (48.73, -3.98)
