@@ -74,6 +74,8 @@ def test_several_photos_beat_one(obs_stub, world) -> None:
     three = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(
         photos=photos, top_k=3, request_id="obs-1"))
     assert three.request_id == "obs-1"
+    # Embeddings only: nothing was decoded or embedded.
+    assert three.timing.decode_ms == 0 == three.timing.embed_ms and three.timing.total_ms > 0
     assert three.decision.method == pb.METHOD_OBSERVATION
     assert three.decision.species == "Fucus serratus"
     assert three.decision.rank == pb.RANK_SPECIES
@@ -135,8 +137,18 @@ def test_restriction_applies_to_the_observation(obs_stub, world) -> None:
     photos = photos_of(world, "Fucus serratus", 2, seed=4)
     resp = obs_stub.IdentifyObservation(pb.IdentifyObservationRequest(
         photos=photos, restrict_to=["Actiniidae"], top_k=5))
-    assert {c.species for c in resp.candidates} <= {
-        "Actinia equina", "Actinia mediterranea", "Anemonia viridis"}
+    actiniidae = {"Actinia equina", "Actinia mediterranea", "Anemonia viridis"}
+    # Photos of Fucus, restricted to the family: the answer and every candidate are in it,
+    # and the whole probability lies on its three species (top_k=5 leaves room for more).
+    scores = [c.score for c in resp.candidates]
+    assert {c.species for c in resp.candidates} == actiniidae
+    assert all(s > 0 for s in scores) and scores == sorted(scores, reverse=True)
+    assert sum(scores) == pytest.approx(1.0, abs=1e-6)
+    assert resp.decision.species == resp.candidates[0].species
+    assert resp.decision.confidence == pytest.approx(scores[0])
+    for photo in resp.photos:
+        assert photo.prototype_candidates
+        assert {c.species for c in photo.prototype_candidates} <= actiniidae
 
 
 def test_bad_requests_are_invalid_argument(obs_stub, world) -> None:
@@ -174,8 +186,15 @@ def test_photos_without_a_prior(stub) -> None:
     photos = [pb.ObservationPhoto(image=photo_bytes(s)) for s in (11, 12)]
     resp = stub.IdentifyObservation(pb.IdentifyObservationRequest(
         photos=photos, location=MARSEILLE, top_k=3))
-    assert len(resp.photos) == 2 and all(p.timing.embed_ms >= 0 for p in resp.photos)
-    assert resp.timing.decode_ms > 0 and resp.timing.total_ms > 0
+    # Both photos are decoded and embedded in one batch, timed once for the observation;
+    # each photo's own timing is its scoring.
+    assert len(resp.photos) == 2
+    timing = resp.timing
+    assert timing.decode_ms > 0 and timing.embed_ms > 0
+    assert all(p.timing.decode_ms == 0 == p.timing.embed_ms for p in resp.photos)
+    assert all(p.timing.score_ms > 0 for p in resp.photos)
+    assert timing.score_ms == pytest.approx(sum(p.timing.score_ms for p in resp.photos))
+    assert timing.total_ms > timing.decode_ms + timing.embed_ms + timing.score_ms
     assert not resp.evidence.prior.applied and "prior fit" in resp.evidence.prior.reason
     assert resp.versions.prior_version == ""
     assert resp.decision.method in (pb.METHOD_OBSERVATION, pb.METHOD_REJECTED)
