@@ -15,10 +15,10 @@ import json
 
 import numpy as np
 import pytest
+from longtail_fixture import LongTailSpec, generate
 
-from biolit_id.cli.bench_quality import add_at_runtime, without
-from biolit_id.cli.evaluation.longtail import LongTailSpec, generate
 from biolit_id.cli.evaluation.metrics import score_set
+from biolit_id.cli.evaluation.runtime_species import add_at_runtime, without
 from biolit_id.cli.main import main
 from biolit_id.cli.training.datasets import write_embeddings
 from biolit_id.proto import identification_pb2 as pb

@@ -20,8 +20,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("biolit_id.cli.train", "train the head, prototypes and whitening into a bundle"),
     "calibrate": ("biolit_id.cli.calibrate", "fit routing thresholds on validation embeddings"),
     "evaluate": ("biolit_id.cli.evaluate", "evaluate a bundle and write metrics and plots"),
-    "longtail": ("biolit_id.cli.evaluation.longtail",
-                 "write the synthetic long-tail benchmark set"),
     "bench-quality": ("biolit_id.cli.bench_quality",
                       "measure identification quality on the synthetic long tail"),
     "import-seed": ("biolit_id.cli.import_seed", "import the BioLit seed's trained artifacts"),

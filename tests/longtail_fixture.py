@@ -1,30 +1,26 @@
-"""``biolit-id longtail``: a synthetic long tail built on the seed's real class structure.
+"""The first synthetic long tail, kept as a test fixture (no longer a product command).
 
-No labelled BioLit photos ship with the project, so quality is measured on
-embeddings made from the seed's 100 real prototypes, mapped back to 512-d
-through its real whitening (docs/quality.md). Synthetic: it says how a
-decision rule behaves on data shaped like BioLit's, not how it does on photos.
+Isotropic equal-covariance noise around views in random directions, clean
+validation and test labels, the training prior at test: the model under which a
+cosine softmax with one temperature is optimal, so it flatters the method.
+``biolit-id bench-quality`` uses the realistic generators instead
+(``tools/evaluation/realistic_v4.py``, ``../shared/benchmarks/longtail_realistic.py``);
+tests use this one because it is small, fast and deterministic.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.seedcompat.import_v4 import load_seed_file
+from biolit_id.cli.evaluation.realistic_v4 import DEFAULT_SEED_DIR, seed_structure
 from biolit_id.cli.training.datasets import EmbeddingSet, stratified_split, write_embeddings
 from biolit_id.server.catalog.catalog import Catalog
 
-log = logging.getLogger(__name__)
-
-DEFAULT_SEED_DIR = Path(__file__).resolve().parents[2] / "shared" / "seed-v4"
 FRACTIONS = (0.70, 0.15, 0.15)
-SEED_PROTOTYPES_FILE = "prototypes_v4.pt"
 RAW_NORM = 0.85  # |f - mu| of a unit embedding whose mean has norm ~0.53 (the seed's mu)
 
 
@@ -55,19 +51,6 @@ class LongTail:
 
     def parts(self) -> dict[str, EmbeddingSet]:
         return {"train": self.train, "val": self.val, "test": self.test}
-
-
-def seed_structure(seed_dir: Path = DEFAULT_SEED_DIR) -> tuple[list[str], np.ndarray,
-                                                                np.ndarray, np.ndarray]:
-    """(names, whitened prototypes [100, 256], mu [1, 512], W [512, 256]) from the seed file."""
-    raw = load_seed_file(Path(seed_dir) / SEED_PROTOTYPES_FILE)
-    names = [str(raw["idx_to_species"][i]) for i in range(int(raw["num_species"]))]
-    protos = np.asarray(raw["prototypes"].numpy() if hasattr(raw["prototypes"], "numpy")
-                        else raw["prototypes"], dtype=np.float64)
-    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    mu = np.asarray(raw["whitening_mu"], dtype=np.float64)
-    w = np.asarray(raw["whitening_W"], dtype=np.float64)
-    return names, protos, mu, w
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -153,23 +136,3 @@ def write(out: Path, data: LongTail) -> dict:
     }
     (out / "longtail.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), "utf-8")
     return info
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="folder for the three parquets")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-noise", type=float, default=LongTailSpec.label_noise,
-                        help="share of wrong training labels (default %(default)s)")
-    parser.add_argument("--seed-dir", type=Path, default=DEFAULT_SEED_DIR,
-                        help="folder holding the seed's prototypes_v4.pt")
-
-
-def run(args: argparse.Namespace) -> int:
-    spec = LongTailSpec(seed=args.seed, label_noise=args.label_noise)
-    info = write(args.out, generate(spec, seed_dir=args.seed_dir))
-    c = info["counts"]
-    print(f"SYNTHETIC long tail (seed {args.seed}, label noise {args.label_noise:.0%}): "
-          f"train {c['train']}, val {c['val']}, test {c['test']} -> {args.out}")
-    print(f"  next: biolit-id train --embeddings {args.out}/train.parquet "
-          f"--val {args.out}/val.parquet --model MODEL --out BUNDLE")
-    return 0
