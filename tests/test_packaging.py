@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Folder on disk -> where its modules live in the installed package.
-MAPPED = {"proto": "biolit_id/proto", "index/core": "biolit_id/core", "index": "biolit_id/index",
-          "server": "biolit_id/server", "tools": "biolit_id/cli"}
+MAPPED = {"proto": "biolit_id/proto", "index": "biolit_id/index", "server": "biolit_id/server",
+          "tools": "biolit_id/cli"}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,6 @@ def test_every_module_and_data_file_is_in_the_wheel(wheel_names: set[str]) -> No
             if path.suffix not in {".py", ".json", ".proto", ".pyi"} or "__pycache__" in path.parts:
                 continue
             rel = path.relative_to(ROOT / folder)
-            if folder == "index" and rel.parts[0] == "core":
-                continue  # mapped on its own, as biolit_id.index.core
             expected.add(f"{package}/{rel.as_posix()}")
     missing = sorted(expected - wheel_names)
     assert not missing, f"not packaged (add them to [tool.setuptools] packages): {missing}"

@@ -11,7 +11,6 @@ import pytest
 from training_data import longtail_features
 
 from biolit_id.cli.main import main
-from biolit_id.cli.train import fit_whitening
 from biolit_id.cli.training.datasets import (
     EmbeddingSet,
     fingerprint,
@@ -19,6 +18,7 @@ from biolit_id.cli.training.datasets import (
     stratified_split,
     write_embeddings,
 )
+from biolit_id.cli.training.features import fit_whitening
 from biolit_id.index.core.vectors import weighted_prototype
 from biolit_id.server.decision.bundle import BundleError, load_bundle
 

@@ -1,4 +1,4 @@
-"""``biolit-id calibrate``: fit temperatures, routing and rank thresholds on validation data.
+"""``biolit-id calibrate``: cuts, rank thresholds (and the seed's temperatures) on held-out data.
 
 Thresholds are chosen by the coverage or risk the operator asks for, not
 guessed, and through the service's own scorer, so what is calibrated is what
@@ -28,11 +28,17 @@ from biolit_id.cli.evaluation.metrics import (
 from biolit_id.cli.training.calibration_metrics import ece, top1_calibration
 from biolit_id.cli.training.datasets import DatasetError
 from biolit_id.cli.training.fusion import HEAD_TERMS, fit_fusion
+from biolit_id.cli.training.risk_control import (
+    RISK_GRID,
+    clopper_pearson_upper,
+    cuts_at_coverage,
+    group_cuts,
+)
 from biolit_id.server.catalog.catalog import FALLBACK_RANKS, Catalog
 from biolit_id.server.decision.bundle import Bundle, BundleError
 from biolit_id.server.decision.fused import FusedScorer
 from biolit_id.server.decision.rules import masked_softmax
-from biolit_id.server.decision.types import Thresholds
+from biolit_id.server.decision.types import SpeciesGroup, Thresholds, photo_groups
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +191,54 @@ def fit_fusion_weights(bundle: Bundle, embeddings: np.ndarray, scored: ScoredSet
         "nll_before": before_cal[1], "nll_after": after_cal[1]}}
 
 
+def group_thresholds(scored: ScoredSet, target_coverage: float | None = None,
+                     max_risk: float | None = None, rare_max_risk: float | None = None,
+                     base: Thresholds | None = None) -> tuple[Thresholds, dict]:
+    """Routing fused: a certified cut per photo group (tools/training/risk_control.py).
+
+    ``--coverage C``: the lowest common risk level whose cuts answer C of the photos.
+    ``--max-risk R`` (and ``--rare-max-risk``): each group's error among answers at most
+    its target, with a Clopper–Pearson bound at 1 - DELTA.
+    """
+    if (target_coverage is None) == (max_risk is None):
+        raise ValueError("give exactly one of target_coverage and max_risk")
+    base = base or Thresholds()
+    conf = scored.routed.confidence
+    wrong = scored.distribution.argmax(axis=1) != scored.truth
+    groups = photo_groups(scored.distribution, scored.scores.species_group)
+    if target_coverage is not None:
+        found, level = cuts_at_coverage(conf, wrong, groups, target_coverage)
+    else:
+        rare = max_risk if rare_max_risk is None else rare_max_risk
+        found = group_cuts(conf, wrong, groups, {"common": max_risk, "rare": rare,
+                                                 "runtime": rare})
+        level = max_risk
+    thresholds = found.thresholds(base)
+    routed = scored.reroute(thresholds)
+    coverage, risk = risk_coverage(routed, scored.truth)
+    answered = routed.species >= 0
+    per_group = {}
+    for group in SpeciesGroup:
+        mine = groups == group
+        n = int((answered & mine).sum())
+        errors = int((answered & mine & (routed.species != scored.truth)).sum())
+        per_group[group.name.lower()] = {
+            "photos": int(mine.sum()), "answered": n, "errors": errors,
+            "risk_bound": clopper_pearson_upper(errors, n) if n else None,
+            "target": found.risk[group.name.lower()], "cut": found.cuts[group.name.lower()]}
+    met = coverage >= target_coverage - 1e-9 if target_coverage is not None else all(
+        g["risk_bound"] is None or g["risk_bound"] <= g["target"] + 1e-12
+        for g in per_group.values())
+    return thresholds, {"coverage": coverage, "risk": risk, "target_met": bool(met),
+                        "risk_level": level, "groups": per_group,
+                        "borrowed": list(found.borrowed), "settings_tried": len(RISK_GRID)}
+
+
 def answer_threshold(scored: ScoredSet, target_coverage: float | None = None,
                      max_risk: float | None = None, base: Thresholds | None = None
                      ) -> tuple[Thresholds, dict]:
-    """Routing fused: the one cut on the answer's probability.
+    """Routing fused, one cut for every photo (``--one-cut``): the cut on the answer's
+    probability.
 
     ``--coverage C``: the highest cut answering at least C of the photos.
     ``--max-risk R``: the lowest cut whose answers are wrong at most R of the time
@@ -301,8 +351,12 @@ def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog
 def calibrate(bundle: Bundle, embeddings: np.ndarray, species: list[str], catalog: Catalog,
               target_coverage: float | None = None, max_risk: float | None = None,
               taxon_precision: float | str = DEFAULT_TAXON_PRECISION,
-              fit_temperature: bool = True) -> tuple[Bundle, dict]:
-    """The three steps on one validation set; returns the new bundle and a report."""
+              fit_temperature: bool = True, rare_max_risk: float | None = None,
+              one_cut: bool = False) -> tuple[Bundle, dict]:
+    """The steps on one calibration set; returns the new bundle and a report.
+
+    A fused bundle's weights were fitted out of fold by ``train``: they are not
+    refitted here, only its cuts (one per photo group unless ``one_cut``)."""
     scored_before = score_set(bundle, embeddings, species)
     cov0, risk0 = risk_coverage(scored_before.routed, scored_before.truth)
     routed_ece_before = ece(scored_before.routed.confidence[scored_before.accepted],
@@ -311,11 +365,15 @@ def calibrate(bundle: Bundle, embeddings: np.ndarray, species: list[str], catalo
                     "before": {"coverage": cov0, "risk": risk0, "ece": routed_ece_before,
                                "thresholds": bundle.thresholds.__dict__}}
     fused = isinstance(scored_before.scorer, FusedScorer)
-    if fit_temperature:
+    crossfitted = fused and "decision_families" in bundle.extra
+    if fit_temperature and not crossfitted:
         fit = fit_fusion_weights if fused else fit_temperatures
         bundle, report["temperature"] = fit(bundle, embeddings, scored_before)
     scored = score_set(bundle, embeddings, species)
-    if fused:
+    if fused and not one_cut:
+        thresholds, search = group_thresholds(scored, target_coverage, max_risk,
+                                              rare_max_risk, bundle.thresholds)
+    elif fused:
         thresholds, search = answer_threshold(scored, target_coverage, max_risk,
                                               bundle.thresholds)
     else:
@@ -349,12 +407,19 @@ def calibrate(bundle: Bundle, embeddings: np.ndarray, species: list[str], catalo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--embeddings", type=Path, default=None,
-                        help="validation parquet (default: BUNDLE/split/val.parquet)")
+                        help="calibration parquet (default: the calibration fold train kept "
+                             "apart, BUNDLE/split/calibration.parquet, else split/val.parquet)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--coverage", type=float, default=None,
                         help=f"answer at least this share of photos (default {DEFAULT_COVERAGE})")
     target.add_argument("--max-risk", type=float, default=None,
-                        help="highest error rate allowed among answers")
+                        help="highest error rate allowed among answers (fused: among the "
+                             "answers of photos whose mass lies on common species)")
+    parser.add_argument("--rare-max-risk", type=float, default=None,
+                        help="fused, with --max-risk: the target of photos whose mass lies on "
+                             "rare or runtime species (default: --max-risk)")
+    parser.add_argument("--one-cut", action="store_true",
+                        help="fused: one cut for every photo instead of one per group")
     parser.add_argument("--taxon-precision", default=str(DEFAULT_TAXON_PRECISION),
                         help="precision rank-level answers must reach on validation, or 'auto' "
                              "(= the accepted species answers' precision)")
@@ -365,7 +430,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        bundle, data, _ = load_labelled_split(args.bundle, args.embeddings, "val")
+        default = Path(args.bundle) / "split" / "calibration.parquet"
+        split = "calibration" if args.embeddings is None and default.is_file() else "val"
+        bundle, data, _ = load_labelled_split(args.bundle, args.embeddings, split)
     except (BundleError, DatasetError) as exc:
         log.error("%s", exc)
         return 2
@@ -379,7 +446,8 @@ def run(args: argparse.Namespace) -> int:
     bundle, report = calibrate(bundle, data.embeddings, data.species, catalog,
                                target_coverage=coverage, max_risk=args.max_risk,
                                taxon_precision=taxon_precision,
-                               fit_temperature=not args.keep_temperature)
+                               fit_temperature=not args.keep_temperature,
+                               rare_max_risk=args.rare_max_risk, one_cut=args.one_cut)
     bundle.metrics = {**bundle.metrics, "calibration": report}
     bundle.save(Path(args.bundle))
     _print(report)
@@ -398,7 +466,14 @@ def _print(report: dict) -> None:
     print(f"  routing   ECE {b['ece']:.3f} -> {r['ece']:.3f}; coverage {b['coverage']:.3f} -> "
           f"{r['coverage']:.3f}; error among answers {b['risk']:.3f} -> {r['risk']:.3f}")
     if report.get("routing_name") == "fused":
-        print(f"  answer when its probability >= {t['answer']:.4f}")
+        for name, g in r.get("groups", {"all": {"cut": t["answer"]}}).items():
+            line = f"  {name:8s} answer when its probability >= {g['cut']:.4f}"
+            if "answered" in g:
+                bound = g["risk_bound"]
+                line += (f"  ({g['answered']}/{g['photos']} answered, {g['errors']} wrong"
+                         + (f", error <= {bound:.3f} at 90 %" if bound is not None else "")
+                         + (", borrowed" if name in r.get("borrowed", []) else "") + ")")
+            print(line)
     else:
         print(f"  thresholds classifier_high={t['classifier_high']:.4f} "
               f"classifier_low={t['classifier_low']:.4f} prototype={t['prototype']:.4f}")

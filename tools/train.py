@@ -16,6 +16,15 @@ import numpy as np
 
 from biolit_id.cli.evaluation.metrics import fit_logit_scale
 from biolit_id.cli.training.calibration_metrics import top1_calibration
+from biolit_id.cli.training.crossfit import (
+    CALIBRATION_SHARE,
+    FOLDS,
+    TARGET_COVERAGE,
+    calibration_rows,
+    choose_family,
+    early_stopping_rows,
+    out_of_fold,
+)
 from biolit_id.cli.training.datasets import (
     DatasetError,
     EmbeddingSet,
@@ -24,12 +33,20 @@ from biolit_id.cli.training.datasets import (
     stratified_split,
     write_embeddings,
 )
+from biolit_id.cli.training.features import (
+    DEFAULT_PCA_DIM,
+    choose_common,
+    fit_whitening,
+    text_prompts,
+)
 from biolit_id.cli.training.fusion import choose_alpha, fit_fused
 from biolit_id.cli.training.head import FUSED_HEAD, HeadSettings, train_head
 from biolit_id.cli.training.rank_heads import RankHeadSettings, train_rank_heads
 from biolit_id.index.core.vectors import class_prototypes, fuse_prototypes
 from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle
+from biolit_id.server.decision.fused import NEIGHBOURS
+from biolit_id.server.decision.head import Head
 from biolit_id.server.decision.rules import masked_softmax
 from biolit_id.server.decision.types import Thresholds
 from biolit_id.server.inference.model_loader import DEFAULT_MODEL
@@ -38,57 +55,9 @@ log = logging.getLogger(__name__)
 
 SPLIT_DIR = "split"
 FRACTIONS = (0.70, 0.15, 0.15)
-DEFAULT_PCA_DIM = 256
-WHITENING_EPS = 1e-6
+CALIBRATION_FILE = f"{SPLIT_DIR}/calibration.parquet"
 INITIAL_TEMPERATURE = 10.0
 HEAD_MIN_COUNT = 5  # routing fused: training photos a species needs for a head class
-
-
-# ------------------------------------------------------------ pieces
-
-
-def fit_whitening(x: np.ndarray, dim: int = DEFAULT_PCA_DIM, eps: float = WHITENING_EPS
-                  ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """PCA whitening ``w = (v - mu) @ W``, ``W = eigvecs / sqrt(eigvals + eps)``.
-
-    Keeps ``min(dim, rank)`` directions: with fewer photos than dimensions
-    the rest of the spectrum is numerically zero and whitening it would only
-    amplify noise.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    mu = x.mean(axis=0, keepdims=True)
-    centred = x - mu
-    cov = centred.T @ centred / max(len(x) - 1, 1)
-    eigvals, eigvecs = np.linalg.eigh(cov)
-    order = np.argsort(eigvals)[::-1]
-    eigvals, eigvecs = np.maximum(eigvals[order], 0.0), eigvecs[:, order]
-    # Deterministic sign per direction, so identical data gives identical W everywhere.
-    signs = np.sign(eigvecs[np.abs(eigvecs).argmax(axis=0), np.arange(eigvecs.shape[1])])
-    eigvecs = eigvecs * np.where(signs == 0, 1.0, signs)
-    rank = int((eigvals > eigvals[0] * 1e-9).sum()) if eigvals[0] > 0 else 0
-    k = max(1, min(dim, rank))
-    w = eigvecs[:, :k] / np.sqrt(eigvals[:k] + eps)
-    info = {"requested_dim": dim, "output_dim": k, "rank": rank, "eps": eps,
-            "explained_variance": float(eigvals[:k].sum() / max(eigvals.sum(), 1e-300))}
-    return mu.astype(np.float32), w.astype(np.float32), info
-
-
-def choose_common(counts: dict[str, int], top_n: int | None, min_count: int | None
-                  ) -> set[str]:
-    """The head's species: the N most frequent (ties by name) or those with >= min_count."""
-    if min_count is not None:
-        return {s for s, c in counts.items() if c >= min_count}
-    ranked = sorted(counts, key=lambda s: (-counts[s], s))
-    return set(ranked[: top_n if top_n is not None else 50])
-
-
-def text_prompts(species: list[str], catalog: Catalog) -> list[str]:
-    """BioCLIP-style caption from the catalog; a bare name for species it lacks."""
-    prompts = []
-    for name in species:
-        record = catalog.get(name)
-        prompts.append(record.prompt() if record else f"a photo of {name}.")
-    return prompts
 
 
 # ------------------------------------------------------------ the command
@@ -99,7 +68,7 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
                  min_count: int | None = None, seed: int = 0, pca_dim: int = DEFAULT_PCA_DIM,
                  proto_iterations: int = 2, head: HeadSettings | None = None,
                  progress: bool = True, routing: str = "fused",
-                 head_min_count: int = HEAD_MIN_COUNT) -> Bundle:
+                 head_min_count: int = HEAD_MIN_COUNT, fit_fusion: bool = True) -> Bundle:
     """Everything but the split bookkeeping: data in, an in-memory bundle out.
 
     ``routing="seed"``: the seed's head over the common species (``common_n``
@@ -182,7 +151,7 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
     if head_classes:
         bundle.head_state, head_info = fit_head(head_classes)
     fusion_info = None
-    if routing == "fused":
+    if routing == "fused" and fit_fusion:
         bundle.fusion, fusion_info = fit_fused(
             bundle, train_w, y_train, val, y_val, [index[s] for s in head_classes], seed,
             lambda ids: fit_head([species[i] for i in ids], negatives=False)[0])
@@ -212,6 +181,94 @@ def build_bundle(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalo
     }
     bundle.training_fingerprint = fingerprint(train)
     return bundle
+
+
+def set_prototypes(bundle: Bundle, train: EmbeddingSet, val: EmbeddingSet,
+                   iterations: int) -> None:
+    """The bundle's prototypes by the chosen recipe, and their temperature (candidates)."""
+    index = {s: i for i, s in enumerate(bundle.species)}
+    y = np.array([index[s] for s in train.species], dtype=np.int64)
+    bundle.visual_prototypes = class_prototypes(bundle.whiten(train.embeddings).astype(
+        np.float64), y, len(bundle.species), iterations)
+    bundle.prototypes = fuse_prototypes(bundle.visual_prototypes, bundle.text_prototypes,
+                                        bundle.alpha)
+    keep = np.array([s in index for s in val.species])
+    if keep.any():
+        vy = np.array([index[s] for s in np.asarray(val.species)[keep]], dtype=np.int64)
+        sims = bundle.whiten(val.embeddings[keep]).astype(np.float64) @ bundle.prototypes.T
+        bundle.temperature = fit_logit_scale(sims, vy, INITIAL_TEMPERATURE)
+    bundle.extra["training"]["prototype_iterations"] = iterations
+
+
+def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalog,
+                      folds: int = FOLDS, **settings) -> tuple[Bundle, EmbeddingSet]:
+    """``routing: fused`` with its decision family chosen out of fold (docs/training.md).
+
+    Train and validation are pooled; a stratified calibration fold is kept apart
+    for ``calibrate`` (returned); the rest is cut into an inner split for the
+    components (whitening, prototypes, the head early-stopped on the inner 15 %) and
+    into ``folds`` folds whose out-of-fold scores choose the family and its weights.
+    """
+    seed = int(settings.get("seed", 0))
+    pool = train.concat(val)
+    names = sorted(set(pool.species))
+    index = {s: i for i, s in enumerate(names)}
+    y_pool = np.array([index[s] for s in pool.species], dtype=np.int64)
+    kept = calibration_rows(y_pool, seed=seed)
+    fitting = pool.subset(np.flatnonzero(~kept))
+    y_fit = np.array([index[s] for s in fitting.species], dtype=np.int64)
+    stop = early_stopping_rows(y_fit, seed)
+    inner_train, inner_val = np.flatnonzero(~stop), np.flatnonzero(stop)
+    bundle = build_bundle(fitting.subset(inner_train), fitting.subset(inner_val), loaded,
+                          catalog, routing="fused", fit_fusion=False, **settings)
+    head = settings.get("head") or FUSED_HEAD
+    species = bundle.species
+    sidx = {s: i for i, s in enumerate(species)}
+    y = np.array([sidx[s] for s in fitting.species], dtype=np.int64)
+    head_ids = [sidx[s] for s in bundle.common]
+
+    def fit_fold_head(x: np.ndarray, labels: np.ndarray):
+        cidx = {g: i for i, g in enumerate(head_ids)}
+        rows = np.flatnonzero(np.isin(labels, head_ids))
+        yy = np.array([cidx[int(v)] for v in labels[rows]], dtype=np.int64)
+        es = early_stopping_rows(yy, seed)
+        state, _ = train_head(x[rows[~es]], yy[~es], x[rows[es]], yy[es], len(head_ids),
+                              bundle.head_config, seed, head, progress=False)
+        return Head(state, bundle.embedding_dim, len(head_ids), bundle.head_config).logits
+
+    text_raw = loaded.encode_text(text_prompts(species, catalog))
+    oof = out_of_fold(fitting.embeddings, y, len(species), head_ids, fit_fold_head, text_raw,
+                      bundle.alpha, int(settings.get("pca_dim", DEFAULT_PCA_DIM)),
+                      folds=folds, seed=seed)
+    common = set(bundle.extra["groups"]["common"])
+    rare = np.array([s not in common for s in species])
+    choice = choose_family(oof, rare, with_head=bool(head_ids))
+    inner = fitting.subset(inner_train)
+    set_prototypes(bundle, inner, fitting.subset(inner_val), choice.prototype_iterations)
+    counts = np.bincount(np.array([sidx[s] for s in fitting.subset(inner_train).species]),
+                         minlength=len(species)).astype(np.float64)
+    ids = np.asarray(head_ids, dtype=np.int64)
+    log_prior = (np.log(np.maximum(counts[ids], 1.0) / max(counts[ids].sum(), 1.0))
+                 if len(ids) else np.zeros(0))
+    bundle.fusion = {"weights": choice.weights.to_json(), "head_log_prior": log_prior.tolist(),
+                     "family": choice.name, "fitted_on": f"out of fold ({folds} folds)",
+                     "neighbours": NEIGHBOURS}
+    bundle.extra["decision_families"] = choice.to_json()
+    return bundle, pool.subset(np.flatnonzero(kept))
+
+
+def family_lines(table: list[dict], chosen: str) -> list[str]:
+    """The out-of-fold table as ``train`` and ``calibrate`` print it."""
+    lines = [f"  {'family':13s} {'served':6s} {'bal.acc':>7s} {'acc':>6s} {'rare':>6s} "
+             f"{'top1':>6s} {'NLL':>6s} {'ECE':>6s}   (out of fold, at coverage "
+             f"{TARGET_COVERAGE})"]
+    for row in table:
+        mark = " <- chosen" if row["family"] == chosen else ""
+        lines.append(f"  {row['family']:13s} {'yes' if row['served'] else 'no':6s} "
+                     f"{row['balanced_accuracy']:7.3f} {row['accuracy']:6.3f} "
+                     f"{row['rare_accuracy']:6.3f} {row['top1']:6.3f} {row['nll']:6.3f} "
+                     f"{row['ece']:6.3f}{mark}")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -255,6 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train the head to output uniform on rare species' photos, with "
                              "this loss weight (default %(default)s; 0 = the seed's head)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the head")
+    parser.add_argument("--folds", type=int, default=FOLDS,
+                        help="fused: cross-fitting folds that choose the decision family "
+                             "(default %(default)s)")
     parser.add_argument("--rank-heads", action="store_true",
                         help="also fit one head per rank (kingdom ... genus) on the photos that "
                              "have it; served, they answer only where the species mass agrees")
@@ -298,18 +358,25 @@ def run(args: argparse.Namespace) -> int:
     tau = args.logit_adjust
     if tau is None:
         tau = FUSED_HEAD.logit_adjust if args.routing == "fused" else 0.0
-    bundle = build_bundle(
-        train, val, loaded, catalog, alpha=args.alpha,
-        common_n=args.common if args.common is not None else 50, min_count=args.min_count,
-        seed=args.seed, pca_dim=args.pca_dim, proto_iterations=args.prototype_iterations,
+    settings = dict(
+        alpha=args.alpha, common_n=args.common if args.common is not None else 50,
+        min_count=args.min_count, seed=args.seed, pca_dim=args.pca_dim,
+        proto_iterations=args.prototype_iterations,
         head=HeadSettings(epochs=args.epochs, patience=args.patience,
                           batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, balanced=args.balanced,
                           rare_negatives=args.rare_negatives, logit_adjust=tau,
                           threads=args.threads),
-        progress=not args.no_progress, routing=args.routing,
-        head_min_count=args.head_min_count,
-    )
+        progress=not args.no_progress, head_min_count=args.head_min_count)
+    if args.routing == "fused":
+        bundle, calibration = build_crossfitted(train, val, loaded, catalog, args.folds,
+                                                **settings)
+        write_embeddings(out / CALIBRATION_FILE, calibration)
+        split_info["calibration"] = {"file": CALIBRATION_FILE, "rows": len(calibration),
+                                     "share": CALIBRATION_SHARE,
+                                     "fingerprint": fingerprint(calibration)}
+    else:
+        bundle = build_bundle(train, val, loaded, catalog, routing=args.routing, **settings)
     bundle.extra["split"] = split_info
     if args.rank_heads:  # tools/training/rank_heads.py: the rows that have each rank, aligned
         train_rank_heads(bundle.whiten(train.embeddings), train.species, catalog,
@@ -324,4 +391,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"validation: prototype accuracy {v['prototype_accuracy']:.3f}"
           + (f", head accuracy {head_acc:.3f}" if head_acc is not None else "")
           + "; next: biolit-id calibrate --bundle " + str(out))
+    families = bundle.extra.get("decision_families")
+    if families:
+        print("\n".join(family_lines(families["table"], families["chosen"])))
     return 0

@@ -120,6 +120,10 @@ class Bundle:
                 "zero_shot": self.thresholds.zero_shot,
                 "taxon": self.taxon_thresholds,
                 "answer": self.thresholds.answer,
+                **({"answer_rare": self.thresholds.answer_rare}
+                   if self.thresholds.answer_rare is not None else {}),
+                **({"answer_runtime": self.thresholds.answer_runtime}
+                   if self.thresholds.answer_runtime is not None else {}),
             },
             "routing": self.routing,
             **({"fusion": self.fusion} if self.fusion else {}),
@@ -225,6 +229,8 @@ def load_bundle(
             prototype=float(th.get("prototype", 0.4)),
             zero_shot=float(th.get("zero_shot", Thresholds().zero_shot)),
             answer=float(th.get("answer", Thresholds().answer)),
+            answer_rare=_optional_float(th.get("answer_rare")),
+            answer_runtime=_optional_float(th.get("answer_runtime")),
         ),
         taxon_thresholds={k: float(v) for k, v in (th.get("taxon") or {}).items()},
         routing=str(manifest.get("routing") or "seed"),
@@ -276,3 +282,6 @@ def _check_consistent(directory: Path, species: list[str], common: list[str],
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)

@@ -18,7 +18,13 @@ from biolit_id.index.core.types import PrototypeSet
 from biolit_id.server.decision.bundle import Bundle
 from biolit_id.server.decision.rules import masked_softmax, route_fused
 from biolit_id.server.decision.seed_cascade import HeadMapping, build_head
-from biolit_id.server.decision.types import GenericRankAnswers, NeighbourFn, Scores, Thresholds
+from biolit_id.server.decision.types import (
+    GenericRankAnswers,
+    NeighbourFn,
+    Scores,
+    SpeciesGroup,
+    Thresholds,
+)
 
 NEIGHBOURS = 3  # reference photos averaged per species in the kNN term
 RUNTIME_PHOTOS = 20  # photos per species in the training-time simulation of AddExemplars
@@ -145,6 +151,22 @@ class FusedScorer(GenericRankAnswers):
             raise ValueError(f"fusion.head_log_prior has {len(self.log_prior)} values for "
                              f"{len(bundle.common)} head classes")
         self._common_to_global = HeadMapping(bundle)
+        groups = bundle.extra.get("groups") or {}
+        self._common = set(groups.get("common") or bundle.species)
+        self._trained = set(bundle.species)
+        self._groups_cache: tuple[tuple[str, ...], np.ndarray] | None = None
+
+    def species_groups(self, names: tuple[str, ...]) -> np.ndarray:
+        """[S] ``SpeciesGroup`` of each live species: trained common, trained rare, or
+        added at runtime (cached on the immutable names tuple)."""
+        cached = self._groups_cache
+        if cached is not None and cached[0] is names:
+            return cached[1]
+        groups = np.array([SpeciesGroup.RUNTIME if n not in self._trained else
+                           SpeciesGroup.COMMON if n in self._common else SpeciesGroup.RARE
+                           for n in names], dtype=np.int64)
+        self._groups_cache = (names, groups)
+        return groups
 
     def to_prototype_space(self, embeddings: np.ndarray) -> np.ndarray:
         return self.bundle.whiten(embeddings)
@@ -182,10 +204,12 @@ class FusedScorer(GenericRankAnswers):
               allowed: np.ndarray | None = None,
               neighbours: NeighbourFn | None = None) -> Scores:
         cos, logits, c2g, knn = self.components(embeddings, protos, neighbours, allowed)
-        return self.from_components(cos, logits, c2g, knn, allowed)
+        return self.from_components(cos, logits, c2g, knn, allowed,
+                                    self.species_groups(protos.names))
 
     def from_components(self, cos: np.ndarray, logits: np.ndarray, c2g: np.ndarray,
-                        knn: np.ndarray | None, allowed: np.ndarray | None = None) -> Scores:
+                        knn: np.ndarray | None, allowed: np.ndarray | None = None,
+                        species_group: np.ndarray | None = None) -> Scores:
         z = fused_logits(cos, log_softmax(logits) if logits.shape[1] else logits, c2g,
                          self.log_prior, knn, self.weights)
         distribution = masked_softmax(z, allowed)
@@ -196,9 +220,11 @@ class FusedScorer(GenericRankAnswers):
             p_common=p_common,
             p_proto=masked_softmax(self.temperature * cos, allowed),
             common_to_global=c2g,
-            routed=route_fused(distribution, self.thresholds),
+            routed=route_fused(distribution, self.thresholds, species_group),
             distribution=distribution,
+            species_group=species_group,
         )
 
     def decide(self, scores: Scores, thresholds: Thresholds) -> Scores:
-        return replace(scores, routed=route_fused(scores.distribution, thresholds))
+        return replace(scores, routed=route_fused(scores.distribution, thresholds,
+                                                  scores.species_group))

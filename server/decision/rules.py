@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from biolit_id.server.decision.types import Method, Routed, Thresholds
+from biolit_id.server.decision.types import Method, Routed, Thresholds, photo_groups
 
 
 def route_hybrid(
@@ -58,11 +58,14 @@ def route_hybrid(
     return Routed(method=method, species=species, confidence=confidence)
 
 
-def route_fused(distribution: np.ndarray, thresholds: Thresholds) -> Routed:
-    """Answer the most probable species when its probability passes ``thresholds.answer``.
+def route_fused(distribution: np.ndarray, thresholds: Thresholds,
+                species_group: np.ndarray | None = None) -> Routed:
+    """Answer the most probable species when its probability passes its group's cut.
 
-    The confidence is that probability whether or not it passes, so a single
-    cut on it sweeps the whole risk-coverage curve.
+    A photo's group is where its mass lies (``photo_groups``): a false record of
+    a rare species costs more than a rejection, so its cut may be stricter. The
+    confidence is the answer's probability whether or not it passes, so the cuts
+    sweep the risk-coverage curve.
     """
     dist = np.asarray(distribution, dtype=np.float64)
     n = len(dist)
@@ -70,7 +73,8 @@ def route_fused(distribution: np.ndarray, thresholds: Thresholds) -> Routed:
         return Routed(np.full(n, int(Method.REJECTED)), np.full(n, -1), np.zeros(n))
     idx = dist.argmax(axis=1)
     top = dist[np.arange(n), idx]
-    accepted = (top >= thresholds.answer) & (top > 0)
+    cut = thresholds.group_cuts()[photo_groups(dist, species_group)]
+    accepted = (top >= cut) & (top > 0)
     method = np.where(accepted, int(Method.FUSED), int(Method.REJECTED))
     return Routed(method=method, species=np.where(accepted, idx, -1), confidence=top)
 

@@ -89,7 +89,7 @@ class SeedV2Settings:
         return self.seed_names.get(name, name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SeedV2Scores(Scores):
     rank_probs: dict[str, np.ndarray]  # rank -> [B, C] head probabilities
     rank_labels: dict[str, tuple[str, ...]]

@@ -57,8 +57,41 @@ class Thresholds:
     classifier_low: float = 0.40  # seed's seuil_proto, reused for the low band
     prototype: float = 0.40  # seed's seuil_proto
     zero_shot: float = DEFAULT_ZERO_SHOT_THRESHOLD
-    # routing: fused — the cut on the answer's probability (calibrate fits it).
+    # routing: fused — the cut on the answer's probability (calibrate fits it), and the
+    # stricter cuts of photos whose mass lies on rare species or on species added at
+    # runtime (None: the same cut as every photo).
     answer: float = 0.5
+    answer_rare: float | None = None
+    answer_runtime: float | None = None
+
+    def group_cuts(self) -> np.ndarray:
+        """The cut per photo group: common, rare, runtime (``SpeciesGroup`` order)."""
+        return np.array([self.answer,
+                         self.answer if self.answer_rare is None else self.answer_rare,
+                         self.answer if self.answer_runtime is None else self.answer_runtime])
+
+
+class SpeciesGroup(enum.IntEnum):
+    """Where a photo's probability lies: the groups whose answers are risk-controlled apart."""
+
+    COMMON = 0
+    RARE = 1
+    RUNTIME = 2
+
+
+GROUP_MASS = 0.5  # a photo belongs to the rare (runtime) group when that much mass lies there
+
+
+def photo_groups(distribution: np.ndarray, species_group: np.ndarray | None) -> np.ndarray:
+    """[B] ``SpeciesGroup`` of each photo: runtime, else rare, where >= half its mass lies."""
+    dist = np.atleast_2d(np.asarray(distribution, dtype=np.float64))
+    groups = np.full(len(dist), int(SpeciesGroup.COMMON))
+    if species_group is None or dist.shape[1] == 0:
+        return groups
+    for group in (SpeciesGroup.RARE, SpeciesGroup.RUNTIME):
+        mass = dist[:, np.asarray(species_group) == group].sum(axis=1)
+        groups[mass >= GROUP_MASS] = int(group)
+    return groups
 
 
 @dataclass(frozen=True)
@@ -110,6 +143,7 @@ class Scores:
     common_to_global: np.ndarray  # [C] head class -> row of PrototypeSet
     routed: Routed
     distribution: np.ndarray  # [B, S] the decision's species distribution
+    species_group: np.ndarray | None = None  # [S] SpeciesGroup of each species (fused)
 
 
 class GenericRankAnswers:

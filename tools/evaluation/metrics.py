@@ -113,6 +113,7 @@ def row_scores(scores: Scores | ScoredSet, i: int) -> Scores:
         common_to_global=scores.common_to_global,
         routed=Routed(r.method[i : i + 1], r.species[i : i + 1], r.confidence[i : i + 1]),
         distribution=scores.distribution[i : i + 1],
+        species_group=scores.species_group,
     )
 
 
@@ -124,6 +125,7 @@ def concat_scores(parts: Sequence[Scores]) -> Scores:
         routed=Routed(*(np.concatenate([getattr(p.routed, f) for p in parts])
                         for f in ("method", "species", "confidence"))),
         distribution=np.concatenate([p.distribution for p in parts]),
+        species_group=parts[0].species_group,
     )
 
 
@@ -148,7 +150,8 @@ def score_set(bundle: Bundle, embeddings: np.ndarray, species: Sequence[str],
         cos, logits = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
         knn = None if parts[0][3] is None else np.concatenate([p[3] for p in parts])
         components = (cos, logits, parts[0][2], knn)
-        scores = scorer.from_components(*components)
+        scores = scorer.from_components(*components,
+                                        species_group=scorer.species_groups(protos.names))
     else:
         scores = concat_scores([scorer.score(embeddings[s : s + batch_size], protos,
                                              neighbours=neighbours) for s in starts])

@@ -54,6 +54,12 @@ class EmbeddingSet:
             meta=dict(self.meta),
         )
 
+    def concat(self, other: EmbeddingSet) -> EmbeddingSet:
+        """This set's rows, then ``other``'s (same model)."""
+        return EmbeddingSet(species=[*self.species, *other.species],
+                            embeddings=np.concatenate([self.embeddings, other.embeddings]),
+                            images=[*self.images, *other.images], meta=dict(self.meta))
+
     def counts(self) -> dict[str, int]:
         names, counts = np.unique(np.asarray(self.species, dtype=object), return_counts=True)
         return {str(n): int(c) for n, c in zip(names, counts, strict=True)}

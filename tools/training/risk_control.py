@@ -1,0 +1,114 @@
+"""Cuts whose error among answers is bounded per photo group, not only on average.
+
+A false record of a rare species costs more than a rejected photo, so the
+answer cut is set per group (where the photo's probability lies: common, rare,
+added at runtime) with a Learn-then-Test fixed sequence: cuts are scanned from
+high to low and the lowest one kept before the first whose one-sided
+Clopper–Pearson upper bound on the group's error exceeds its target. Rule and
+measured numbers: docs/quality.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from biolit_id.server.decision.types import SpeciesGroup, Thresholds
+
+DELTA = 0.1  # the bound holds with probability 1 - DELTA
+MIN_ANSWERS = 20  # a cut is only tested once this many calibration photos pass it
+CUT_GRID = np.round(np.r_[np.arange(0.995, 0.90, -0.005), np.arange(0.90, 0.019, -0.01)], 3)
+RISK_GRID = np.round(np.arange(0.02, 0.61, 0.01), 2)
+
+
+def clopper_pearson_upper(errors: int, n: int, delta: float = DELTA) -> float:
+    """One-sided upper bound of a binomial rate: ``errors`` wrong of ``n``."""
+    if n == 0 or errors >= n:
+        return 1.0
+    return float(stats.beta.ppf(1 - delta, errors + 1, n - errors))
+
+
+def clopper_pearson_lower(successes: int, n: int, delta: float = DELTA) -> float:
+    """One-sided lower bound of a binomial rate: ``successes`` of ``n``."""
+    if n == 0 or successes <= 0:
+        return 0.0
+    return float(stats.beta.ppf(delta, successes, n - successes + 1))
+
+
+def certified_cut(confidence: np.ndarray, wrong: np.ndarray, max_risk: float,
+                  delta: float = DELTA, min_answers: int = MIN_ANSWERS) -> float:
+    """The lowest cut whose answers' error is certified <= ``max_risk`` (inf: none is).
+
+    The scan starts where ``min_answers`` photos pass (a choice made without
+    labels, so the fixed sequence stays valid) and stops at the first cut that
+    fails: Learn-then-Test's family-wise guarantee.
+    """
+    floor = max(min_answers, int(np.ceil(np.log(delta) / np.log(1 - max_risk))))
+    best = np.inf
+    for cut in CUT_GRID:
+        passed = confidence >= cut
+        n = int(passed.sum())
+        if n < floor:
+            continue
+        if clopper_pearson_upper(int(wrong[passed].sum()), n, delta) > max_risk:
+            break
+        best = float(cut)
+    return best
+
+
+@dataclass(frozen=True)
+class GroupCuts:
+    cuts: dict[str, float]  # group name -> cut (inf: the group never answers)
+    risk: dict[str, float]  # the target each cut is certified at
+    borrowed: tuple[str, ...]  # groups without calibration photos: strictest cut
+
+    def thresholds(self, base: Thresholds) -> Thresholds:
+        finite = [c for c in self.cuts.values() if np.isfinite(c)]
+        ceiling = float(np.nextafter(1.0, 2.0))  # above every probability: never answers
+        pick = {g: (c if np.isfinite(c) else ceiling) for g, c in self.cuts.items()}
+        if not finite:
+            pick = dict.fromkeys(pick, ceiling)
+        return Thresholds(**{**base.__dict__, "answer": pick["common"],
+                             "answer_rare": pick["rare"], "answer_runtime": pick["runtime"]})
+
+
+def group_cuts(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
+               max_risk: dict[str, float], delta: float = DELTA) -> GroupCuts:
+    """Certified cuts per group; a group with too few photos to certify anything borrows
+    the strictest cut certified elsewhere (runtime species have no calibration photos)."""
+    cuts, borrowed = {}, []
+    for group in SpeciesGroup:
+        name = group.name.lower()
+        mine = groups == group
+        floor = max(MIN_ANSWERS, int(np.ceil(np.log(delta) / np.log(1 - max_risk[name]))))
+        if mine.sum() < floor:
+            borrowed.append(name)
+            continue
+        cuts[name] = certified_cut(confidence[mine], wrong[mine], max_risk[name], delta)
+    strictest = max((c for c in cuts.values() if np.isfinite(c)), default=np.inf)
+    for name in borrowed:
+        cuts[name] = strictest
+    return GroupCuts(cuts, dict(max_risk), tuple(borrowed))
+
+
+def cuts_at_coverage(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
+                     coverage: float, rare_factor: float = 1.0, delta: float = DELTA
+                     ) -> tuple[GroupCuts, float]:
+    """The lowest common risk level whose certified cuts answer ``coverage`` of the photos
+    (rare photos held to ``rare_factor`` times that level); the level is returned too."""
+    last = None
+    for level in RISK_GRID:
+        risks = {"common": level, "rare": level * rare_factor, "runtime": level * rare_factor}
+        found = group_cuts(confidence, wrong, groups, risks, delta)
+        last = (found, float(level))
+        if answered_share(confidence, groups, found) >= coverage:
+            return found, float(level)
+    assert last is not None
+    return last
+
+
+def answered_share(confidence: np.ndarray, groups: np.ndarray, found: GroupCuts) -> float:
+    cut = np.array([found.cuts[g.name.lower()] for g in SpeciesGroup])[groups]
+    return float((confidence >= cut).mean()) if len(confidence) else 0.0
