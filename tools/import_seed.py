@@ -17,6 +17,7 @@ from biolit_id.cli.seedcompat.formats import (
     SeedImportError,
 )
 from biolit_id.cli.seedcompat.import_v4 import import_seed
+from biolit_id.cli.training.rank_thresholds import summary_line
 from biolit_id.server.decision.bundle import Bundle
 from biolit_id.server.inference.model_loader import DEFAULT_MODEL
 
@@ -95,6 +96,8 @@ def summary_lines(bundle: Bundle) -> list[str]:
         f"{bundle.thresholds.classifier_high} / {bundle.thresholds.prototype}",
         f"  prompts: {prompts['source']} {prompts['by_species']}",
     ]
+    if "rank_thresholds" in bundle.extra:
+        lines.append(summary_line(bundle.extra["rank_thresholds"]))
     if missing:
         lines.append(f"  {len(missing)} species are not in the catalog (kept, without taxonomy; "
                      "their text prompt is the seed's generic one unless --prompts gives one):")

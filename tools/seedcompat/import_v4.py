@@ -20,6 +20,7 @@ from biolit_id.cli.seedcompat.formats import (
     numpy_reconstruct,
     safe_torch_load,
 )
+from biolit_id.cli.training.rank_thresholds import simulated_rank_thresholds
 from biolit_id.index.core.digest import file_sha256
 from biolit_id.index.core.vectors import fuse_prototypes
 from biolit_id.server.catalog.catalog import Catalog
@@ -263,6 +264,11 @@ def import_seed(classifier: Path, prototypes: Path, model_spec: str,
         },
         "catalog_missing": not_in_catalog,
     }
+    # No calibration set comes with the seed: the default rank thresholds, simulated around
+    # the bundle's own prototypes (docs/taxonomy.md, "Rank thresholds").
+    derived = simulated_rank_thresholds(bundle, catalog)
+    bundle.taxon_thresholds = derived.thresholds
+    bundle.extra["rank_thresholds"] = derived.report
     return bundle
 
 
