@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-runtime": ("biolit_id.cli.check_runtime", "compare a runtime's embeddings with fp32"),
     "protogen": ("biolit_id.cli.protogen", "regenerate the gRPC stubs from proto/"),
     "prior": ("biolit_id.cli.prior", "fit the place-and-season prior and observation combiner"),
+    "export-decision": ("biolit_id.cli.export_decision", "write a bundle's decision as ONNX"),
 }
 
 
