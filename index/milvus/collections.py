@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from biolit_id.index.milvus.caps import probe
 from biolit_id.index.milvus.errors import milvus_errors
 from biolit_id.index.milvus.rows import (
     MAX_ID,
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 QUERY_WINDOW = 4096  # rows one paging query may return before the window shrinks
 QUERY_CAP = 16384  # Milvus's largest query result window (limit + offset)
 GET_CHUNK = 1000
+STRONG = "Strong"  # reads that must see every replica's acknowledged writes
 SPECIES_FIELDS = ["species", "version", "count", "ids_digest", "record_json", "created_at",
                   "refined_count"]
 
@@ -62,8 +65,9 @@ class MilvusIndex:
         self.species_name = target.species_collection
         self.client = client if client is not None else connect(target)
         self.write_lock = threading.Lock()
-        self._cl = target.consistency
-        ensure_collections(self.client, target, self.dim, self.raw_dim)
+        self.caps = probe(self.client, target.lite)
+        self._cl = target.consistency or self.caps.read_consistency  # searches, pages, polls
+        ensure_collections(self.client, target, self.dim, self.raw_dim, self.caps)
         self.meta = check_meta(self.client, target, meta, self.dim, self.raw_dim,
                                self.write_lock)
 
@@ -103,9 +107,24 @@ class MilvusIndex:
         again. Recall measurements need the index in use, so they reload.
         """
         self.client.flush(self.name)
-        if reload:
+        if reload and self.target.lite:
             self.client.release_collection(self.name)
             self.client.load_collection(self.name)
+        elif reload:  # a server hands indexed segments to its query nodes by itself
+            self.wait_indexed()
+
+    def wait_indexed(self, timeout: float = 900.0) -> dict:
+        """Wait until the server has built the vector index of every sealed row; returns
+        ``describe_index``'s counts (benchmarks: search through the index, not growing
+        segments)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.client.describe_index(self.name, "vector") or {}
+            total, done = int(info.get("total_rows", 0)), int(info.get("indexed_rows", 0))
+            if (done >= total and not int(info.get("pending_index_rows", 0))) \
+                    or time.monotonic() > deadline:
+                return info
+            time.sleep(0.5)
 
     # --------------------------------------------------------------- reads
 
@@ -147,38 +166,44 @@ class MilvusIndex:
             entities.append(row)
         return scores, ids, entities
 
-    def get(self, ids: Sequence[int], fields: Sequence[str]) -> dict[int, dict]:
+    def get(self, ids: Sequence[int], fields: Sequence[str],
+            fresh: bool = True, level: str | None = None) -> dict[int, dict]:
+        """Rows by id. ``fresh``: as every replica wrote them (Strong); else at the read
+        level (this replica's writes are seen, another's within a time tick);
+        ``level``: that consistency level instead."""
         ids = [int(i) for i in ids]
         out: dict[int, dict] = {}
+        level = level or (STRONG if fresh else self._cl)
         for start in range(0, len(ids), GET_CHUNK):
             with milvus_errors("get"):
                 rows = self.client.get(self.name, ids=ids[start:start + GET_CHUNK],
-                                       output_fields=list(fields))
+                                       output_fields=list(fields), consistency_level=level)
             out.update((int(r["id"]), r) for r in rows)
         return out
 
     def query(self, expr: str, fields: Sequence[str], limit: int,
-              collection: str | None = None) -> list[dict]:
-        """One plain query (at most ``limit`` rows, in no particular order)."""
+              collection: str | None = None, fresh: bool = False) -> list[dict]:
+        """One plain query (at most ``limit`` rows, in no particular order); ``fresh``:
+        Strong, else at the read level (see ``get``)."""
         with milvus_errors("query"):
             return self.client.query(collection or self.name, filter=expr,
                                      output_fields=list(fields), limit=int(limit),
-                                     consistency_level=self._cl)
+                                     consistency_level=STRONG if fresh else self._cl)
 
     def iter_rows(self, fields: Sequence[str], expr: str = "",
-                  batch: int = 1000) -> Iterator[list[dict]]:
+                  batch: int = 1000, fresh: bool = True) -> Iterator[list[dict]]:
         """Every row matching ``expr`` in batches (no result cap)."""
         yield from self._query_all(self.name, expr or "id >= 0",
-                                   ["id", *[f for f in fields if f != "id"]], batch)
+                                   ["id", *[f for f in fields if f != "id"]], batch, fresh)
 
     def _query_all(self, collection: str, expr: str, fields: list[str],
-                   batch: int = 1000) -> Iterator[list[dict]]:
+                   batch: int = 1000, fresh: bool = False) -> Iterator[list[dict]]:
         """One plain query when the answer fits Milvus's result window, else an iterator.
 
         The common case (one species, the species rows) is one round trip;
         the iterator, which pages through anything, is kept for big answers.
         """
-        rows = self.query(expr, fields, QUERY_CAP, collection)
+        rows = self.query(expr, fields, QUERY_CAP, collection, fresh)
         if len(rows) < QUERY_CAP:
             if rows:
                 yield rows
@@ -276,8 +301,9 @@ class MilvusIndex:
 
     def species_rows(self, since_version: int | None = None,
                      names: Sequence[str] | None = None,
-                     with_vectors: bool = False) -> list[SpeciesRow]:
-        """Species rows (never ``#meta``); ``with_vectors``: also prototype and sums."""
+                     with_vectors: bool = False, fresh: bool = False) -> list[SpeciesRow]:
+        """Species rows (never ``#meta``); ``with_vectors``: also prototype and sums.
+        ``fresh``: as every replica wrote them (Strong), else at the read level."""
         fields = SPECIES_FIELDS + (["vector", "total"] if with_vectors else [])
         clauses = [f"species != {json.dumps(META_KEY)}"]
         if since_version is not None:
@@ -287,14 +313,22 @@ class MilvusIndex:
                 return []
             clauses.append(expr_in("species", names))
         return [_species_row(r) for rows in self._query_all(
-            self.species_name, " and ".join(clauses), fields, 2000) for r in rows]
+            self.species_name, " and ".join(clauses), fields, 2000, fresh) for r in rows]
 
     def species_row(self, name: str) -> SpeciesRow | None:
-        """One species' row with its sums, by primary key (no scan)."""
+        """One species' row with its sums, by primary key (no scan), as last written."""
+        return self.species_rows_by_key([name]).get(name)
+
+    def species_rows_by_key(self, names: Sequence[str]) -> dict[str, SpeciesRow]:
+        """These species' rows with their sums, by primary key, as last written by any
+        replica (Strong: one wait for the server's time tick for all of them)."""
+        if not names:
+            return {}
         with milvus_errors("get (species)"):
-            rows = self.client.get(self.species_name, ids=[name],
-                                   output_fields=[*SPECIES_FIELDS, "vector", "total"])
-        return _species_row(rows[0]) if rows else None
+            rows = self.client.get(self.species_name, ids=list(names),
+                                   output_fields=[*SPECIES_FIELDS, "vector", "total"],
+                                   consistency_level=STRONG)
+        return {r["species"]: _species_row(r) for r in rows}
 
     def reload_meta(self) -> dict:
         """The ``#meta`` row as stored now (another process may have updated it)."""

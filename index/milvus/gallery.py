@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,7 @@ from biolit_id.index.store import ExemplarRow, NewExemplar
 log = logging.getLogger(__name__)
 
 SKEW_MARGIN_NS = 30 * 10**9  # incremental polls re-read this much before the newest stamp
+RECENT_S = 30.0  # this replica's own writes, remembered for the duplicate check (server)
 LITE_FLUSH_EVERY = 2000  # photos written before milvus-lite is asked to seal them
 
 
@@ -67,6 +68,7 @@ class _Delta:
     total: np.ndarray
     count: int = 0
     checksum: int = 0
+    since: float = field(default_factory=time.monotonic)  # the first photo's, for the poller
 
     def add(self, vector: np.ndarray, exemplar_id: int, sign: int = 1) -> None:
         self.total += sign * l2_normalize64(np.asarray(vector, np.float64))
@@ -101,6 +103,7 @@ class MilvusGallery(GalleryBase):
         self._pending: dict[str, _Delta] = {}
         self._suspects: dict[str, tuple[int | None, int]] = {}
         self._unflushed = 0
+        self._recent: dict[int, tuple[float, str | None, str | None]] = {}  # _lookup_for_add
         self.recovery = "milvus"
         self.syncs = 0  # polls that installed changes (logs, tests)
         self.repairs = 0  # species recomputed because their row disagreed with Milvus
@@ -159,7 +162,7 @@ class MilvusGallery(GalleryBase):
                        include_thumbnails: bool = False) -> tuple[list[ExemplarRow], int]:
         ids = self.index.page_ids(after_id, limit, None if species is None else list(species))
         fields = list(EXEMPLAR_META_FIELDS) + (["thumbnail"] if include_thumbnails else [])
-        got = self.index.get(ids, fields)
+        got = self.index.get(ids, fields, fresh=False)  # ids just paged at the same level
         rows = [_row(got[i]) for i in ids if i in got]
         # From Milvus, not the local counts: those lag other replicas' writes by a poll.
         return rows, self.index.count(None if species is None else list(species))
@@ -168,7 +171,7 @@ class MilvusGallery(GalleryBase):
         """The stored photo's id: a key lookup, plus a content query only in a collection
         that holds imported ids (``gallery import`` keeps a FAISS gallery's ids)."""
         eid = exemplar_id_for(species, content_sha256)
-        found = self.index.get([eid], ["species", "content_sha256"]).get(eid)
+        found = self.index.get([eid], ["species", "content_sha256"], fresh=False).get(eid)
         if found is not None and (found["species"], found["content_sha256"]) == (
                 species, content_sha256):
             return eid
@@ -191,19 +194,58 @@ class MilvusGallery(GalleryBase):
         return outcome
 
     def add_many(self, items: Sequence[NewExemplar]) -> list[AddOutcome]:
-        """One key lookup and one upsert for the batch, then its species rows."""
+        """One key lookup and one upsert for the batch, then its species rows.
+
+        On a Milvus server the species rows are written at the next ``refresh``
+        (a stream's end: before its acknowledgement), or by the sync thread
+        within ``poll`` seconds, or at ``close``; this replica's prototypes
+        take the photos at once. Reading a species row to write it back must
+        see every replica's writes (a Strong read: one server time tick,
+        200 ms by default), so one per stream instead of one per batch is what
+        lets a stream add more than a few hundred photos a second. A replica
+        killed before the write leaves photos without their rows: repaired at
+        the next start of any replica or within two sweeps, as any
+        interrupted add is.
+        """
         self._check_open()
         with self._write_lock:
             outcomes = self._add_locked(items)
-            self._refresh_locked(list(dict.fromkeys(o.species for o in outcomes if o.created)))
+            touched = list(dict.fromkeys(o.species for o in outcomes if o.created))
+            if self.target.lite:  # no time tick to wait for: write the rows now
+                self._refresh_locked(touched)
+            else:
+                self._publish_pending_locked(touched)
         return outcomes
+
+    def _publish_pending_locked(self, species: Sequence[str]) -> None:
+        """This replica's prototypes and counts with the pending photos, rows unwritten."""
+        updates, counts = [], dict(self._counts)
+        for name in species:
+            delta = self._pending.get(name)
+            if delta is None:
+                continue
+            sums = self._sums_of(name).shifted(delta.total, delta.count)
+            counts[name] = sums.count
+            if name in self.catalog or name in self._row_of:
+                updates.append((name, self.builder.fused_from_sums(name, sums)))
+        self._counts = counts
+        if updates:
+            self._publish(self._updated_prototypes(updates)[0])
+
+    def commit_pending(self, older_than: float = 0.0) -> list[str]:
+        """Write the species rows of photos still pending for ``older_than`` seconds."""
+        now = time.monotonic()
+        with self._write_lock:
+            due = [n for n, d in self._pending.items() if now - d.since >= older_than]
+            self._commit_locked(due)
+        return due
 
     def _add_locked(self, items: Sequence[NewExemplar]) -> list[AddOutcome]:
         for item in items:
             if not self.knows(item.species):
                 raise UnknownSpeciesError(item.species)
         ids = [exemplar_id_for(i.species, i.content_sha256) for i in items]
-        found = self.index.get(ids, ["species", "content_sha256"])
+        found = self._lookup_for_add(ids)
         stored: dict[tuple[str, str], int] = {}  # photo -> its id, new ones included
         new: list[int] = []
         for pos, (eid, item) in enumerate(zip(ids, items, strict=True)):
@@ -218,6 +260,35 @@ class MilvusGallery(GalleryBase):
         created = set(new)
         return [AddOutcome(stored[(item.species, item.content_sha256)], pos in created,
                            item.species) for pos, item in enumerate(items)]
+
+    def _lookup_for_add(self, ids: Sequence[int]) -> dict[int, dict]:
+        """Which of these ids are stored, for the duplicate check before an add.
+
+        milvus-lite: a plain read. A server: a read that waits for no time tick
+        (``Eventually``; even a ``Session`` read waits one after this replica's
+        own last write, 200 ms per batch), corrected by what this replica wrote
+        or removed in the last ``RECENT_S`` seconds, so its own writes are
+        always seen. A photo sent through another replica less than a time tick
+        before may be missed: it is upserted again (same id, one row) and counted
+        twice in its species row until the consistency check repairs it.
+        ``consistency=strong`` in the URI makes the check exact, at one time tick
+        per batch.
+        """
+        fields = ["species", "content_sha256"]
+        if self.target.lite or self.target.consistency == "Strong":
+            return self.index.get(ids, fields)
+        found = self.index.get(ids, fields, level="Eventually")
+        now = time.monotonic()
+        self._recent = {i: v for i, v in self._recent.items() if now - v[0] < RECENT_S}
+        for eid in ids:
+            mine = self._recent.get(int(eid))
+            if mine is None:
+                continue
+            if mine[1] is None:  # removed through this replica
+                found.pop(int(eid), None)
+            else:
+                found[int(eid)] = {"id": int(eid), "species": mine[1], "content_sha256": mine[2]}
+        return found
 
     def _stored_id(self, eid: int, item: NewExemplar, found: dict | None) -> int | None:
         """The id this photo is already stored under, or None; a foreign row under its
@@ -248,8 +319,10 @@ class MilvusGallery(GalleryBase):
         except ValueError as exc:
             raise GalleryError(f"cannot store this exemplar: {exc}") from exc
         self.index.insert(rows)
+        now = time.monotonic()
         for eid, item, vec in zip(ids, items, projected, strict=True):
             self._delta(item.species).add(vec, eid)
+            self._recent[int(eid)] = (now, item.species, item.content_sha256)
 
     def remove(self, ids: Sequence[int]) -> RemoveOutcome:
         self._check_open()
@@ -260,6 +333,8 @@ class MilvusGallery(GalleryBase):
             if missing:
                 raise UnknownExemplarError(missing)
             self.index.remove(wanted)
+            now = time.monotonic()
+            self._recent.update((i, (now, None, None)) for i in wanted)
             for i in wanted:
                 self._delta(found[i]["species"]).add(found[i]["vector"], i, sign=-1)
             species = list(dict.fromkeys(found[i]["species"] for i in wanted))
@@ -270,7 +345,7 @@ class MilvusGallery(GalleryBase):
         self._check_open()
         name = record.scientific_name
         with self._write_lock:
-            shared = self.index.species_rows(names=[name], with_vectors=True)
+            shared = self.index.species_rows(names=[name], with_vectors=True, fresh=True)
             if shared:  # added through another replica since our last poll
                 self._apply(shared)
             if self.knows(name):
@@ -386,6 +461,8 @@ class MilvusGallery(GalleryBase):
         failures = 0
         while not self._stop.wait(self.target.poll_seconds):
             try:
+                if self._pending:  # bulk adds with no stream end (see add_many)
+                    self.commit_pending(older_than=self.target.poll_seconds)
                 full = time.monotonic() - self._last_sweep >= self.target.sweep_seconds
                 self.sync_now(full=full)
                 if full:
@@ -416,9 +493,10 @@ class MilvusGallery(GalleryBase):
         """Write each species' row: the row as Milvus has it now (another replica may have
         written it) plus our pending photos. A read by key and an upsert, no photo read."""
         written = []
+        shared = self.index.species_rows_by_key(species)  # one read for the whole stream
         for name in species:
             delta = self._pending.pop(name, None)
-            remote = self.index.species_row(name)
+            remote = shared.get(name)
             sums = remote.sums(self.dim) if remote is not None else self._sums_of(name)
             checksum = remote.checksum if remote is not None else 0
             if delta is not None:
@@ -499,6 +577,12 @@ class MilvusGallery(GalleryBase):
         if self._poller is not None:
             self._poller.join(timeout=max(5.0, 2 * self.target.poll_seconds))
         with self._write_lock:
+            if self._pending:
+                try:
+                    self._commit_locked(list(self._pending))
+                except Exception as exc:  # Milvus away: the consistency check repairs them
+                    log.warning("gallery: species rows of %d species not written at close "
+                                "(%s); the next start repairs them", len(self._pending), exc)
             self.index.close()
 
 

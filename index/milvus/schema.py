@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 
+from biolit_id.index.milvus.caps import ServerCaps, is_index_kind_refusal
 from biolit_id.index.milvus.errors import MilvusConfigError, milvus_errors
 from biolit_id.index.milvus.rows import LENGTHS
 from biolit_id.index.milvus.target import INDEX_KINDS, MilvusTarget
@@ -28,7 +29,8 @@ SCHEMA_VERSION = 2
 _META_FIELDS = ("content_sha256", "source_uri", "observation_id", "license", "contributor")
 
 
-def ensure_collections(client, target: MilvusTarget, dim: int, raw_dim: int) -> None:
+def ensure_collections(client, target: MilvusTarget, dim: int, raw_dim: int,
+                       caps: ServerCaps) -> None:
     """Create whichever collection is missing, load both, warn about a different index."""
     from pymilvus import DataType, MilvusClient  # optional extra, present once connected
 
@@ -45,13 +47,15 @@ def ensure_collections(client, target: MilvusTarget, dim: int, raw_dim: int) -> 
                 schema.add_field(field, DataType.VARCHAR, max_length=LENGTHS[field])
             schema.add_field("added_at", DataType.DOUBLE)
             schema.add_field("thumbnail", DataType.VARCHAR, max_length=THUMBNAIL_MAX_CHARS)
+            client.create_collection(name, schema=schema,
+                                     consistency_level=target.consistency or "Strong")
             params = client.prepare_index_params()
             params.add_index(field_name="vector", index_type=INDEX_KINDS[target.index],
                              metric_type="IP", params={"params": target.build_params(dim)})
-            params.add_index(field_name="species", index_type="INVERTED")
-            client.create_collection(name, schema=schema, index_params=params,
-                                     consistency_level=target.consistency)
-            log.info("created Milvus collection %s (%s)", name, target.index_description())
+            client.create_index(name, params)
+            scalar = _index_species(client, name, caps)
+            log.info("created Milvus collection %s (%s; species index %s) on %s", name,
+                     target.index_description(), scalar or "none", caps.describe)
         old_rows = None
         if client.has_collection(species_name):
             old_rows = _species_rows_to_upgrade(client, species_name)
@@ -62,6 +66,24 @@ def ensure_collections(client, target: MilvusTarget, dim: int, raw_dim: int) -> 
         for collection in (name, species_name):
             client.load_collection(collection)
     _warn_if_other_index(client, target)
+
+
+def _index_species(client, name: str, caps: ServerCaps) -> str | None:
+    """The best scalar index on ``species`` that this server accepts (or none: filters
+    on species then scan, which only matters at millions of photos)."""
+    for kind in caps.scalar_index_candidates:
+        params = client.prepare_index_params()
+        params.add_index(field_name="species", index_type=kind, index_name="species")
+        try:
+            client.create_index(name, params)
+            return kind
+        except Exception as exc:
+            if not is_index_kind_refusal(exc):
+                raise
+            log.info("Milvus %s refuses a %s index on species (%s)", caps.describe, kind, exc)
+    log.warning("no scalar index on %s.species: this Milvus accepts none of %s", name,
+                caps.scalar_index_candidates)
+    return None
 
 
 def _create_species_collection(client, target: MilvusTarget, dim: int) -> None:
@@ -81,7 +103,7 @@ def _create_species_collection(client, target: MilvusTarget, dim: int) -> None:
     params = client.prepare_index_params()
     params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
     client.create_collection(target.species_collection, schema=schema, index_params=params,
-                             consistency_level=target.consistency)
+                             consistency_level=target.consistency or "Strong")
 
 
 def _species_rows_to_upgrade(client, species_name: str) -> list[dict] | None:

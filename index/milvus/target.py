@@ -48,7 +48,7 @@ class MilvusTarget:
     ef: int = 64
     ef_construction: int = 200
     pq_m: int = 0
-    consistency: str = "Strong"
+    consistency: str = ""  # reads' level; "": by server (caps.read_consistency)
     poll_seconds: float = 1.0
     sweep_seconds: float = 60.0
     refine_seconds: float = 0.0
