@@ -22,8 +22,6 @@ prints ``milvus://127.0.0.1:PORT`` once it answers (``tools/dev.sh serve
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -34,12 +32,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# Started through this tiny Python program rather than a ``preexec_fn``: a fork that
+# runs Python in the child of a process with gRPC threads (every biolit-id server, the
+# tests) aborts in gRPC's fork handlers. PR_SET_PDEATHSIG survives the exec.
+_EXEC_WITH_PDEATHSIG = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "except OSError:\n"
+    "    pass\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n")
 
 
 def _free_port() -> int:
@@ -75,6 +77,7 @@ class EmbeddedMilvus:
         self.proc: subprocess.Popen | None = None
         self._log = None
         self.start_seconds = 0.0
+        self._resolved = False
 
     @property
     def uri(self) -> str:
@@ -94,19 +97,43 @@ class EmbeddedMilvus:
     def start(self, timeout: float = 180.0) -> float:
         """Start and wait until it answers; returns the seconds it took."""
         started = time.monotonic()
-        self._config.resolve()  # writes configs/milvus.yaml with our ports and directories
+        if not self._resolved:  # writes configs/milvus.yaml with our ports and directories
+            self._config.resolve()
+            self._resolved = True
+        else:  # same ports (its bind check fails on the last run's TIME_WAIT sockets)
+            self._config.write_config()
+        self._embedded_etcd_ports()
         self._init_files(str(self.base_dir))  # unpacks the binary once per directory
         exe = self.base_dir / "bin" / "milvus"
         env = dict(os.environ, DEPLOY_MODE="STANDALONE", METRICS_PORT=str(self.health_port),
                    MILVUS_RUN_DIR=str(self.base_dir / "run"))
         env["LD_LIBRARY_PATH"] = ":".join([str(exe.parent), os.environ.get("LD_LIBRARY_PATH", "")])
         self._log = open(self.base_dir / "logs" / "milvus-stdout.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([str(exe), "run", "standalone"], cwd=self.base_dir, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(exe), "run", "standalone"],
+            cwd=self.base_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
         self._wait_healthy(started + timeout)
         self.start_seconds = time.monotonic() - started
         return self.start_seconds
+
+    def _embedded_etcd_ports(self) -> None:
+        """The embedded etcd's own config: its peer port is otherwise a fixed 2380, so two
+        servers on one machine (two test sessions, a try-out beside the tests) collide."""
+        client = int(self._config.configs["etcd_port"])
+        peer = self._etcd_peer = getattr(self, "_etcd_peer", 0) or _free_port()
+        etcd_yaml = self.base_dir / "configs" / "embed-etcd.yaml"
+        etcd_yaml.write_text(
+            "name: default\n"
+            f"listen-client-urls: http://127.0.0.1:{client}\n"
+            f"advertise-client-urls: http://127.0.0.1:{client}\n"
+            f"listen-peer-urls: http://127.0.0.1:{peer}\n"
+            f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
+            f"initial-cluster: default=http://127.0.0.1:{peer}\n", encoding="ascii")
+        milvus_yaml = self.base_dir / "configs" / "milvus.yaml"
+        text = milvus_yaml.read_text(encoding="utf-8")
+        block = f"\netcd:\n  config:\n    path: {etcd_yaml}\n"
+        milvus_yaml.write_text(text.replace("\netcd:\n", block, 1), encoding="utf-8")
 
     def _wait_healthy(self, deadline: float) -> None:
         url = f"http://127.0.0.1:{self.health_port}/healthz"
@@ -134,7 +161,7 @@ class EmbeddedMilvus:
                     raise
                 time.sleep(0.1)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (Milvus flushes and leaves etcd cleanly), SIGKILL past ``timeout``."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
