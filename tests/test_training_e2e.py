@@ -135,7 +135,14 @@ def test_train_records_the_held_out_split(pipeline):
     assert not images["train"] & images["test"] and not images["val"] & images["test"]
     assert split["counts"]["test"] == len(parts["test"]) == len(split["test_rows"])
     assert all(parts["test"].counts().get(n, 0) >= 1 for n in NAMES)  # rare ones too
-    assert bundle.extra["train_counts"] == parts["train"].counts()
+    # The calibration fold comes out of train + val and is fitted on by nothing but the cuts:
+    # the components' counts leave it (and the head's early-stopping rows) out.
+    calibration = read_embeddings(pipeline["bundle"] / split["calibration"]["file"])
+    assert set(calibration.images) <= images["train"] | images["val"]
+    assert not set(calibration.images) & images["test"]
+    assert len(calibration) == split["calibration"]["rows"] > 0
+    fitted = sum(bundle.extra["train_counts"].values())
+    assert fitted < len(parts["train"]) + len(parts["val"]) - len(calibration)
     # The 6 most frequent are the report's "common" group; the fused head covers every
     # species with enough photos (all twelve have at least 5 training photos).
     assert bundle.routing == "fused"
@@ -175,8 +182,14 @@ def test_end_to_end_accuracy_well_above_chance_and_coverage_near_target(pipeline
     bundle = load_bundle(pipeline["bundle"])
     calibration = bundle.metrics["calibration"]
     assert calibration["routing"]["coverage"] >= TARGET  # the target holds where it was fitted
-    fused = calibration["temperature"]["fused"]
-    assert fused["nll_after"] <= fused["nll_before"] + 1e-9  # refitting never hurts validation
+    assert "temperature" not in calibration  # weights chosen out of fold are not refitted
+    assert set(calibration["routing"]["groups"]) == {"common", "rare", "runtime"}
+    families = bundle.extra["decision_families"]
+    served = [r for r in families["table"] if r["served"] and not r["family"].startswith(
+        "cosine (")]
+    chosen = next(r for r in served if r["family"] == families["chosen"])
+    assert chosen["balanced_accuracy"] == max(r["balanced_accuracy"] for r in served)
+    assert bundle.fusion["family"] == families["chosen"]
 
 
 def test_report_has_readable_plots(pipeline):

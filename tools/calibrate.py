@@ -23,21 +23,24 @@ from biolit_id.cli.evaluation.metrics import (
     rank_answers,
     risk_coverage,
     score_set,
-    taxon_is_right,
 )
 from biolit_id.cli.training.calibration_metrics import ece, top1_calibration
 from biolit_id.cli.training.datasets import DatasetError
 from biolit_id.cli.training.fusion import HEAD_TERMS, fit_fusion
+from biolit_id.cli.training.rank_thresholds import answer_arrays, fit_mean_precision
 from biolit_id.cli.training.risk_control import (
+    FLATTEN,
     RISK_GRID,
     clopper_pearson_upper,
     cuts_at_coverage,
+    flatter_prior_weights,
     group_cuts,
+    without_own_species,
 )
-from biolit_id.server.catalog.catalog import FALLBACK_RANKS, Catalog
+from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.decision.bundle import Bundle, BundleError
 from biolit_id.server.decision.fused import FusedScorer
-from biolit_id.server.decision.rules import masked_softmax
+from biolit_id.server.decision.rules import masked_softmax, route_fused
 from biolit_id.server.decision.types import SpeciesGroup, Thresholds, photo_groups
 
 log = logging.getLogger(__name__)
@@ -193,10 +196,12 @@ def fit_fusion_weights(bundle: Bundle, embeddings: np.ndarray, scored: ScoredSet
 
 def group_thresholds(scored: ScoredSet, target_coverage: float | None = None,
                      max_risk: float | None = None, rare_max_risk: float | None = None,
-                     base: Thresholds | None = None) -> tuple[Thresholds, dict]:
+                     base: Thresholds | None = None, flatten: float = FLATTEN
+                     ) -> tuple[Thresholds, dict]:
     """Routing fused: a certified cut per photo group (tools/training/risk_control.py).
 
-    ``--coverage C``: the lowest common risk level whose cuts answer C of the photos.
+    ``--coverage C``: the lowest common risk level whose cuts answer C of the photos, each
+    weighted ``n_species ** -flatten`` (a prior flatter than the calibration set's).
     ``--max-risk R`` (and ``--rare-max-risk``): each group's error among answers at most
     its target, with a Clopper–Pearson bound at 1 - DELTA.
     """
@@ -207,7 +212,8 @@ def group_thresholds(scored: ScoredSet, target_coverage: float | None = None,
     wrong = scored.distribution.argmax(axis=1) != scored.truth
     groups = photo_groups(scored.distribution, scored.scores.species_group)
     if target_coverage is not None:
-        found, level = cuts_at_coverage(conf, wrong, groups, target_coverage)
+        weights = flatter_prior_weights(scored.truth, flatten)
+        found, level = cuts_at_coverage(conf, wrong, groups, target_coverage, weights)
     else:
         rare = max_risk if rare_max_risk is None else rare_max_risk
         found = group_cuts(conf, wrong, groups, {"common": max_risk, "rare": rare,
@@ -226,12 +232,19 @@ def group_thresholds(scored: ScoredSet, target_coverage: float | None = None,
             "photos": int(mine.sum()), "answered": n, "errors": errors,
             "risk_bound": clopper_pearson_upper(errors, n) if n else None,
             "target": found.risk[group.name.lower()], "cut": found.cuts[group.name.lower()]}
+    if target_coverage is not None:
+        coverage = float(np.average(routed.species >= 0, weights=weights))
     met = coverage >= target_coverage - 1e-9 if target_coverage is not None else all(
         g["risk_bound"] is None or g["risk_bound"] <= g["target"] + 1e-12
         for g in per_group.values())
+    outside = without_own_species(scored.distribution, scored.truth)
+    outside_routed = route_fused(outside, thresholds, scored.scores.species_group)
     return thresholds, {"coverage": coverage, "risk": risk, "target_met": bool(met),
-                        "risk_level": level, "groups": per_group,
-                        "borrowed": list(found.borrowed), "settings_tried": len(RISK_GRID)}
+                        # photos of uncatalogued species answered (all wrongly): an estimate
+                        "out_of_catalog_answered": float((outside_routed.species >= 0).mean()),
+                        "risk_level": level, "flatten": flatten, "groups": per_group,
+                        "borrowed": list(found.borrowed),
+                        "uncertified": list(found.uncertified), "settings_tried": len(RISK_GRID)}
 
 
 def answer_threshold(scored: ScoredSet, target_coverage: float | None = None,
@@ -284,65 +297,21 @@ def wilson_lower(p: np.ndarray, n: np.ndarray, z: float) -> np.ndarray:
 
 
 def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog,
-                         precision: float = DEFAULT_TAXON_PRECISION,
-                         min_support: int = MIN_TAXON_SUPPORT,
-                         z: float = TAXON_CONFIDENCE_Z) -> tuple[dict[str, float], dict]:
-    """Per rank, finest first, on the photos no finer rank has answered.
-
-    The threshold is the lowest taxon mass (>= 0.5) at which the answers at
-    or above it reach ``precision``; photos below it move on to the next
-    coarser rank, as ``server.decision.ranks.taxon_fallback`` will do at serving.
-    """
+                         precision: float = DEFAULT_TAXON_PRECISION) -> tuple[dict[str, float],
+                                                                               dict]:
+    """Per rank, finest first, on the photos no finer rank has answered: the lowest mass
+    (>= 0.5) whose answers' MEAN precision is certified >= ``precision`` (a Clopper–Pearson
+    lower bound, tools/training/rank_thresholds.py), as ``decision.ranks.taxon_fallback``
+    walks the ranks at serving."""
     rejected = np.flatnonzero(~scored.accepted)
     answers = rank_answers(scored, rejected, catalog)
-    remaining = list(range(len(rejected)))
-    thresholds: dict[str, float] = {}
-    report: dict = {"rejected": len(rejected), "precision_target": precision, "ranks": {}}
-    for rank in FALLBACK_RANKS:
-        rows, masses, right = [], [], []
-        for j in remaining:
-            answer = next((a for a in answers[j] if a.rank == rank), None)
-            if answer is None:
-                continue
-            rows.append(j)
-            masses.append(answer.confidence)
-            right.append(taxon_is_right(answer, species[int(rejected[j])], catalog))
-        masses_arr, right_arr = np.asarray(masses), np.asarray(right, dtype=bool)
-        eligible = masses_arr >= MIN_TAXON_THRESHOLD
-        info = {"candidates": int(eligible.sum())}
-        if eligible.sum() < min_support:
-            info["disabled"] = f"fewer than {min_support} rejected photos with mass >= " \
-                               f"{MIN_TAXON_THRESHOLD}"
-            report["ranks"][rank] = info
-            continue
-        order = np.argsort(-masses_arr[eligible], kind="stable")
-        m_sorted = masses_arr[eligible][order]
-        answered_n = np.arange(1, len(order) + 1)
-        cum_precision = np.cumsum(right_arr[eligible][order]) / answered_n
-        ok = np.flatnonzero(wilson_lower(cum_precision, answered_n, z) >= precision)
-        # Only cut between distinct masses: ties all pass or all fail together.
-        ok = [k for k in ok if k + 1 == len(m_sorted) or m_sorted[k + 1] < m_sorted[k]]
-        ok = [k for k in ok if k + 1 >= min_support]
-        if not ok:
-            info["disabled"] = f"no threshold reaches precision {precision:.2f}"
-            report["ranks"][rank] = info
-            continue
-        # Never below the precision itself: where the masses are calibrated (routing
-        # fused) answers above a mass t are right at least t of the time, which holds on
-        # new photos better than the few rejected validation photos can show.
-        threshold = max(float(m_sorted[max(ok)]), precision)
-        k = int((m_sorted >= threshold).sum()) - 1
-        if k < 0:
-            info["disabled"] = f"no rejected photo with mass >= {threshold:.2f}"
-            report["ranks"][rank] = info
-            continue
-        thresholds[rank] = threshold
-        info.update(threshold=threshold, answered=int(k + 1),
-                    precision=float(cum_precision[k]))
-        report["ranks"][rank] = info
-        answered = {rows[i] for i, m in enumerate(masses) if m >= threshold}
-        remaining = [j for j in remaining if j not in answered]
-    return thresholds, report
+    truths = [species[int(i)] for i in rejected]
+    masses, right = answer_arrays(answers, truths, catalog)
+    fits = fit_mean_precision(masses, right, precision)
+    thresholds = {rank: fit.threshold for rank, fit in fits.items() if fit.threshold is not None}
+    return thresholds, {"rejected": len(rejected), "precision_target": precision,
+                        "rule": "mean precision, Clopper-Pearson lower bound",
+                        "ranks": {rank: fit.report() for rank, fit in fits.items()}}
 
 
 # ------------------------------------------------------------ the command
@@ -352,7 +321,7 @@ def calibrate(bundle: Bundle, embeddings: np.ndarray, species: list[str], catalo
               target_coverage: float | None = None, max_risk: float | None = None,
               taxon_precision: float | str = DEFAULT_TAXON_PRECISION,
               fit_temperature: bool = True, rare_max_risk: float | None = None,
-              one_cut: bool = False) -> tuple[Bundle, dict]:
+              one_cut: bool = False, flatten: float = FLATTEN) -> tuple[Bundle, dict]:
     """The steps on one calibration set; returns the new bundle and a report.
 
     A fused bundle's weights were fitted out of fold by ``train``: they are not
@@ -372,7 +341,7 @@ def calibrate(bundle: Bundle, embeddings: np.ndarray, species: list[str], catalo
     scored = score_set(bundle, embeddings, species)
     if fused and not one_cut:
         thresholds, search = group_thresholds(scored, target_coverage, max_risk,
-                                              rare_max_risk, bundle.thresholds)
+                                              rare_max_risk, bundle.thresholds, flatten)
     elif fused:
         thresholds, search = answer_threshold(scored, target_coverage, max_risk,
                                               bundle.thresholds)
@@ -418,6 +387,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rare-max-risk", type=float, default=None,
                         help="fused, with --max-risk: the target of photos whose mass lies on "
                              "rare or runtime species (default: --max-risk)")
+    parser.add_argument("--flatten", type=float, default=FLATTEN,
+                        help="fused, with --coverage: count each calibration photo "
+                             "n_species^-F, a prior flatter than the calibration set's "
+                             "(0: as sampled, 1: every species alike; default %(default)s)")
     parser.add_argument("--one-cut", action="store_true",
                         help="fused: one cut for every photo instead of one per group")
     parser.add_argument("--taxon-precision", default=str(DEFAULT_TAXON_PRECISION),
@@ -447,7 +420,8 @@ def run(args: argparse.Namespace) -> int:
                                target_coverage=coverage, max_risk=args.max_risk,
                                taxon_precision=taxon_precision,
                                fit_temperature=not args.keep_temperature,
-                               rare_max_risk=args.rare_max_risk, one_cut=args.one_cut)
+                               rare_max_risk=args.rare_max_risk, one_cut=args.one_cut,
+                               flatten=args.flatten)
     bundle.metrics = {**bundle.metrics, "calibration": report}
     bundle.save(Path(args.bundle))
     _print(report)
@@ -457,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
 def _print(report: dict) -> None:
     r = report["routing"]
     t = r["thresholds"]
-    print(f"calibrated on {report['samples']} validation photos")
+    print(f"calibrated on {report['samples']} held-out photos")
     if "temperature" in report:
         for part, v in report["temperature"].items():
             print(f"  {part:9s} ECE {v['ece_before']:.3f} -> {v['ece_after']:.3f} after "
@@ -472,19 +446,26 @@ def _print(report: dict) -> None:
                 bound = g["risk_bound"]
                 line += (f"  ({g['answered']}/{g['photos']} answered, {g['errors']} wrong"
                          + (f", error <= {bound:.3f} at 90 %" if bound is not None else "")
-                         + (", borrowed" if name in r.get("borrowed", []) else "") + ")")
+                         + (", borrowed" if name in r.get("borrowed", []) else "")
+                         + (", too few to certify" if name in r.get("uncertified", [])
+                            else "") + ")")
             print(line)
+        if "out_of_catalog_answered" in r:
+            print(f"  a photo of a species outside the catalog would get a (wrong) species "
+                  f"answer ~{r['out_of_catalog_answered']:.0%} of the time (each calibration "
+                  f"photo scored without its own species)")
     else:
         print(f"  thresholds classifier_high={t['classifier_high']:.4f} "
               f"classifier_low={t['classifier_low']:.4f} prototype={t['prototype']:.4f}")
     if not r["target_met"]:
         print(f"  WARNING: target {r['target']} not reachable on this data; closest kept")
     for rank, info in report["taxon"]["ranks"].items():
-        if "threshold" in info:
-            print(f"  {rank:7s} mass >= {info['threshold']:.3f} "
-                  f"({info['answered']} answers, precision {info['precision']:.2f})")
+        if info.get("threshold") is not None:
+            print(f"  {rank:7s} mass >= {info['threshold']:.3f} ({info['answers']} answers, "
+                  f"precision {info['precision']:.2f}, >= {info['lower_bound']:.2f} at 90 %)")
         else:
-            print(f"  {rank:7s} no fallback: {info['disabled']}")
+            print(f"  {rank:7s} no rank answers: mean precision not certified "
+                  f"({info.get('candidates', 0)} photos reach this rank)")
     v = report["taxon"]["validation"]
     if v["fallback_accuracy"] is not None:
         print(f"  rank fallback on {v['fallback_rate']:.1%} of photos, "

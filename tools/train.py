@@ -42,6 +42,7 @@ from biolit_id.cli.training.features import (
 from biolit_id.cli.training.fusion import choose_alpha, fit_fused
 from biolit_id.cli.training.head import FUSED_HEAD, HeadSettings, train_head
 from biolit_id.cli.training.rank_heads import RankHeadSettings, train_rank_heads
+from biolit_id.cli.training.rank_thresholds import simulated_rank_thresholds
 from biolit_id.index.core.vectors import class_prototypes, fuse_prototypes
 from biolit_id.server.catalog.catalog import Catalog
 from biolit_id.server.decision.bundle import DEFAULT_HEAD, Bundle
@@ -372,12 +373,16 @@ def run(args: argparse.Namespace) -> int:
         bundle, calibration = build_crossfitted(train, val, loaded, catalog, args.folds,
                                                 **settings)
         write_embeddings(out / CALIBRATION_FILE, calibration)
+        bundle.training_fingerprint = fingerprint(train)  # what evaluate must refuse
         split_info["calibration"] = {"file": CALIBRATION_FILE, "rows": len(calibration),
                                      "share": CALIBRATION_SHARE,
                                      "fingerprint": fingerprint(calibration)}
     else:
         bundle = build_bundle(train, val, loaded, catalog, routing=args.routing, **settings)
     bundle.extra["split"] = split_info
+    # Until calibrate fits them on the calibration fold: the simulated default.
+    derived = simulated_rank_thresholds(bundle, catalog)
+    bundle.taxon_thresholds, bundle.extra["rank_thresholds"] = derived.thresholds, derived.report
     if args.rank_heads:  # tools/training/rank_heads.py: the rows that have each rank, aligned
         train_rank_heads(bundle.whiten(train.embeddings), train.species, catalog,
                          settings=RankHeadSettings(seed=args.seed, threads=args.threads)

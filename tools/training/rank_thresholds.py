@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
+from biolit_id.cli.training.risk_control import CUT_GRID, clopper_pearson_lower
 from biolit_id.index.core.types import PrototypeSet
 from biolit_id.server.catalog.catalog import FALLBACK_RANKS, Catalog
 from biolit_id.server.decision.bundle import Bundle
@@ -37,9 +37,7 @@ DELTA = 0.1  # one-sided Clopper-Pearson level
 FLOOR = 0.5  # never answer a taxon holding less than half the mass
 MIN_ANSWERS = 10
 # High to low: 0.995 ... 0.90 by 0.005, then 0.89 ... 0.05 by 0.01 (cut at ``floor``).
-GRID: tuple[float, ...] = tuple(
-    float(t) for t in np.round(np.r_[np.arange(0.995, 0.90, -0.005),
-                                     np.arange(0.90, 0.049, -0.01)], 3))
+GRID: tuple[float, ...] = tuple(float(t) for t in CUT_GRID if t >= 0.05)
 
 # The simulation's defaults (docs/taxonomy.md, "Rank thresholds").
 METHOD = "prototype-simulation/1"
@@ -49,13 +47,6 @@ SIMULATION_SEED = 27
 DRAWS = 5  # independent draws; a rank must certify on each
 RAW_NORM = 0.85  # |f - mu| of a unit embedding (tools/evaluation/longtail.py)
 RESIDUAL = 0.02  # isotropic noise outside the whitening's directions (ditto)
-
-
-def cp_lower(right: int, n: int, delta: float = DELTA) -> float:
-    """One-sided Clopper-Pearson lower bound of a rate: ``right`` successes in ``n``."""
-    if n <= 0 or right <= 0:
-        return 0.0
-    return float(stats.beta.ppf(delta, right, n - right + 1))
 
 
 def min_answers(precision: float = PRECISION, delta: float = DELTA) -> int:
@@ -102,7 +93,7 @@ def fit_mean_precision(masses: Mapping[str, np.ndarray], right: Mapping[str, np.
             if n < need:
                 continue
             k = int(ok[sel].sum())
-            bound = cp_lower(k, n, delta)
+            bound = clopper_pearson_lower(k, n, delta)
             if bound < precision:
                 break
             fit = RankFit(t, fit.candidates, n, k, bound)

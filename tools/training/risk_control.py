@@ -18,9 +18,13 @@ from scipy import stats
 from biolit_id.server.decision.types import SpeciesGroup, Thresholds
 
 DELTA = 0.1  # the bound holds with probability 1 - DELTA
-MIN_ANSWERS = 20  # a cut is only tested once this many calibration photos pass it
+MIN_ANSWERS = 50  # a cut is only tested once this many calibration photos pass it (power)
 CUT_GRID = np.round(np.r_[np.arange(0.995, 0.90, -0.005), np.arange(0.90, 0.019, -0.01)], 3)
-RISK_GRID = np.round(np.arange(0.02, 0.61, 0.01), 2)
+RISK_GRID = np.round(np.arange(0.02, 0.991, 0.01), 2)
+# Coverage is promised for photos flatter than the training prior (volunteers' finds are
+# less dominated by the common species than curated training sets): docs/quality.md.
+FLATTEN = 0.5
+GROUP_NAMES = tuple(g.name.lower() for g in SpeciesGroup)
 
 
 def clopper_pearson_upper(errors: int, n: int, delta: float = DELTA) -> float:
@@ -43,19 +47,28 @@ def certified_cut(confidence: np.ndarray, wrong: np.ndarray, max_risk: float,
 
     The scan starts where ``min_answers`` photos pass (a choice made without
     labels, so the fixed sequence stays valid) and stops at the first cut that
-    fails: Learn-then-Test's family-wise guarantee.
+    fails: Learn-then-Test's family-wise guarantee. ``delta`` None: the plain
+    error rate instead of its bound (too few photos to certify anything).
     """
-    floor = max(min_answers, int(np.ceil(np.log(delta) / np.log(1 - max_risk))))
+    floor = (1 if delta is None else
+             max(min_answers, int(np.ceil(np.log(delta) / np.log(1 - max_risk)))))
     best = np.inf
     for cut in CUT_GRID:
         passed = confidence >= cut
         n = int(passed.sum())
         if n < floor:
             continue
-        if clopper_pearson_upper(int(wrong[passed].sum()), n, delta) > max_risk:
+        errors = int(wrong[passed].sum())
+        bound = errors / n if delta is None else clopper_pearson_upper(errors, n, delta)
+        if bound > max_risk:
             break
         best = float(cut)
     return best
+
+
+def certifiable(n: int, max_risk: float, delta: float = DELTA) -> bool:
+    """Whether ``n`` photos are enough for a cut to be tested at all."""
+    return n >= max(MIN_ANSWERS, int(np.ceil(np.log(delta) / np.log(1 - max_risk))))
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class GroupCuts:
     cuts: dict[str, float]  # group name -> cut (inf: the group never answers)
     risk: dict[str, float]  # the target each cut is certified at
     borrowed: tuple[str, ...]  # groups without calibration photos: strictest cut
+    uncertified: tuple[str, ...] = ()  # too few photos to certify: the plain error rate
 
     def thresholds(self, base: Thresholds) -> Thresholds:
         finite = [c for c in self.cuts.values() if np.isfinite(c)]
@@ -76,39 +90,63 @@ class GroupCuts:
 
 def group_cuts(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
                max_risk: dict[str, float], delta: float = DELTA) -> GroupCuts:
-    """Certified cuts per group; a group with too few photos to certify anything borrows
-    the strictest cut certified elsewhere (runtime species have no calibration photos)."""
-    cuts, borrowed = {}, []
+    """Certified cuts per group. A group with too few photos to certify anything gets the
+    plain error rate's cut, and says so; one with no photo at all (runtime species have
+    no calibration photos) borrows the strictest cut found elsewhere."""
+    cuts, borrowed, uncertified = {}, [], []
     for group in SpeciesGroup:
         name = group.name.lower()
         mine = groups == group
-        floor = max(MIN_ANSWERS, int(np.ceil(np.log(delta) / np.log(1 - max_risk[name]))))
-        if mine.sum() < floor:
+        if not mine.any():
             borrowed.append(name)
             continue
-        cuts[name] = certified_cut(confidence[mine], wrong[mine], max_risk[name], delta)
+        sure = certifiable(int(mine.sum()), max_risk[name], delta)
+        if not sure:
+            uncertified.append(name)
+        cuts[name] = certified_cut(confidence[mine], wrong[mine], max_risk[name],
+                                   delta if sure else None)
     strictest = max((c for c in cuts.values() if np.isfinite(c)), default=np.inf)
     for name in borrowed:
         cuts[name] = strictest
-    return GroupCuts(cuts, dict(max_risk), tuple(borrowed))
+    return GroupCuts(cuts, dict(max_risk), tuple(borrowed), tuple(uncertified))
+
+
+def flatter_prior_weights(truth: np.ndarray, power: float = FLATTEN) -> np.ndarray:
+    """Photo weights moving the calibration set's species prior toward a flat one: each
+    photo counts ``n_species ** -power`` (0: as sampled, 1: every species the same)."""
+    counts = np.bincount(np.maximum(truth, 0))
+    w = counts[np.maximum(truth, 0)].astype(np.float64) ** -power
+    return w / w.mean() if len(w) else w
 
 
 def cuts_at_coverage(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
-                     coverage: float, rare_factor: float = 1.0, delta: float = DELTA
-                     ) -> tuple[GroupCuts, float]:
+                     coverage: float, weights: np.ndarray | None = None,
+                     delta: float = DELTA) -> tuple[GroupCuts, float]:
     """The lowest common risk level whose certified cuts answer ``coverage`` of the photos
-    (rare photos held to ``rare_factor`` times that level); the level is returned too."""
+    (weighted: see ``flatter_prior_weights``); the level is returned too."""
     last = None
     for level in RISK_GRID:
-        risks = {"common": level, "rare": level * rare_factor, "runtime": level * rare_factor}
-        found = group_cuts(confidence, wrong, groups, risks, delta)
+        found = group_cuts(confidence, wrong, groups, dict.fromkeys(GROUP_NAMES, level), delta)
         last = (found, float(level))
-        if answered_share(confidence, groups, found) >= coverage:
+        if answered_share(confidence, groups, found, weights) >= coverage:
             return found, float(level)
     assert last is not None
     return last
 
 
-def answered_share(confidence: np.ndarray, groups: np.ndarray, found: GroupCuts) -> float:
+def answered_share(confidence: np.ndarray, groups: np.ndarray, found: GroupCuts,
+                   weights: np.ndarray | None = None) -> float:
     cut = np.array([found.cuts[g.name.lower()] for g in SpeciesGroup])[groups]
-    return float((confidence >= cut).mean()) if len(confidence) else 0.0
+    if not len(confidence):
+        return 0.0
+    return float(np.average(confidence >= cut, weights=weights))
+
+
+def without_own_species(distribution: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each labelled photo's distribution had its species been missing from the catalog:
+    the stand-in for photos of species outside it (their look-alikes take the mass)."""
+    dist = np.array(distribution, dtype=np.float64)
+    known = truth >= 0
+    dist[np.flatnonzero(known), truth[known]] = 0.0
+    total = dist.sum(axis=1, keepdims=True)
+    return dist / np.where(total > 0, total, 1.0)

@@ -1,0 +1,116 @@
+"""The quality machinery on data whose answer is known: cross-fitting, family choice, risk control.
+
+Each test builds scores where the right outcome is decided by construction
+(an informative or a useless head, a group that errs more), so a change that
+leaks a fold's own labels, ignores the head or loosens a bound fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from biolit_id.cli.training.crossfit import (
+    FAMILIES,
+    OutOfFold,
+    calibration_rows,
+    choose_family,
+    nested_probabilities,
+    stratified_folds,
+)
+from biolit_id.cli.training.risk_control import (
+    certified_cut,
+    clopper_pearson_upper,
+    cuts_at_coverage,
+    flatter_prior_weights,
+    group_cuts,
+)
+from biolit_id.server.decision.rules import route_fused
+from biolit_id.server.decision.types import SpeciesGroup, Thresholds, photo_groups
+
+S = 12
+
+
+def _oof(head_quality: float, seed: int = 0, n_per: int = 40) -> OutOfFold:
+    """Cosines that point weakly at the truth; a head that is ``head_quality`` good."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(S), n_per)
+    cos = rng.normal(0, 0.1, (len(y), S))
+    cos[np.arange(len(y)), y] += 0.12
+    head = rng.normal(0, 1.0, (len(y), S))
+    head[np.arange(len(y)), y] += head_quality
+    return OutOfFold(cos=cos, head_logits=head, head_ids=np.arange(S),
+                     log_prior=np.full(S, -np.log(S)), baselines={}, y=y,
+                     fold=stratified_folds(y, 5, seed))
+
+
+def test_folds_and_calibration_rows_are_stratified_and_disjoint():
+    y = np.repeat(np.arange(6), [40, 20, 10, 5, 3, 1])
+    fold = stratified_folds(y, 5, 0)
+    for c in range(3):
+        assert np.bincount(fold[y == c], minlength=5).min() >= (y == c).sum() // 5
+    kept = calibration_rows(y, seed=0)
+    assert kept[y == 0].sum() == 8 and kept[y == 3].sum() == 1
+    assert not kept[y == 4].any() and not kept[y == 5].any()  # too few: all kept for fitting
+
+
+def test_a_folds_probabilities_do_not_depend_on_its_own_labels():
+    oof = _oof(head_quality=2.0)
+    fused = next(f for f in FAMILIES if f.name == "fused")
+    before = nested_probabilities(fused, oof)
+    fold0 = oof.fold == 0
+    oof.y = oof.y.copy()
+    oof.y[fold0] = np.random.default_rng(1).permutation(oof.y[fold0])
+    after = nested_probabilities(fused, oof)
+    np.testing.assert_allclose(after[fold0], before[fold0])  # fitted without fold 0
+    assert not np.allclose(after[~fold0], before[~fold0])  # the others did see fold 0
+
+
+def test_an_informative_head_is_chosen_and_a_useless_one_is_not():
+    rare = np.arange(S) >= 6
+    good = choose_family(_oof(head_quality=4.0), rare)
+    assert good.name in {"head", "head+prior", "fused", "fused+prior"}
+    useless = choose_family(_oof(head_quality=0.0), rare)
+    assert useless.name in {"cosine", "cosine+prior"}
+    assert useless.weights.head == 0.0
+    by_name = {row["family"]: row for row in good.table}
+    assert by_name[good.name]["balanced_accuracy"] >= by_name["cosine"]["balanced_accuracy"]
+
+
+def test_the_certified_cut_bounds_the_error_and_stops_at_the_first_failure():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0, 1, 4000)
+    wrong = rng.uniform(0, 1, 4000) > conf  # error rate 1 - conf: calibrated
+    cut = certified_cut(conf, wrong, max_risk=0.2)
+    passed = conf >= cut
+    assert clopper_pearson_upper(int(wrong[passed].sum()), int(passed.sum())) <= 0.2
+    assert 0.6 < cut < 0.9  # calibrated scores: answers above ~0.65 err < 20 % on average
+    assert certified_cut(conf, np.ones_like(wrong), max_risk=0.2) == np.inf
+
+
+def test_a_group_that_errs_more_gets_a_stricter_cut():
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0, 1, 6000)
+    groups = np.where(np.arange(6000) % 3 == 0, SpeciesGroup.RARE, SpeciesGroup.COMMON)
+    wrong = rng.uniform(0, 1, 6000) > np.where(groups == SpeciesGroup.RARE, conf * 0.9, conf)
+    found = group_cuts(conf, wrong, groups, {"common": 0.15, "rare": 0.2, "runtime": 0.2})
+    assert np.isfinite(found.cuts["rare"]) and found.cuts["rare"] > found.cuts["common"]
+    assert found.borrowed == ("runtime",) and found.cuts["runtime"] == found.cuts["rare"]
+    flat = flatter_prior_weights(np.repeat([0, 1], [90, 10]), 1.0)
+    assert np.isclose(flat[:90].sum(), flat[90:].sum())
+    found, level = cuts_at_coverage(conf, wrong, groups, 0.5)
+    cut = np.array([found.cuts["common"], found.cuts["rare"], found.cuts["runtime"]])[groups]
+    assert (conf >= cut).mean() >= 0.5
+
+
+def test_a_photo_is_cut_by_the_group_where_its_mass_lies():
+    species_group = np.array([SpeciesGroup.COMMON, SpeciesGroup.RARE, SpeciesGroup.RARE,
+                              SpeciesGroup.RUNTIME])
+    dist = np.array([[0.7, 0.1, 0.1, 0.1],    # common
+                     [0.3, 0.6, 0.05, 0.05],  # rare mass 0.65
+                     [0.1, 0.2, 0.1, 0.6]])   # runtime mass 0.6
+    assert photo_groups(dist, species_group).tolist() == [0, 1, 2]
+    routed = route_fused(dist, Thresholds(answer=0.5, answer_rare=0.65, answer_runtime=0.9),
+                         species_group)
+    assert routed.species.tolist() == [0, -1, -1]
+    same = route_fused(dist, Thresholds(answer=0.5), species_group)
+    assert same.species.tolist() == [0, 1, 3]
