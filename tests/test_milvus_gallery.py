@@ -3,6 +3,7 @@
 Both are opened the way ``build_state`` opens them, fed the same photos, and
 must hold the same prototypes and give the same similar-photo answers; the
 Milvus one must come back identical after a restart (its state is in Milvus).
+Each test runs on milvus-lite and on a real Milvus server (``milvus_fixtures``).
 """
 
 from __future__ import annotations
@@ -66,13 +67,13 @@ def same_prototypes(a, b) -> None:
 
 
 def test_milvus_and_faiss_galleries_agree_and_milvus_survives_a_restart(
-        open_pair, loaded_demo_model, text_cache, tmp_path):
+        open_pair, milvus_uri, loaded_demo_model, text_cache, tmp_path):
     catalog = Catalog.load_default()
     names = catalog.names()
     bundle = whitened_bundle(loaded_demo_model, catalog, text_cache,
                              extra={"prototype_support": {names[3]: 4}},
                              bundle_id="milvus-test-bundle")
-    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    lite = milvus_uri("poll=0")
     faiss_g, milvus_g = open_pair("faiss", bundle), open_pair(lite, bundle)
     assert milvus_g.dim == faiss_g.dim == 64 and milvus_g.space_id == faiss_g.space_id
     rng = np.random.default_rng(5)
@@ -133,12 +134,12 @@ def crash_write(g, species: str, vec: np.ndarray) -> NewExemplar:
 
 
 def test_a_photo_stored_without_its_species_row_reaches_the_prototype(
-        open_pair, loaded_demo_model, text_cache, tmp_path):
+        open_pair, milvus_uri, loaded_demo_model, text_cache, tmp_path):
     catalog = Catalog.load_default()
     names = catalog.names()
     bundle = whitened_bundle(loaded_demo_model, catalog, text_cache, extra={},
                              bundle_id="crash-test-bundle")
-    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    lite = milvus_uri("poll=0")
     faiss_g, milvus_g = open_pair("faiss", bundle), open_pair(lite, bundle)
     rng = np.random.default_rng(11)
     photos = unit(rng.normal(size=(5, DIM)))
@@ -174,7 +175,7 @@ def test_a_photo_stored_without_its_species_row_reaches_the_prototype(
 
 
 def test_a_new_bundle_in_the_same_space_keeps_the_collection_and_recomputes(
-        open_pair, loaded_demo_model, text_cache, tmp_path):
+        open_pair, milvus_uri, loaded_demo_model, text_cache, tmp_path):
     catalog = Catalog.load_default()
     names = catalog.names()
     before = whitened_bundle(loaded_demo_model, catalog, text_cache, extra={},
@@ -184,7 +185,7 @@ def test_a_new_bundle_in_the_same_space_keeps_the_collection_and_recomputes(
     after = dataclasses.replace(  # same whitening, other prototypes and weights file
         before, bundle_id="after", visual_prototypes=visual,
         prototypes=fuse_prototypes(visual, before.text_prototypes, before.alpha))
-    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    lite = milvus_uri("poll=0")
     first = open_pair(lite, before)
     photos = unit(rng.normal(size=(3, DIM)))
     for vec in photos:
@@ -198,9 +199,10 @@ def test_a_new_bundle_in_the_same_space_keeps_the_collection_and_recomputes(
     same_prototypes(again, faiss_g)
 
 
-def test_a_photo_imported_with_its_faiss_id_is_found_again(open_pair, loaded_demo_model,
-                                                           text_cache, tmp_path):
-    lite = f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+def test_a_photo_imported_with_its_faiss_id_is_found_again(open_pair, milvus_uri,
+                                                           loaded_demo_model, text_cache,
+                                                           tmp_path):
+    lite = milvus_uri("poll=0")
     g = open_pair(lite, whitened_bundle(loaded_demo_model, Catalog.load_default(), text_cache,
                                         extra={}, bundle_id="import-test"))
     name = g.prototypes().names[2]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from milvus_fixtures import collection_name
 
 from biolit_id.index.writer import WRITE_BATCH
 from biolit_id.proto import identification_pb2 as pb
@@ -35,9 +36,13 @@ def total(stub) -> int:
     return stub.ListExemplars(pb.ListExemplarsRequest(page_size=1)).total_count
 
 
-@pytest.fixture(params=["faiss", "milvus-lite"])
+@pytest.fixture(params=["faiss", "milvus-lite", "milvus-server"])
 def running(request, make_server, tmp_path):
-    gallery = "faiss" if request.param == "faiss" else f"milvus-lite:{tmp_path / 'g.db'}?poll=0"
+    gallery = {"faiss": "faiss", "milvus-lite": f"milvus-lite:{tmp_path / 'g.db'}?poll=0"}.get(
+        request.param)
+    if gallery is None:
+        gallery = request.getfixturevalue("real_milvus").gallery(
+            collection_name(request.node.nodeid), "poll=0")
     return make_server(gallery=gallery)
 
 
