@@ -34,7 +34,13 @@ from biolit_id.server.catalog.catalog import Catalog
 log = logging.getLogger(__name__)
 
 BACKENDS = {"faiss": "faiss", "milvus-lite": "milvus-lite:{dir}/gallery.db?poll=1&sweep=10",
-            "milvus-lite-hnsw": "milvus-lite:{dir}/gallery.db?poll=1&sweep=10&index=hnsw"}
+            "milvus-lite-hnsw": "milvus-lite:{dir}/gallery.db?poll=1&sweep=10&index=hnsw",
+            # A real Milvus standalone server (the `milvus` package), started for the run in
+            # {dir}/server and stopped after it; its memory is measured apart from ours.
+            "milvus-server-hnsw": "milvus://127.0.0.1:{port}/bench?poll=1&sweep=10&index=hnsw"
+                                  "&m=16&ef_construction=200&ef=64",
+            "milvus-server-ivf-sq8": "milvus://127.0.0.1:{port}/bench?poll=1&sweep=10"
+                                     "&index=ivf-sq8&nlist=1024&nprobe=32"}
 CHECKPOINTS = (0, 10_000, 50_000, 100_000)
 STREAM = 500
 SPECIES = 3
@@ -45,6 +51,17 @@ def rss_bytes() -> dict[str, int]:
     """Resident memory of this process now and at its peak (milvus-lite runs in-process)."""
     fields = {}
     with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"rss_bytes": fields.get("VmRSS", 0), "peak_rss_bytes": fields.get("VmHWM", 0)}
+
+
+def server_memory(pid: int) -> dict[str, int]:
+    """Resident memory of the Milvus server process now and at its peak."""
+    fields = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
@@ -100,12 +117,27 @@ def bench_backend(backend: str, data_dir: Path, *, dim: int = 512,
     query_vectors, _ = synthetic_vectors(queries, dim, seed=seed + 1, centres=centres)
     started = time.perf_counter()
     memory_before = rss_bytes()
-    gallery = open_synthetic_gallery(BACKENDS[backend], data_dir, dim, seed)
+    server = None
+    if backend.startswith("milvus-server"):
+        from biolit_id.index.milvus.server import EmbeddedMilvus
+
+        server = EmbeddedMilvus(data_dir / "server", port=0)
+        server_start_s = server.start()
+    uri = BACKENDS[backend].format(dir=data_dir, port=server.port if server else 0)
+    try:
+        gallery = open_synthetic_gallery(uri, data_dir, dim, seed)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     species = list(gallery.prototypes().names[:SPECIES])
     ids: list[int] = []
-    result: dict = {"backend": backend, "uri": BACKENDS[backend].format(dir=data_dir),
+    result: dict = {"backend": backend, "uri": uri,
                     "dim": dim, "species": SPECIES, "stream": stream, "fill": fill,
                     "adds": []}
+    if server is not None:
+        result["server"] = {"version": gallery.index.caps.version_text,
+                            "start_s": server_start_s}
     try:
         for size in sorted(checkpoints):
             while len(ids) < size:  # fill up to the checkpoint
@@ -138,10 +170,14 @@ def bench_backend(backend: str, data_dir: Path, *, dim: int = 512,
         result |= _search(gallery, vectors[:len(ids)], np.asarray(ids, np.int64), query_vectors)
         result["memory"] = rss_bytes()
         result["memory_before_open"] = memory_before
+        if server is not None:
+            result["server"] |= server_memory(server.pid)
         result["repairs"] = getattr(gallery, "repairs", 0)
         result["sweeps"] = getattr(gallery, "sweeps", 0)
     finally:
         gallery.close()
+        if server is not None:
+            server.stop()
     result["seconds"] = time.perf_counter() - started
     first, last = result["adds"][0]["adds_per_s"], result["adds"][-1]["adds_per_s"]
     result["adds_ratio_last_vs_first"] = last / first
