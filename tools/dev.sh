@@ -2,6 +2,9 @@
 # Bootstrap and run: creates ./.venv on first use, installs the project, then
 #   tools/dev.sh serve [serve flags]   run the service (default: BioCLIP, gRPC port 50051,
 #                                      web page and JSON API on 8080; --no-http turns it off)
+#   tools/dev.sh serve --gallery milvus-server[?opts] ...
+#                                      the same on a local Milvus server started for it
+#                                      (data in data/milvus-server, stopped on exit)
 #   tools/dev.sh smoke                 run the service on a random demo model (no download)
 #   tools/dev.sh test [pytest args]    run the test suite
 # TORCH_SPEC overrides the torch wheels (the default ones are on the CI machines' disk).
@@ -39,15 +42,37 @@ command=${1:-}
 shift || true
 case "$command" in
     serve)
-        ensure_env "onnx,openvino"  # --runtime auto picks the fastest that passes the gate
-        exec "$VENV/bin/biolit-id" serve --http-port "$HTTP_PORT" "$@" ;;
+        args=() milvus_opts="" want_server=""
+        while [ $# -gt 0 ]; do
+            case "$1" in
+                --gallery=milvus-server*) want_server=1; milvus_opts=${1#--gallery=milvus-server} ;;
+                --gallery) if [[ "${2:-}" == milvus-server* ]]; then
+                               want_server=1; milvus_opts=${2#milvus-server}; shift
+                           else args+=("$1"); fi ;;
+                *) args+=("$1") ;;
+            esac
+            shift
+        done
+        if [ -z "$want_server" ]; then
+            ensure_env "onnx,openvino"  # --runtime auto picks the fastest that passes the gate
+            exec "$VENV/bin/biolit-id" serve --http-port "$HTTP_PORT" "${args[@]}"
+        fi
+        ensure_env "onnx,openvino,milvus-server"
+        mkdir -p data
+        coproc MILVUS { exec "$VENV/bin/python" -u -m biolit_id.index.milvus.server \
+            --base-dir data/milvus-server --port "${BIOLIT_MILVUS_PORT:-19530}"; }
+        trap 'kill "$MILVUS_PID" 2>/dev/null; wait "$MILVUS_PID" 2>/dev/null' EXIT
+        read -r -u "${MILVUS[0]}" milvus_line || { echo "Milvus did not start" >&2; exit 1; }
+        echo "$milvus_line" >&2
+        "$VENV/bin/biolit-id" serve --http-port "$HTTP_PORT" \
+            --gallery "${milvus_line%% *}/biolit${milvus_opts}" "${args[@]}" ;;
     smoke)
         ensure_env "onnx,openvino"
         [ -d data/demo-model ] || "$VENV/bin/biolit-id" demo-model data/demo-model
         exec "$VENV/bin/biolit-id" serve --model local-dir:data/demo-model \
             --http-port "$HTTP_PORT" "$@" ;;
     test)
-        ensure_env "dev,onnx,openvino,milvus"
+        ensure_env "dev,onnx,openvino,milvus,milvus-server"  # server variants of the Milvus tests
         ensure_chromium
         exec "$VENV/bin/pytest" -q "$@" ;;
     *)
