@@ -31,7 +31,7 @@ def key(e: pb.Exemplar) -> tuple:
 
 
 def test_faiss_gallery_moves_into_milvus_with_ids_metadata_and_answers(
-        make_server, demo_model_spec, tmp_path: Path, capsys):
+        make_server, milvus_uri, demo_model_spec, tmp_path: Path, capsys):
     src = make_server(data_dir=tmp_path / "faiss")
     stub = stub_for(src)
     stub.AddSpecies(pb.AddSpeciesRequest(
@@ -61,7 +61,7 @@ def test_faiss_gallery_moves_into_milvus_with_ids_metadata_and_answers(
     assert main(["gallery", "export", str(out), "--data-dir", str(tmp_path / "faiss"),
                  "--no-progress"]) == 0
     assert pq.ParquetFile(out).metadata.num_rows == 8
-    lite = f"milvus-lite:{tmp_path / 'milvus.db'}"
+    lite = milvus_uri()  # milvus-lite, then a real Milvus server
     imported = ["gallery", "import", str(out), "--gallery", lite, "--model", demo_model_spec,
                 "--data-dir", str(tmp_path / "import"), "--no-progress"]
     assert main(imported) == 0
@@ -69,7 +69,7 @@ def test_faiss_gallery_moves_into_milvus_with_ids_metadata_and_answers(
     assert main(imported) == 0  # resumable: a re-run finds everything there
     assert "imported 0 exemplars (8 already there)" in capsys.readouterr().out
 
-    dst = make_server(data_dir=tmp_path / "dst", gallery=f"{lite}?poll=0")
+    dst = make_server(data_dir=tmp_path / "dst", gallery=milvus_uri("poll=0"))
     dst_stub = stub_for(dst)
     after = all_exemplars(dst_stub)
     assert sorted(map(key, after)) == sorted(map(key, before))  # ids kept, thumbnails too
