@@ -19,7 +19,8 @@ TARGETS = {
     "search_1m_recall10": 0.95,
     "search_1m_bytes_per_exemplar": 600.0,
     "adds_per_second": 500.0,
-    "scale_adds_per_second": {"faiss": 500.0, "milvus-lite": 200.0},
+    "scale_adds_per_second": {"faiss": 500.0, "milvus-lite": 200.0,
+                              "milvus-server": 500.0},  # issue 24: the server at 100k
 }
 
 
@@ -81,13 +82,14 @@ def _backend_targets(backends: dict) -> list[dict]:
         rows.append({"target": f"{name}: adds/s at {at} vs at {first['photos_before']:,}",
                      "goal": ">= 0.8x", "measured": r["adds_ratio_last_vs_first"],
                      "met": r["adds_ratio_last_vs_first"] >= 0.8})
-        goal = TARGETS["scale_adds_per_second"][name.removesuffix("-hnsw")]
+        goal = TARGETS["scale_adds_per_second"][
+            name.removesuffix("-hnsw").removesuffix("-ivf-sq8")]
         rows.append({"target": f"{name}: adds/s at {at} photos (streams of {r['stream']})",
                      "goal": f">= {goal:g}", "measured": last["adds_per_s"],
                      "met": last["adds_per_s"] >= goal})
         rows.append({"target": f"{name}: repairs on a healthy gallery ({r['sweeps']} sweeps)",
                      "goal": "0", "measured": float(r["repairs"]), "met": r["repairs"] == 0})
-        if name.startswith("milvus-lite"):
+        if name.startswith(("milvus-lite", "milvus-server")):
             ok = r["search_p50_ms"] <= 20.0 and r["recall@10"] >= 0.95
             rows.append({"target": f"{name}: search p50 at {r['photos']:,} (recall@10 "
                                    f"{r['recall@10']:.3f}, goal >= 0.95)",
