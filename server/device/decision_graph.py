@@ -204,7 +204,7 @@ def _mass_fallback(g: Graph, d: Decision, scorer: Scorer, protos: PrototypeSet,
         ranks.append(rank)
         taxa[rank] = order
         mats.append(mat)
-    minus_one = g.const(-1, np.int64)
+    minus_one = _minus_ones(g, d.answer)
     rank_out, taxon_out, conf_out = minus_one, minus_one, d.confidence
     method_out = d.method
     no_species = g.op("Less", d.answer, g.const(0, np.int64))
@@ -223,6 +223,11 @@ def _mass_fallback(g: Graph, d: Decision, scorer: Scorer, protos: PrototypeSet,
     d.ranks, d.taxa = ranks, taxa
     d.rank_thresholds = {r: float(thresholds[r]) for r in ranks}
     return d
+
+
+def _minus_ones(g: Graph, like: str) -> str:
+    """[N] int64 of -1, shaped as ``like``."""
+    return g.op("Sub", g.op("Mul", like, g.const(0, np.int64)), g.const(1, np.int64))
 
 
 def _clip01(g: Graph, x: str) -> str:
@@ -378,7 +383,7 @@ def export_seed_v2(g: Graph, x: str, scorer, protos: PrototypeSet, catalog: Cata
                   g.const(int(Method.REJECTED), i64))
     confidence = g.op("Where", species_ok, p1, g.const(0.0, np.float64))
     open_rows = g.op("Not", species_ok)
-    rank_out = taxon_out = g.const(-1, i64)
+    rank_out = taxon_out = _minus_ones(g, answer)
     ranks = [r for r in settings.walk if r in heads.heads]
     for i, rank in enumerate(ranks):
         head = heads.heads[rank]
@@ -420,7 +425,7 @@ OUTPUTS = ("probabilities", "answer", "method", "confidence", "rank", "taxon")
 def export_decision(scorer: Scorer, protos: PrototypeSet, catalog: Catalog,
                     metadata: dict[str, str] | None = None):
     """The decision of ``scorer`` over ``protos`` as an ``onnx.ModelProto``."""
-    from onnx import TensorProto, checker, helper
+    from onnx import TensorProto, checker, helper, shape_inference
 
     inner = getattr(scorer, "inner", scorer)  # rank heads beside a rule: the rule's graph
     exporter = EXPORTERS.get(inner.mode)
@@ -438,10 +443,8 @@ def export_decision(scorer: Scorer, protos: PrototypeSet, catalog: Catalog,
     g.identity(d.answer, "answer")
     g.identity(d.method, "method")
     g.identity(d.confidence, "confidence")
-    g.identity(d.rank or g.op("Sub", g.op("Mul", d.answer, g.const(0, np.int64)),
-                              g.const(1, np.int64)), "rank")
-    g.identity(d.taxon or g.op("Sub", g.op("Mul", d.answer, g.const(0, np.int64)),
-                               g.const(1, np.int64)), "taxon")
+    g.identity(d.rank or _minus_ones(g, d.answer), "rank")
+    g.identity(d.taxon or _minus_ones(g, d.answer), "taxon")
     n, s = "N", len(protos.names)
     graph = helper.make_graph(
         g.nodes, "biolit_decision",
@@ -474,6 +477,8 @@ def export_decision(scorer: Scorer, protos: PrototypeSet, catalog: Catalog,
     }
     helper.set_model_props(model, meta)
     checker.check_model(model)
+    # onnxruntime-web checks declared shapes strictly: so does the export.
+    shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     return model
 
 

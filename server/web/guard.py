@@ -10,8 +10,10 @@
   gallery (the cookie-less CSRF that an open loopback service invites).
   No CORS headers are sent: other origins cannot read answers either.
 * **Headers**: a Content-Security-Policy that allows only this service's own
-  scripts, styles and images (plus ``data:``/``blob:`` photos), nosniff,
-  no referrer, no framing.
+  scripts, styles and images (plus ``data:``/``blob:`` photos) and the
+  compilation of its WebAssembly, nosniff, no referrer, no framing, and
+  cross-origin isolation (COOP/COEP), so that the on-device model's WASM
+  runs threaded.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from biolit_id.server.grpc.auth import is_loopback
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SECURITY_HEADERS = (
     (b"content-security-policy",
-     b"default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+     b"default-src 'self'; img-src 'self' data: blob:; script-src 'self' 'wasm-unsafe-eval'; "
      b"style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
      b"frame-ancestors 'none'; form-action 'self'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
+    # Cross-origin isolation: WebAssembly threads (the on-device model) need it.
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-embedder-policy", b"require-corp"),
 )
 
 

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from biolit_id.cli.bench.common import machine, parse_pairs, parse_size, start_bench_server
+from biolit_id.cli.bench.embeddings import bench_embeddings
+from biolit_id.cli.bench.embeddings import report_lines as embedding_lines
 from biolit_id.cli.bench.gallery import bench_gallery_size, bench_start
 from biolit_id.cli.bench.gallery_scale import BACKENDS, CHECKPOINTS, STREAM, bench_backend
 from biolit_id.cli.bench.model import bench_decode, bench_forward, bench_seed_path
@@ -34,7 +36,8 @@ from biolit_id.server.inference.model_loader import ModelUnavailableError, load_
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("decode", "seed", "forward", "service", "upload", "adds", "gallery", "start",
+SECTIONS = ("decode", "seed", "forward", "service", "upload", "adds", "embeddings", "gallery",
+            "start",
             *(f"gallery-{b}" for b in BACKENDS))
 DEFAULT_RUNTIMES = ("torch:fp32", "torch:bf16", "onnx:fp32", "onnx:int8", "openvino:fp32",
                     "openvino:bf16", "openvino:int8", "openvino-throughput:bf16",
@@ -177,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                                            pixels, args.repeats, batch=8,
                                            single_runs=max(3, 4 * args.repeats))
         save()
-    if {"service", "adds", "upload"} & sections:
+    if {"service", "adds", "upload", "embeddings"} & sections:
         results["service"] = []
         concurrencies = [int(c) for c in args.concurrency.split(",")]
         configs = [(pair, int(t), int(d)) for pair in parse_pairs(args.service_runtimes)
@@ -208,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
                 if i == 0 and "upload" in sections:
                     results["upload"] = bench_upload(running, photos)
                     save()
+                if i == 0 and "embeddings" in sections:  # device-made embeddings vs photos
+                    results["embeddings"] = bench_embeddings(running, photos,
+                                                             repeats=args.repeats)
+                    save()
                 if i == 0 and "adds" in sections:
                     results["adds"] = bench_adds(running, args.adds,
                                                  n_single=max(5, args.adds // 10))
@@ -235,6 +242,6 @@ def run(args: argparse.Namespace) -> int:
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
     print(table(results))
-    print("\n".join(report_lines(results)))
+    print("\n".join(report_lines(results) + embedding_lines(results.get("embeddings"))))
     print(f"results written to {args.out}")
     return 0

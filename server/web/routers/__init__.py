@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from biolit_id.server.web.routers import catalog, gallery, identify
+from biolit_id.server.web.routers import catalog, darwin_core, gallery, identify, models
 
-ROUTERS: tuple[APIRouter, ...] = (identify.router, gallery.router, catalog.router)
+ROUTERS: tuple[APIRouter, ...] = (identify.router, gallery.router, catalog.router, models.router,
+                                  darwin_core.router)
 
 __all__ = ["ROUTERS"]

@@ -16,6 +16,8 @@
     info: null,
     species: [],        // ListSpecies, for the type-ahead and the names
     speciesPage: { name: "", tokens: [""], index: 0 },
+    deviceChosen: localStorage.getItem("biolit-device") === "1",  // identify on this device
+    devicePrecision: localStorage.getItem("biolit-device-precision") || "fp32",
   };
 
   // ------------------------------------------------------------ helpers
@@ -383,13 +385,18 @@
     card.setAttribute("aria-busy", "true");
     renderCard(card);
     let response = null, error = null;
+    card._device = false;
     try {
       for (const photo of find.photos) {
         photo.upload = await downsizeForUpload(photo.file, photo.crop);
       }
-      response = await send(find, context);
+      if (onDevice()) response = await identifyOnDevice(card, context);
+      else response = await send(find, context);
     } catch (err) {
       error = err instanceof ApiError ? err : new ApiError("UNKNOWN", String(err), 0);
+      if (error.status === 0 && device()) {  // the network is down: the device answers
+        try { response = await identifyOnDevice(card, context); error = null; } catch (_) { /* */ }
+      }
     }
     if (token !== find.token) return;  // a newer identification of this find is under way
     card._upload = find.photos[0].upload;
@@ -399,6 +406,91 @@
     card.dataset.state = error ? "error" : "done";
     card.removeAttribute("aria-busy");
     renderCard(card);
+    if (card._confirm) {
+      const record = card._confirm;
+      card._confirm = null;
+      confirmOnServer(card, record);
+    }
+  }
+
+  // ---- on the device (device.js): chosen, or by default when the network is down
+
+  function device() { return window.BIOLIT_DEVICE || null; }
+
+  function onDevice() {
+    return Boolean(device()) && (state.deviceChosen || !navigator.onLine);
+  }
+
+  // The answer made here at once; the server's (with similar photos) follows from the
+  // embedding, now when the network is up, else when it returns (queued in IndexedDB).
+  async function identifyOnDevice(card, context) {
+    const find = card._find;
+    const photos = find.photos;
+    const answers = [];
+    for (const photo of photos) answers.push(await device().identify(photo.upload, deviceOptions()));
+    const response = answers[0];
+    card._device = true;
+    card._embeddings = answers.map((a) => a.embedding);
+    const record = { embeddings: card._embeddings, name: photos[0].file.name || "photo",
+                     place: context.place, date: context.date, at: new Date().toISOString() };
+    card._confirm = record;  // sent once the card shows the device's answer
+    return response;
+  }
+
+  function deviceOptions() { return { key: state.key, precision: state.devicePrecision }; }
+
+  function embeddingBody(record) {
+    const body = { embedding: Array.from(record.embeddings[0]), topK: TOP_K,
+                   numSimilar: NUM_SIMILAR, includeThumbnails: true };
+    if (record.place) {
+      body.location = { latitude: record.place.latitude, longitude: record.place.longitude,
+                        uncertaintyM: record.place.uncertaintyM || 0 };
+    }
+    if (record.date) body.observedOn = record.date;
+    return body;
+  }
+
+  async function confirmOnServer(card, record) {
+    const token = card._find.token;
+    try {
+      const response = await api("POST", "/v1/identify", embeddingBody(record));
+      if (token !== card._find.token) return;
+      card._response = response;
+      card._device = false;
+      card.dataset.source = "server";
+      renderCard(card);
+    } catch (err) {
+      if (err.status !== 0) return;  // the server refused: the device's answer stays
+      const id = await device().queue.add(record).catch(() => null);
+      card._queued = id;
+      card.dataset.queued = "true";
+      renderCard(card);
+      notify(t("device.queued"));
+    }
+  }
+
+  // The network is back: what was identified without it goes to the server, as embeddings.
+  async function sendQueued() {
+    if (!device() || !navigator.onLine) return;
+    const records = await device().queue.all().catch(() => []);
+    for (const record of records) {
+      let response;
+      try { response = await api("POST", "/v1/identify", embeddingBody(record)); } catch (err) {
+        if (err.status === 0) return;  // still offline: try again at the next "online"
+      }
+      await device().queue.remove(record.id);
+      const card = Array.from(document.querySelectorAll(".result"))
+        .find((c) => c._queued === record.id);
+      if (card && response) {
+        card._response = response;
+        card._device = false;
+        card._queued = null;
+        card.dataset.source = "server";
+        delete card.dataset.queued;
+        renderCard(card);
+      }
+    }
+    if (records.length) notify(t("device.sent", { count: records.length }));
   }
 
   async function send(find, context) {
@@ -800,6 +892,11 @@
           value: find.photos.map((p) => p.file.name).join(", ") }) }));
     } else {
       body.replaceChildren(...head, ...decisionNodes(card._response, find));
+      if (card._device) {
+        card.dataset.source = "device";
+        body.prepend(h("p", { class: "device-badge", text: t(card._queued ? "device.badge.queued"
+                                                              : "device.badge") }));
+      }
     }
   }
 
@@ -1277,6 +1374,49 @@
       renderSpeciesView();
     });
     window.addEventListener("hashchange", route);
+    const choice = $("on-device");
+    if (choice) {
+      choice.checked = state.deviceChosen;
+      choice.addEventListener("change", () => {
+        state.deviceChosen = choice.checked;
+        localStorage.setItem("biolit-device", choice.checked ? "1" : "0");
+        prepareDevice();
+      });
+    }
+    window.addEventListener("online", sendQueued);
+  }
+
+  // Downloads wait until no identification is under way, so they never delay an answer.
+  function whenIdle(work, quietMs) {
+    let quietSince = performance.now();
+    const tick = () => {
+      if (document.querySelector(".result[data-state=pending]")) quietSince = performance.now();
+      if (performance.now() - quietSince >= (quietMs || 2000)) work();
+      else setTimeout(tick, 250);
+    };
+    setTimeout(tick, 250);
+  }
+
+  // After an online visit the page, the model and the decision are cached: the page then
+  // works without the network (sw.js, device.js).
+  function prepareDevice() {
+    const dev = device();
+    const status = $("device-status");
+    if (!dev) return Promise.resolve();
+    // Chosen: the model is made ready now; otherwise only downloaded (no compilation),
+    // and made ready at the first identification without the network.
+    const work = state.deviceChosen
+      ? dev.load({ ...deviceOptions(), refresh: true }).then((s) => ["ready", s.threads])
+      : dev.prefetch(deviceOptions()).then(() => ["cached", 0]);
+    return dev.registerWorker().then(() => work)
+      .then(([stateName, threads]) => {
+        if (status) status.textContent = t("device." + stateName, { threads });
+        document.body.dataset.device = stateName;
+      })
+      .catch(() => {
+        if (status) status.textContent = t("device.unavailable");
+        document.body.dataset.device = "unavailable";
+      });
   }
 
   window.BIOLIT_UPLOAD = { downsizeForUpload, readExif, UPLOAD_SHORT_SIDE };  // what the page sends
@@ -1284,4 +1424,5 @@
   applyLanguage();
   route();
   loadInfo().then(() => document.body.setAttribute("data-ready", "1"));
+  whenIdle(() => prepareDevice().then(sendQueued));
 })();
