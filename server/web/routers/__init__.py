@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from biolit_id.server.web.routers import catalog, darwin_core, gallery, identify, models
+from biolit_id.server.web.routers import catalog, gallery, identify, models
 
-ROUTERS: tuple[APIRouter, ...] = (identify.router, gallery.router, catalog.router, models.router,
-                                  darwin_core.router)
+ROUTERS: tuple[APIRouter, ...] = (identify.router, gallery.router, catalog.router, models.router)
 
 __all__ = ["ROUTERS"]
