@@ -269,6 +269,7 @@ def test_full_model_queue_is_resource_exhausted(small_server) -> None:
 # ------------------------------------------------------- gallery strings
 
 SQLISH = "Robertus tablesii'); DROP TABLE exemplars;--"
+NAME = "Robertus tablesii"
 LITERALS = {
     "source_uri": "https://example.org/x?id=1' OR '1'='1",
     "license": 'CC-BY "4.0"; DELETE FROM species; --',
@@ -279,28 +280,35 @@ LITERALS = {
 
 def test_names_with_quotes_and_sql_are_stored_literally(small_server) -> None:
     stub = stub_for(small_server)
+    # A name is checked against the grammar of names first (server/catalog/names.py).
+    err = rpc_error(lambda: stub.AddSpecies(pb.AddSpeciesRequest(scientific_name=SQLISH),
+                                            timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a scientific name" in \
+        err.details()
+    assert code_of(lambda: stub.GetSpecies(pb.GetSpeciesRequest(scientific_name=SQLISH))) == \
+        grpc.StatusCode.NOT_FOUND
+    # Free-text fields keep quotes and SQL as they are.
     created = stub.AddSpecies(pb.AddSpeciesRequest(
-        scientific_name=SQLISH, description="it's a \"test\"; --",
+        scientific_name=NAME, description="it's a \"test\"; --",
         taxonomy=pb.Taxonomy(lineage=[
             pb.Taxon(rank=pb.RANK_KINGDOM, name="Animalia"),
-            pb.Taxon(rank=pb.RANK_GENUS, name="Robertus'--"),
+            pb.Taxon(rank=pb.RANK_GENUS, name="Robertus"),
         ]),
     ), timeout=30)
-    assert created.scientific_name == SQLISH
-    assert stub.GetSpecies(pb.GetSpeciesRequest(scientific_name=SQLISH)).scientific_name == SQLISH
+    assert created.scientific_name == NAME and created.description == "it's a \"test\"; --"
     reply = stub.AddExemplars(iter([
-        pb.AddExemplarRequest(species=SQLISH, embedding=[0.25] * 512, **LITERALS),
+        pb.AddExemplarRequest(species=NAME, embedding=[0.25] * 512, **LITERALS),
         pb.AddExemplarRequest(species="Carcinus maenas", embedding=[-0.5] * 512, **LITERALS),
     ]), timeout=30)
     assert len(reply.exemplar_ids) == 2
-    listed = stub.ListExemplars(pb.ListExemplarsRequest(species=SQLISH)).exemplars
+    listed = stub.ListExemplars(pb.ListExemplarsRequest(species=NAME)).exemplars
     assert [e.exemplar_id for e in listed] == [reply.exemplar_ids[0]]
     for field, value in LITERALS.items():
         assert getattr(listed[0], field) == value
     # Both rows, and the tables they would have dropped, are intact.
     everything = stub.ListExemplars(pb.ListExemplarsRequest(page_size=1000))
     assert set(reply.exemplar_ids) <= {e.exemplar_id for e in everything.exemplars}
-    assert any(s.scientific_name == SQLISH
+    assert any(s.scientific_name == NAME
                for s in stub.ListSpecies(pb.ListSpeciesRequest()).species)
 
 

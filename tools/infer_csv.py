@@ -189,6 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recursive", action="store_true", help="include sub-folders")
     parser.add_argument("--taxonomy", action="store_true",
                         help="add pred_/conf_ columns for genre..embranchement")
+    parser.add_argument("--format", choices=("seed", "dwc"), default="seed",
+                        help="seed: the seed's columns; dwc: Darwin Core terms, one row per "
+                             "photo, for `biolit-id export-dwca` (docs/darwin-core.md)")
     parser.add_argument("--batch-size", type=int, default=16, help="photos per model call")
     parser.add_argument("--workers", type=int, default=2,
                         help="decoding threads (with --server: calls in flight)")
@@ -227,6 +230,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"infer-csv: {exc}")
         return 1
+    if args.format == "dwc" and (args.server or args.taxonomy):
+        print("infer-csv: --format dwc runs in-process and has its own rank columns: "
+              "drop --server and --taxonomy")
+        return 1
     if args.server:
         from biolit_id.cli.client.infer_csv_remote import run_remote
 
@@ -245,6 +252,10 @@ def run(args: argparse.Namespace) -> int:
     if state.bundle is None:
         log.warning("no --bundle: zero-shot answers from the catalog's text prototypes")
     try:
+        if args.format == "dwc":
+            from biolit_id.cli.darwin_core.rows import DwcIdentifier, write_dwc_csv
+
+            return write_dwc_csv(args, DwcIdentifier(state, workers=args.workers), items)
         return write_csv(args, CsvIdentifier(state, taxonomy=args.taxonomy,
                                              workers=args.workers), items)
     except ValueError as exc:  # options that do not fit the bundle

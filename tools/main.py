@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "protogen": ("biolit_id.cli.protogen", "regenerate the gRPC stubs from proto/"),
     "prior": ("biolit_id.cli.prior", "fit the place-and-season prior and observation combiner"),
     "export-decision": ("biolit_id.cli.export_decision", "write a bundle's decision as ONNX"),
+    "export-dwca": ("biolit_id.cli.export_dwca", "write identifications as a Darwin Core Archive"),
 }
 
 

@@ -25,6 +25,7 @@ from biolit_id.index.writer import StreamWriter
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.server.catalog.catalog import MAX_NAME_LENGTH, SpeciesRecord
 from biolit_id.server.catalog.gbif import apply_lookup, lookup_for_config
+from biolit_id.server.catalog.names import check_scientific_name, check_taxon_name
 from biolit_id.server.catalog.store import save_records
 from biolit_id.server.grpc.errors import NoGalleryError, NotFoundError, error_context
 from biolit_id.server.grpc.messages import PB_TO_RANK, similar_message
@@ -248,11 +249,9 @@ class CurationServicer:
 
 
 def _species_record(request: pb.AddSpeciesRequest) -> SpeciesRecord:
-    name = " ".join(request.scientific_name.split())
-    if not name:
-        raise InvalidRequestError("scientific_name is required")
-    if len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
-        raise InvalidRequestError("scientific_name is too long or has control characters")
+    if len(request.scientific_name) > MAX_NAME_LENGTH:
+        raise InvalidRequestError("scientific_name is too long")
+    name = check_scientific_name(request.scientific_name)  # the grammar of names
     taxonomy: dict[str, str] = {}
     for taxon in request.taxonomy.lineage:
         rank = PB_TO_RANK.get(taxon.rank)
@@ -262,7 +261,7 @@ def _species_record(request: pb.AddSpeciesRequest) -> SpeciesRecord:
                 continue  # the species is the name itself
             raise InvalidRequestError(f"taxonomy: rank {taxon.rank} is not a lineage rank")
         if taxon.name:
-            taxonomy[rank] = taxon.name.strip()
+            taxonomy[rank] = check_taxon_name(taxon.name, f"taxonomy {rank}", rank == "genus")
     taxonomy["species"] = name
     vernacular: dict[str, list[str]] = {}
     for v in request.vernacular_names:

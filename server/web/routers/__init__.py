@@ -2,6 +2,8 @@
 
 * ``identify``: ``POST /v1/identify`` (Identify), ``POST /v1/identify-observation``
   (IdentifyObservation);
+* ``darwin_core``: ``POST /v1/identify-observation/dwc`` (IdentifyObservation, as
+  Darwin Core terms);
 * ``gallery``: ``POST /v1/similar`` (SearchSimilar) and the reference photos,
   ``/v1/exemplars`` (ListExemplars, AddExemplars, RemoveExemplars);
 * ``catalog``: ``GET /v1/info`` (GetServiceInfo) and the species,
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from biolit_id.server.web.routers import catalog, gallery, identify, models
+from biolit_id.server.web.routers import catalog, darwin_core, gallery, identify, models
 
-ROUTERS: tuple[APIRouter, ...] = (identify.router, gallery.router, catalog.router, models.router)
+ROUTERS: tuple[APIRouter, ...] = (identify.router, gallery.router, catalog.router, models.router,
+                                  darwin_core.router)
 
 __all__ = ["ROUTERS"]
