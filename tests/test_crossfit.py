@@ -98,6 +98,7 @@ def test_a_group_that_errs_more_gets_a_stricter_cut():
     flat = flatter_prior_weights(np.repeat([0, 1], [90, 10]), 1.0)
     assert np.isclose(flat[:90].sum(), flat[90:].sum())
     found, level = cuts_at_coverage(conf, wrong, groups, 0.5)
+    assert 0.0 < level < 1.0
     cut = np.array([found.cuts["common"], found.cuts["rare"], found.cuts["runtime"]])[groups]
     assert (conf >= cut).mean() >= 0.5
 

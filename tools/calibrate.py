@@ -20,14 +20,13 @@ from biolit_id.cli.evaluation.metrics import (
     fallback_outcomes,
     fit_logit_scale,
     load_labelled_split,
-    rank_answers,
     risk_coverage,
     score_set,
 )
+from biolit_id.cli.evaluation.rank_fit import DEFAULT_TAXON_PRECISION, fit_taxon_thresholds
 from biolit_id.cli.training.calibration_metrics import ece, top1_calibration
 from biolit_id.cli.training.datasets import DatasetError
 from biolit_id.cli.training.fusion import HEAD_TERMS, fit_fusion
-from biolit_id.cli.training.rank_thresholds import answer_arrays, fit_mean_precision
 from biolit_id.cli.training.risk_control import (
     FLATTEN,
     RISK_GRID,
@@ -46,12 +45,6 @@ from biolit_id.server.decision.types import SpeciesGroup, Thresholds, photo_grou
 log = logging.getLogger(__name__)
 
 DEFAULT_COVERAGE = 0.88
-DEFAULT_TAXON_PRECISION = 0.90
-MIN_TAXON_SUPPORT = 5  # rejected photos a rank needs before its precision means anything
-MIN_TAXON_THRESHOLD = 0.5  # above half the mass the answered taxon is unambiguous
-# z of the Wilson lower bound a rank's validation precision must reach the target with
-# (0: the plain precision; the threshold floor below already keeps a margin).
-TAXON_CONFIDENCE_Z = 0.0
 GRID = 21
 FINE = 201
 
@@ -281,37 +274,6 @@ def answer_threshold(scored: ScoredSet, target_coverage: float | None = None,
     coverage, risk = risk_coverage(routed, scored.truth)
     return thresholds, {"coverage": coverage, "risk": risk, "target_met": bool(met),
                         "settings_tried": n}
-
-
-# ------------------------------------------------------------ rank thresholds
-
-
-def wilson_lower(p: np.ndarray, n: np.ndarray, z: float) -> np.ndarray:
-    """Lower end of the Wilson score interval of a proportion ``p`` over ``n`` trials."""
-    p, n = np.asarray(p, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    if z <= 0:
-        return p
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half
-
-
-def fit_taxon_thresholds(scored: ScoredSet, species: list[str], catalog: Catalog,
-                         precision: float = DEFAULT_TAXON_PRECISION) -> tuple[dict[str, float],
-                                                                               dict]:
-    """Per rank, finest first, on the photos no finer rank has answered: the lowest mass
-    (>= 0.5) whose answers' MEAN precision is certified >= ``precision`` (a Clopper–Pearson
-    lower bound, tools/training/rank_thresholds.py), as ``decision.ranks.taxon_fallback``
-    walks the ranks at serving."""
-    rejected = np.flatnonzero(~scored.accepted)
-    answers = rank_answers(scored, rejected, catalog)
-    truths = [species[int(i)] for i in rejected]
-    masses, right = answer_arrays(answers, truths, catalog)
-    fits = fit_mean_precision(masses, right, precision)
-    thresholds = {rank: fit.threshold for rank, fit in fits.items() if fit.threshold is not None}
-    return thresholds, {"rejected": len(rejected), "precision_target": precision,
-                        "rule": "mean precision, Clopper-Pearson lower bound",
-                        "ranks": {rank: fit.report() for rank, fit in fits.items()}}
 
 
 # ------------------------------------------------------------ the command

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from biolit_id.cli.training.features import (
     fit_whitening,
     text_prompts,
 )
-from biolit_id.cli.training.fusion import choose_alpha, fit_fused
+from biolit_id.cli.training.fusion import choose_alpha, fit_fused, fit_runtime_terms
 from biolit_id.cli.training.head import FUSED_HEAD, HeadSettings, train_head
 from biolit_id.cli.training.rank_heads import RankHeadSettings, train_rank_heads
 from biolit_id.cli.training.rank_thresholds import simulated_rank_thresholds
@@ -201,6 +202,19 @@ def set_prototypes(bundle: Bundle, train: EmbeddingSet, val: EmbeddingSet,
     bundle.extra["training"]["prototype_iterations"] = iterations
 
 
+def fit_head_on(x: np.ndarray, y: np.ndarray, classes: Sequence[int], head: HeadSettings,
+                bundle: Bundle, seed: int) -> dict:
+    """A head over ``classes`` (species indices) on the rows of ``x`` labelled with them,
+    early-stopped on its own held-out 15 %."""
+    cidx = {int(c): i for i, c in enumerate(classes)}
+    rows = np.flatnonzero(np.isin(y, list(cidx)))
+    yy = np.array([cidx[int(v)] for v in y[rows]], dtype=np.int64)
+    stop = early_stopping_rows(yy, seed)
+    state, _ = train_head(x[rows[~stop]], yy[~stop], x[rows[stop]], yy[stop], len(classes),
+                          bundle.head_config, seed, head, progress=False)
+    return state
+
+
 def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalog,
                       folds: int = FOLDS, **settings) -> tuple[Bundle, EmbeddingSet]:
     """``routing: fused`` with its decision family chosen out of fold (docs/training.md).
@@ -229,12 +243,7 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
     head_ids = [sidx[s] for s in bundle.common]
 
     def fit_fold_head(x: np.ndarray, labels: np.ndarray):
-        cidx = {g: i for i, g in enumerate(head_ids)}
-        rows = np.flatnonzero(np.isin(labels, head_ids))
-        yy = np.array([cidx[int(v)] for v in labels[rows]], dtype=np.int64)
-        es = early_stopping_rows(yy, seed)
-        state, _ = train_head(x[rows[~es]], yy[~es], x[rows[es]], yy[es], len(head_ids),
-                              bundle.head_config, seed, head, progress=False)
+        state = fit_head_on(x, labels, head_ids, head, bundle, seed)
         return Head(state, bundle.embedding_dim, len(head_ids), bundle.head_config).logits
 
     text_raw = loaded.encode_text(text_prompts(species, catalog))
@@ -251,9 +260,18 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
     ids = np.asarray(head_ids, dtype=np.int64)
     log_prior = (np.log(np.maximum(counts[ids], 1.0) / max(counts[ids].sum(), 1.0))
                  if len(ids) else np.zeros(0))
-    bundle.fusion = {"weights": choice.weights.to_json(), "head_log_prior": log_prior.tolist(),
+    weights, runtime = choice.weights, {"tied": "runtime species are scored as trained ones"}
+    if choice.name not in ("cosine", "cosine+prior"):
+        inner_y = np.array([sidx[s] for s in inner.species], dtype=np.int64)
+        stopping = fitting.subset(inner_val)
+        weights, runtime = fit_runtime_terms(
+            bundle, bundle.whiten(inner.embeddings).astype(np.float64), inner_y, stopping,
+            np.array([sidx.get(s, -1) for s in stopping.species]), head_ids, seed,
+            lambda ids: fit_head_on(inner.embeddings, inner_y, ids, head, bundle, seed),
+            weights)
+    bundle.fusion = {"weights": weights.to_json(), "head_log_prior": log_prior.tolist(),
                      "family": choice.name, "fitted_on": f"out of fold ({folds} folds)",
-                     "neighbours": NEIGHBOURS}
+                     "new_species_fitted_on": runtime, "neighbours": NEIGHBOURS}
     bundle.extra["decision_families"] = choice.to_json()
     return bundle, pool.subset(np.flatnonzero(kept))
 

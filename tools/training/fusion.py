@@ -228,3 +228,31 @@ def fit_fused(bundle: Bundle, train_w: np.ndarray, train_y: np.ndarray, val: Emb
               "fitted_on": "validation", "new_species_fitted_on": (
                   "simulation" if held else "default"), "neighbours": NEIGHBOURS}
     return fusion, info
+
+
+def fit_runtime_terms(bundle: Bundle, train_w: np.ndarray, train_y: np.ndarray,
+                      val: EmbeddingSet, val_y: np.ndarray, head_ids: Sequence[int], seed: int,
+                      train_aux: Callable[[list[int]], dict], weights: FusionWeights
+                      ) -> tuple[FusionWeights, dict]:
+    """``weights`` with the runtime-species terms fitted by simulation against them
+    (the head-side terms, chosen out of fold, are kept)."""
+    keep = val_y >= 0
+    val_x, vy = val.embeddings[keep], val_y[keep]
+    head_ids = np.asarray(head_ids, dtype=np.int64)
+    held = simulated_species(head_ids.tolist(), train_y, vy, seed) if len(vy) else []
+    if not held:
+        return weights, {"skipped": "too few species with validation photos to leave some "
+                                    "out; runtime species use the fitted prototype terms"}
+    counts = np.bincount(train_y, minlength=len(bundle.species)).astype(np.float64)
+    log_prior_all = np.log(np.maximum(counts, 1.0) / max(counts[head_ids].sum(), 1.0))
+    config, dim = bundle.head_config, bundle.embedding_dim
+
+    def aux_logits(ids: list[int]):
+        return Head(train_aux(ids), dim, len(ids), config).logits
+
+    fitted, report = simulate_runtime_species(
+        train_w, train_y, bundle.whiten(val_x).astype(np.float64), vy, val_x,
+        bundle.prototypes, bundle.text_prototypes, bundle.alpha, log_prior_all,
+        head_ids.tolist(), held, aux_logits, weights)
+    report["species"] = [bundle.species[c] for c in held]
+    return fitted, report

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from biolit_id.cli.training.risk_control import CUT_GRID, clopper_pearson_lower
+from biolit_id.cli.training.risk_control import clopper_pearson_lower
 from biolit_id.index.core.types import PrototypeSet
 from biolit_id.server.catalog.catalog import FALLBACK_RANKS, Catalog
 from biolit_id.server.decision.bundle import Bundle
@@ -37,7 +37,9 @@ DELTA = 0.1  # one-sided Clopper-Pearson level
 FLOOR = 0.5  # never answer a taxon holding less than half the mass
 MIN_ANSWERS = 10
 # High to low: 0.995 ... 0.90 by 0.005, then 0.89 ... 0.05 by 0.01 (cut at ``floor``).
-GRID: tuple[float, ...] = tuple(float(t) for t in CUT_GRID if t >= 0.05)
+GRID: tuple[float, ...] = tuple(  # coarser than the answer cuts: a rank needs many answers
+    float(t) for t in np.round(np.r_[np.arange(0.995, 0.90, -0.005),
+                                     np.arange(0.90, 0.049, -0.01)], 3))
 
 # The simulation's defaults (docs/taxonomy.md, "Rank thresholds").
 METHOD = "prototype-simulation/1"

@@ -19,8 +19,8 @@ from biolit_id.server.decision.types import SpeciesGroup, Thresholds
 
 DELTA = 0.1  # the bound holds with probability 1 - DELTA
 MIN_ANSWERS = 50  # a cut is only tested once this many calibration photos pass it (power)
-CUT_GRID = np.round(np.r_[np.arange(0.995, 0.90, -0.005), np.arange(0.90, 0.019, -0.01)], 3)
-RISK_GRID = np.round(np.arange(0.02, 0.991, 0.01), 2)
+CUT_GRID = np.round(np.arange(0.995, 0.019, -0.005), 3)
+RISK_GRID = np.round(np.arange(0.02, 0.991, 0.005), 3)
 # Coverage is promised for photos flatter than the training prior (volunteers' finds are
 # less dominated by the common species than curated training sets): docs/quality.md.
 FLATTEN = 0.5
@@ -91,8 +91,9 @@ class GroupCuts:
 def group_cuts(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
                max_risk: dict[str, float], delta: float = DELTA) -> GroupCuts:
     """Certified cuts per group. A group with too few photos to certify anything gets the
-    plain error rate's cut, and says so; one with no photo at all (runtime species have
-    no calibration photos) borrows the strictest cut found elsewhere."""
+    plain error rate's cut, and says so; one with no photo at all borrows: runtime
+    species (never in a calibration set) the rare group's cut — a few curator photos
+    make them rare species — else the strictest cut found."""
     cuts, borrowed, uncertified = {}, [], []
     for group in SpeciesGroup:
         name = group.name.lower()
@@ -107,7 +108,7 @@ def group_cuts(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
                                    delta if sure else None)
     strictest = max((c for c in cuts.values() if np.isfinite(c)), default=np.inf)
     for name in borrowed:
-        cuts[name] = strictest
+        cuts[name] = cuts.get("rare", strictest) if name == "runtime" else strictest
     return GroupCuts(cuts, dict(max_risk), tuple(borrowed), tuple(uncertified))
 
 
