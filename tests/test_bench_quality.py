@@ -43,6 +43,7 @@ def _blocks(results: dict):
 def test_every_figure_has_an_interval_around_it(quick):
     _, results = quick
     assert results["synthetic"] is True and results["quick"] is True
+    assert results["partial"] is False
     assert results["generators"] == ["v2-d1.0", "v4"]
     assert results["bootstrap"]["resamples"] >= 100
     assert "test photos" in results["bootstrap"]["unit"]

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resamples", type=int, default=None,
                         help=f"bootstrap resamples (default {DEFAULT_RESAMPLES}, "
                              f"--quick {QUICK_RESAMPLES})")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the data sets under OUT whose commands all ran; run the rest")
     parser.add_argument("--quick", action="store_true",
                         help="one seed, v2 at difficulty 1.0 and v4, few photos, a short head "
                              "training: for tests, not for numbers")
@@ -79,15 +81,20 @@ def run(args: argparse.Namespace) -> int:
             where = out / generator.name / f"seed{seed}"
             log.info("SYNTHETIC %s seed %d -> %s", generator.name, seed, where)
             runs.append(run_setting(generator, seed, where, models[generator.dim], catalog,
-                                    args.v2_generator, args.quick))
+                                    args.v2_generator, args.quick, args.resume))
             log.info("  %s seed %d done in %.0f s", generator.name, seed,
                      runs[-1].info["seconds"])
-    meta = {"seeds": seeds, "generators": [g.name for g in chosen], "quick": args.quick,
-            "models": {str(k): v for k, v in models.items()},
-            "v2_generator": str(args.v2_generator),
-            "runtime_s": time.monotonic() - t0}
-    results = write_results(out, runs, resamples, meta)
+            if not args.quick:  # a long run keeps what it has measured so far
+                write_results(out, runs, resamples, _meta(args, seeds, chosen, models, t0, True))
+    results = write_results(out, runs, resamples, _meta(args, seeds, chosen, models, t0, False))
     print(table(results["pooled_over_seeds"]))
     print(f"\n{out / 'results.json'}, {out / 'table.md'}, {out / 'risk_coverage.png'} "
-          f"({meta['runtime_s']:.0f} s)")
+          f"({results['runtime_s']:.0f} s)")
     return 0
+
+
+def _meta(args: argparse.Namespace, seeds: list[int], chosen: list, models: dict,
+          t0: float, partial: bool) -> dict:
+    return {"seeds": seeds, "generators": [g.name for g in chosen], "quick": args.quick,
+            "partial": partial, "models": {str(k): v for k, v in models.items()},
+            "v2_generator": str(args.v2_generator), "runtime_s": time.monotonic() - t0}

@@ -73,7 +73,7 @@ def _labels(data: EmbeddingSet, species: list[str]) -> np.ndarray:
 
 
 def _whitened(train: EmbeddingSet, pca_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    from biolit_id.cli.train import fit_whitening
+    from biolit_id.cli.training.features import fit_whitening
 
     mu, w, _ = fit_whitening(train.embeddings, pca_dim)
     return mu.astype(np.float64), w.astype(np.float64)
@@ -121,7 +121,7 @@ def calibrated(b: Baseline, val: EmbeddingSet, catalog: Catalog,
                coverage: float = DEFAULT_COVERAGE) -> Baseline:
     """Temperature (validation NLL), the answer cut reaching ``coverage`` on validation,
     and ``calibrate``'s rank thresholds on the photos it rejects."""
-    from biolit_id.cli.calibrate import fit_taxon_thresholds
+    from biolit_id.cli.evaluation.rank_fit import fit_taxon_thresholds
 
     y = _labels(val, b.species)
     known = y >= 0

@@ -331,15 +331,31 @@ def decision_families(bundle) -> dict | None:
     return None
 
 
-def run_setting(generator: Generator, seed: int, out: Path, model: str, catalog: Catalog,
-                v2_script: Path, quick: bool = False) -> SettingRun:
-    """Generate, train/calibrate/evaluate as a user would, the seed's method, the baselines."""
-    from biolit_id.cli.train import choose_common
+DONE = "done.json"  # written once a data set's commands have all run (``--resume``)
 
+
+def run_setting(generator: Generator, seed: int, out: Path, model: str, catalog: Catalog,
+                v2_script: Path, quick: bool = False, resume: bool = False) -> SettingRun:
+    """Generate, train/calibrate/evaluate as a user would, the seed's method, the baselines.
+
+    ``resume``: a data set whose commands all ran before (``DONE`` in ``out``) is not
+    generated or trained again; its bundles are scored anew."""
     t0 = time.monotonic()
     out = Path(out)
+    data = out / "data"
+    if resume and (out / DONE).is_file():
+        info = json.loads((out / DONE).read_text("utf-8"))
+        info["resumed"] = True
+    else:
+        info = _run_commands(generator, seed, out, model, catalog, v2_script, quick)
+    return _score(generator, seed, out, data, catalog, info, t0)
+
+
+def _run_commands(generator: Generator, seed: int, out: Path, model: str, catalog: Catalog,
+                  v2_script: Path, quick: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
+    started = time.monotonic()
     info = prepare(generator, seed, data, catalog, v2_script, quick)
     logs = out / "commands.log"
     train, val, test_path = (data / f"{s}.parquet" for s in ("train", "val", "test"))
@@ -353,6 +369,16 @@ def run_setting(generator: Generator, seed: int, out: Path, model: str, catalog:
                out / "report", "--compare-seed", out / "seed-method"], (0,))]
     for argv, allowed in steps:
         _check(cli(argv, logs), argv, allowed)
+    info["commands_seconds"] = time.monotonic() - started
+    (out / DONE).write_text(json.dumps(info, default=_json_default), "utf-8")
+    return info
+
+
+def _score(generator: Generator, seed: int, out: Path, data: Path, catalog: Catalog,
+           info: dict, t0: float) -> SettingRun:
+    from biolit_id.cli.training.features import choose_common
+
+    train, val, test_path = (data / f"{s}.parquet" for s in ("train", "val", "test"))
     train_set, val_set, test_set = (read_embeddings(p) for p in (train, val, test_path))
     _, _, inside = _read_split(test_path)
     rare_species = set(train_set.counts()) - choose_common(train_set.counts(), COMMON_N, None)
