@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.seedcompat.csv_rows import TOP_K, BatchResult, Inputs, seed_row, write_csv
+from biolit_id.cli.seedcompat.csv_rows import InProcessRows, Inputs, seed_row, write_csv
 from biolit_id.cli.seedcompat.formats import (
     SEED_COLUMNS,
     SEED_RANKS,
@@ -36,7 +35,6 @@ from biolit_id.cli.seedcompat.formats import (
 )
 from biolit_id.cli.training.datasets import DatasetError, read_embeddings
 from biolit_id.cli.training.datasets import errors_path as errors_path  # where the tests look
-from biolit_id.index.core.errors import InvalidRequestError
 from biolit_id.server.config import ServerConfig
 from biolit_id.server.decision.seed_v2 import RANK_TO_LEVEL
 from biolit_id.server.decision.seed_v2 import ROUTING as SEED_V2_ROUTING
@@ -58,60 +56,23 @@ def find_images(root: Path, ext: str | None = None, recursive: bool = False) -> 
     return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in wanted)
 
 
-class CsvIdentifier:
+class CsvIdentifier(InProcessRows):
     """Photos -> seed CSV rows, through the service's own pipeline."""
 
     def __init__(self, state, taxonomy: bool = False, workers: int = 2) -> None:
-        self.state = state
-        self.identifier = state.identifier
+        super().__init__(state, workers)
         # A seed-v2 bundle writes the v2 seed's columns (its predictions.csv), like the seed.
         self.v2 = getattr(state.scorer, "mode", "") == SEED_V2_ROUTING
         if self.v2 and taxonomy:
             raise ValueError("--taxonomy adds the v4 seed's per-rank columns; a seed-v2 "
                              "bundle writes the v2 seed's columns, which have none")
         self.taxonomy = taxonomy
-        self.options = self.identifier.options(TOP_K, 0, [])
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
 
     @property
     def columns(self) -> list[str]:
         if self.v2:
             return list(SEED_V2_COLUMNS)
         return [*SEED_COLUMNS, *([*taxonomy_columns(), *TAXON_COLUMNS] if self.taxonomy else [])]
-
-    def close(self) -> None:
-        self._pool.shutdown()
-
-    def _decode(self, path: Path) -> np.ndarray | str:
-        """Pixels, or the reason the photo cannot be read."""
-        from biolit_id.server.inference.preprocess import ImageDecodeError
-
-        try:
-            return self.identifier.decode(path.read_bytes())
-        except (ImageDecodeError, OSError) as exc:
-            return str(exc) or type(exc).__name__
-
-    def identify(self, paths: Sequence[Path], names: Sequence[str]) -> BatchResult:
-        decoded = list(self._pool.map(self._decode, paths))
-        errors = [(n, d) for n, d in zip(names, decoded, strict=True) if isinstance(d, str)]
-        good = [(n, d) for n, d in zip(names, decoded, strict=True) if not isinstance(d, str)]
-        if not good:
-            return BatchResult([], errors)
-        embeddings = self.identifier.embed_fn(np.stack([d for _, d in good]))
-        return BatchResult(self.rows_for(embeddings, [n for n, _ in good]), errors)
-
-    def identify_vectors(self, embeddings: np.ndarray, names: Sequence[str]) -> BatchResult:
-        """``--embeddings``: each vector checked as the service checks a client's."""
-        rows, errors, good, kept = [], [], [], []
-        for name, vec in zip(names, embeddings, strict=True):
-            try:
-                good.append(self.identifier.check_embedding(vec))
-                kept.append(name)
-            except InvalidRequestError as exc:
-                errors.append((name, str(exc)))
-        if good:
-            rows = self.rows_for(np.stack(good), kept)
-        return BatchResult(rows, errors)
 
     def rows_for(self, vectors: np.ndarray, names: Sequence[str]) -> list[dict[str, str]]:
         """Rows for unit embeddings of the serving model."""

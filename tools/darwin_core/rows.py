@@ -12,19 +12,15 @@ leaves those out (docs/darwin-core.md).
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from biolit_id.cli.seedcompat.csv_rows import BatchResult, Inputs
-from biolit_id.cli.seedcompat.formats import ERRORS_COLUMNS
+from biolit_id.cli.seedcompat.csv_rows import BatchResult, InProcessRows, Inputs, write_rows
 from biolit_id.cli.training.datasets import errors_path
-from biolit_id.index.core.errors import InvalidRequestError
 from biolit_id.server.grpc.darwin_core import TERMS, Event, occurrence
 from biolit_id.server.grpc.messages import decision_parts, species_message
 
@@ -71,57 +67,22 @@ def photo_event(path: Path) -> Event:
     return Event(date=date, latitude=lat, longitude=lon, uncertainty_m=uncertainty)
 
 
-class DwcIdentifier:
-    """Photos (or embeddings) -> Darwin Core rows, through the service's pipeline."""
+class DwcIdentifier(InProcessRows):
+    """Photos (or embeddings) -> Darwin Core rows, through the service's pipeline; each
+    photo's place and date from its EXIF."""
 
     columns: tuple[str, ...] = TERMS
-    v2 = False
 
     def __init__(self, state, workers: int = 2, id_prefix: str = "") -> None:
-        self.state = state
-        self.identifier = state.identifier
-        self.options = self.identifier.options(TOP_K, 0, [])
+        super().__init__(state, workers)
         self.id_prefix = id_prefix
         self.versions = state.versions()
         self.identified_at = datetime.now(timezone.utc)
         self._events: dict[str, Event] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
-
-    def close(self) -> None:
-        self._pool.shutdown()
-
-    def _decode(self, path: Path) -> tuple[np.ndarray | str, Event]:
-        """Pixels (or why the photo cannot be read), and its EXIF place and date."""
-        from biolit_id.server.inference.preprocess import ImageDecodeError
-
-        try:
-            pixels: np.ndarray | str = self.identifier.decode(path.read_bytes())
-        except (ImageDecodeError, OSError) as exc:
-            return str(exc) or type(exc).__name__, Event()
-        return pixels, photo_event(path)
 
     def identify(self, paths: Sequence[Path], names: Sequence[str]) -> BatchResult:
-        decoded = list(self._pool.map(self._decode, paths))
-        errors = [(n, d) for n, (d, _) in zip(names, decoded, strict=True) if isinstance(d, str)]
-        good = [(n, d, e) for n, (d, e) in zip(names, decoded, strict=True)
-                if not isinstance(d, str)]
-        if not good:
-            return BatchResult([], errors)
-        self._events = {n: e for n, _, e in good}
-        embeddings = self.identifier.embed_fn(np.stack([d for _, d, _ in good]))
-        return BatchResult(self.rows_for(embeddings, [n for n, _, _ in good]), errors)
-
-    def identify_vectors(self, embeddings: np.ndarray, names: Sequence[str]) -> BatchResult:
-        rows, errors, good, kept = [], [], [], []
-        for name, vec in zip(names, embeddings, strict=True):
-            try:
-                good.append(self.identifier.check_embedding(vec))
-                kept.append(name)
-            except InvalidRequestError as exc:
-                errors.append((name, str(exc)))
-        if good:
-            rows = self.rows_for(np.stack(good), kept)
-        return BatchResult(rows, errors)
+        self._events = dict(zip(names, self._pool.map(photo_event, paths), strict=True))
+        return super().identify(paths, names)
 
     def rows_for(self, vectors: np.ndarray, names: Sequence[str]) -> list[dict[str, str]]:
         results = self.identifier.identify_embeddings(vectors, [self.options] * len(names))
@@ -142,32 +103,10 @@ class DwcIdentifier:
 def write_dwc_csv(args: argparse.Namespace, worker: DwcIdentifier, items: Inputs) -> int:
     """Rows into ``args.output`` (CSV, a header of Darwin Core terms) and its errors file;
     the worker is closed at the end."""
-    from tqdm import tqdm
-
     ranks: Counter = Counter()
-    failed = 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    _, failed = write_rows(args, worker, items, lambda rows: ranks.update(
+        r["taxonRank"] or "(not identified)" for r in rows))
     err_file = errors_path(args.output)
-    try:
-        with open(args.output, "w", newline="", encoding="utf-8") as out, \
-                open(err_file, "w", newline="", encoding="utf-8") as err, \
-                tqdm(total=len(items.names), unit="img", desc="identifying") as bar:
-            writer = csv.DictWriter(out, fieldnames=worker.columns)
-            writer.writeheader()
-            err_writer = csv.writer(err)
-            err_writer.writerow(ERRORS_COLUMNS)
-            for rows, names in items.batches(args.batch_size):
-                if items.paths is not None:
-                    result = worker.identify(items.paths[rows], names)
-                else:
-                    result = worker.identify_vectors(items.embeddings[rows], names)
-                writer.writerows(result.rows)
-                err_writer.writerows(result.errors)
-                ranks.update(r["taxonRank"] or "(not identified)" for r in result.rows)
-                failed += len(result.errors)
-                bar.update(len(names))
-    finally:
-        worker.close()
     total = sum(ranks.values())
     print(f"{total} images identified -> {args.output} (Darwin Core)")
     for rank, count in sorted(ranks.items(), key=lambda kv: (-kv[1], kv[0])):

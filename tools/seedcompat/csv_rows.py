@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import csv
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from biolit_id.cli.seedcompat.formats import (
     method_name,
 )
 from biolit_id.cli.training.datasets import errors_path
+from biolit_id.index.core.errors import InvalidRequestError
 from biolit_id.server.decision.types import Method
 
 TOP_K = 3  # the seed's CSV shows three alternatives per component
@@ -104,10 +106,21 @@ class Inputs:
 def write_csv(args: argparse.Namespace, worker, items: Inputs) -> int:
     """Rows from ``worker`` (in-process or a server's answers) into the CSV and its
     errors file, then the seed's summary; the worker is closed at the end."""
-    from tqdm import tqdm
-
     method_column = "best_level" if worker.v2 else "methode"
     methods: Counter = Counter()
+    identified, failed = write_rows(args, worker, items,
+                                    lambda rows: methods.update(r[method_column] for r in rows))
+    for line in summary(methods, identified, failed, args.output):
+        print(line)
+    return 0
+
+
+def write_rows(args: argparse.Namespace, worker, items: Inputs,
+               tally: Callable[[list[dict[str, str]]], object]) -> tuple[int, int]:
+    """Every batch's rows into ``args.output`` and its unreadable photos into the errors
+    file, ``tally`` told of each batch; (rows written, photos failed). Closes ``worker``."""
+    from tqdm import tqdm
+
     identified = failed = 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     err_file = errors_path(args.output)
@@ -126,12 +139,61 @@ def write_csv(args: argparse.Namespace, worker, items: Inputs) -> int:
                     result = worker.identify_vectors(items.embeddings[rows], names)
                 writer.writerows(result.rows)
                 err_writer.writerows(result.errors)
-                methods.update(r[method_column] for r in result.rows)
+                tally(result.rows)
                 identified += len(result.rows)
                 failed += len(result.errors)
                 bar.update(len(names))
     finally:
         worker.close()
-    for line in summary(methods, identified, failed, args.output):
-        print(line)
-    return 0
+    return identified, failed
+
+
+class InProcessRows:
+    """Photos or embeddings -> rows, through the service's own pipeline in this process;
+    a subclass says what a row holds (``rows_for``)."""
+
+    columns: list[str] | tuple[str, ...] = ()
+    v2 = False
+
+    def __init__(self, state, workers: int = 2) -> None:
+        self.state = state
+        self.identifier = state.identifier
+        self.options = self.identifier.options(TOP_K, 0, [])
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    def _decode(self, path: Path) -> np.ndarray | str:
+        """Pixels, or the reason the photo cannot be read."""
+        from biolit_id.server.inference.preprocess import ImageDecodeError
+
+        try:
+            return self.identifier.decode(path.read_bytes())
+        except (ImageDecodeError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+
+    def identify(self, paths: Sequence[Path], names: Sequence[str]) -> BatchResult:
+        decoded = list(self._pool.map(self._decode, paths))
+        errors = [(n, d) for n, d in zip(names, decoded, strict=True) if isinstance(d, str)]
+        good = [(n, d) for n, d in zip(names, decoded, strict=True) if not isinstance(d, str)]
+        if not good:
+            return BatchResult([], errors)
+        embeddings = self.identifier.embed_fn(np.stack([d for _, d in good]))
+        return BatchResult(self.rows_for(embeddings, [n for n, _ in good]), errors)
+
+    def identify_vectors(self, embeddings: np.ndarray, names: Sequence[str]) -> BatchResult:
+        """``--embeddings``: each vector checked as the service checks a client's."""
+        rows, errors, good, kept = [], [], [], []
+        for name, vec in zip(names, embeddings, strict=True):
+            try:
+                good.append(self.identifier.check_embedding(vec))
+                kept.append(name)
+            except InvalidRequestError as exc:
+                errors.append((name, str(exc)))
+        if good:
+            rows = self.rows_for(np.stack(good), kept)
+        return BatchResult(rows, errors)
+
+    def rows_for(self, vectors: np.ndarray, names: Sequence[str]) -> list[dict[str, str]]:
+        raise NotImplementedError
