@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import logging
 import statistics
-import threading
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from biolit_id.cli.bench.common import client_channel, percentiles
+from biolit_id.cli.bench.rpc import closed_loop
 from biolit_id.proto import identification_pb2 as pb
-from biolit_id.proto import identification_pb2_grpc as pb_grpc
 from biolit_id.server.inference.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -42,13 +39,13 @@ def bench_embeddings(running, photos: Sequence[bytes], concurrency: int = 4,
     embedding_requests = [pb.IdentifyRequest(embedding=v.astype(np.float32).tolist())
                           for v in vectors]
     photo_requests = [pb.IdentifyRequest(image=p) for p in photos]
-    _run(running.port, photo_requests, 1, 2)  # warm-up: connections, first batches
-    _run(running.port, embedding_requests, concurrency, 4 * concurrency)
+    closed_loop(running.port, photo_requests, 1, 2)  # warm-up: connections, first batches
+    closed_loop(running.port, embedding_requests, concurrency, 4 * concurrency)
     with_photos, with_embeddings = [], []
     for _ in range(repeats):
-        with_photos.append(_run(running.port, photo_requests, concurrency,
+        with_photos.append(closed_loop(running.port, photo_requests, concurrency,
                                 photos_per_client * concurrency))
-        with_embeddings.append(_run(running.port, embedding_requests, concurrency,
+        with_embeddings.append(closed_loop(running.port, embedding_requests, concurrency,
                                     embeddings_per_client * concurrency))
     photos_s = statistics.median(r["photos_per_s"] for r in with_photos)
     embeddings_s = statistics.median(r["photos_per_s"] for r in with_embeddings)
@@ -69,41 +66,6 @@ def bench_embeddings(running, photos: Sequence[bytes], concurrency: int = 4,
     log.info("embeddings vs photos at c=%d: %.1f vs %.2f identifications/s (%.0fx)",
              concurrency, embeddings_s, photos_s, result["ratio"])
     return result
-
-
-def _run(port: int, requests: list[pb.IdentifyRequest], concurrency: int, total: int) -> dict:
-    """``concurrency`` clients, each sending its next request when its answer arrives."""
-    counter = iter(range(total))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    def client() -> None:
-        stub = pb_grpc.SpeciesIdentifierStub(client_channel(port))
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            t0 = time.perf_counter()
-            try:
-                stub.Identify(requests[i % len(requests)])
-            except Exception as exc:  # report, do not crash the benchmark
-                errors.append(str(exc)[:200])
-                continue
-            ms = (time.perf_counter() - t0) * 1e3
-            with lock:
-                latencies.append(ms)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {"photos_per_s": len(latencies) / wall, **percentiles(latencies),
-            "errors": errors[:5], "error_count": len(errors)}
 
 
 def report_lines(result: dict | None) -> list[str]:

@@ -28,8 +28,12 @@ from biolit_id.server.inference.preprocess import preprocess
 log = logging.getLogger(__name__)
 
 
-def closed_loop(port: int, photos: list[bytes], concurrency: int, total: int) -> dict:
-    """``concurrency`` clients, each sending its next photo when its answer arrives."""
+def closed_loop(port: int, photos: list[bytes] | list[pb.IdentifyRequest], concurrency: int,
+                total: int) -> dict:
+    """``concurrency`` clients, each sending its next photo (or request: an embedding) when
+    its answer arrives."""
+    requests = [p if isinstance(p, pb.IdentifyRequest) else pb.IdentifyRequest(image=p)
+                for p in photos]
     counter = iter(range(total))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -46,7 +50,7 @@ def closed_loop(port: int, photos: list[bytes], concurrency: int, total: int) ->
                 return
             t0 = time.perf_counter()
             try:
-                resp = stub.Identify(pb.IdentifyRequest(image=photos[i % len(photos)]))
+                resp = stub.Identify(requests[i % len(requests)])
             except Exception as exc:  # report, do not crash the benchmark
                 errors.append(str(exc)[:200])
                 continue
