@@ -363,7 +363,7 @@ def _run_commands(generator: Generator, seed: int, out: Path, model: str, catalo
     common = ["--embeddings", train, "--val", val, "--model", model, "--seed", seed,
               "--no-progress", *extra]
     steps = [(["train", *common, "--out", out / "ours"], (0,)),
-             (["calibrate", "--bundle", out / "ours", "--embeddings", val], (0, 3)),
+             (["calibrate", "--bundle", out / "ours"], (0, 3)),  # the fold train kept apart
              (["train", *common, *SEED_METHOD_ARGS, "--out", out / "seed-method"], (0,)),
              (["evaluate", "--bundle", out / "ours", "--embeddings", test_path, "--out",
                out / "report", "--compare-seed", out / "seed-method"], (0,))]
