@@ -216,6 +216,24 @@ def test_fused_graph_equals_the_current_fused_scorer():
     assert {"FUSED", "REJECTED"} <= set(report["methods"]), report
 
 
+def test_fused_graph_cuts_each_photo_by_its_group():
+    """Per-group cuts (rare and runtime stricter) and a species added at runtime."""
+    from dataclasses import replace
+
+    bundle = fused_bundle(seed=1)
+    bundle = replace(bundle, thresholds=Thresholds(answer=0.3, answer_rare=0.6,
+                                                   answer_runtime=0.8),
+                     extra={"groups": {"common": bundle.species[:20]}})
+    base = bundle_prototypes(bundle)
+    extra = unit(np.random.default_rng(2).normal(size=(1, base.vectors.shape[1])))
+    protos = PrototypeSet((*base.names, "Runtime species"),
+                          np.vstack([base.vectors, extra]).astype(np.float32), version=2)
+    scorer = scorer_for(bundle)
+    assert set(scorer.species_groups(protos.names).tolist()) == {0, 1, 2}
+    report = check_equal(scorer, protos, near_prototypes(bundle, N, 5, spread=(0.0, 1.5)))
+    assert {"FUSED", "REJECTED"} <= set(report["methods"]), report
+
+
 def test_zero_shot_graph_equals_the_service(loaded_demo_model):
     from biolit_id.server.inference.text_prototypes import TextPrototypeCache
 

@@ -39,7 +39,7 @@ import numpy as np
 from biolit_id.index.core.types import PrototypeSet
 from biolit_id.server.catalog.catalog import FALLBACK_RANKS, Catalog
 from biolit_id.server.decision.ranks import taxon_of
-from biolit_id.server.decision.types import Method, Scorer
+from biolit_id.server.decision.types import GROUP_MASS, Method, Scorer, SpeciesGroup
 
 OPSET = 18
 IR_VERSION = 8  # what onnxruntime-web and every onnxruntime since 1.10 read
@@ -308,6 +308,20 @@ def export_seed(g: Graph, x: str, scorer, protos: PrototypeSet, catalog: Catalog
     return _mass_fallback(g, d, scorer, protos, catalog)
 
 
+def _group_cut(g: Graph, dist: str, scorer, protos: PrototypeSet) -> str:
+    """[N] each photo's cut: its group's (``types.photo_groups``: runtime, else rare,
+    where at least ``GROUP_MASS`` of its probability lies), as ``rules.route_fused``."""
+    groups = scorer.species_groups(protos.names)
+    cuts = scorer.thresholds.group_cuts()
+    cut = g.const(np.full(1, cuts[SpeciesGroup.COMMON]))
+    for group in (SpeciesGroup.RARE, SpeciesGroup.RUNTIME):
+        mask = (groups == group).astype(np.float64)
+        mass = g.op("MatMul", dist, g.const(mask))
+        cut = g.op("Where", g.op("GreaterOrEqual", mass, g.const(GROUP_MASS, np.float64)),
+                   g.const(np.full(1, cuts[group])), cut)
+    return cut
+
+
 def export_fused(g: Graph, x: str, scorer, protos: PrototypeSet, catalog: Catalog) -> Decision:
     """``FusedScorer`` as it scores without the nearest-photo term: ``fused_logits``,
     its softmax, ``rules.route_fused``."""
@@ -338,13 +352,14 @@ def export_fused(g: Graph, x: str, scorer, protos: PrototypeSet, catalog: Catalo
         z = g.op("Add", z, head_term)
     dist = g.softmax(z)
     idx, top = g.row_max(dist)
-    ok = g.op("And", g.op("GreaterOrEqual", top, g.const(scorer.thresholds.answer, np.float64)),
+    ok = g.op("And", g.op("GreaterOrEqual", top, _group_cut(g, dist, scorer, protos)),
               g.op("Greater", top, g.const(0.0, np.float64)))
     answer = g.op("Where", ok, idx, g.const(-1, np.int64))
     method = g.op("Where", ok, g.const(int(Method.FUSED), np.int64),
                   g.const(int(Method.REJECTED), np.int64))
     d = Decision(dist, answer, method, _clip01(g, top))
     d.extra = {"weights": w.to_json(), "answer_threshold": float(scorer.thresholds.answer),
+               "group_cuts": scorer.thresholds.group_cuts().tolist(),
                "head_classes": len(c2g), "knn_term": "prototype cosine stands in"}
     return _mass_fallback(g, d, scorer, protos, catalog)
 
