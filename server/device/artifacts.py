@@ -26,6 +26,7 @@ from pathlib import Path
 
 from biolit_id.index.core.atomic import atomic_write
 from biolit_id.index.core.digest import file_sha256
+from biolit_id.server.device.tower_export import export_in_child
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class DeviceArtifacts:
         from biolit_id.server.inference.embedders.export import export_onnx, quantize_onnx_int8
 
         model, data_dir = self.state.model, self.state.config.data_dir
+        export_in_child(model.spec, Path(data_dir))  # the cache then has it: no trace here
         towers = [self._file("image_tower", "fp32", export_onnx(model, data_dir),
                              "application/octet-stream")]
         try:
