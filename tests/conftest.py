@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from browser_fixtures import browser  # noqa: F401 (the page tests' Chromium)
 from milvus_fixtures import milvus_uri, real_milvus  # noqa: F401 (one real Milvus per session)
 from PIL import Image
 

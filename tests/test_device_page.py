@@ -19,23 +19,14 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from playwright.sync_api import Browser, expect, sync_playwright
-from test_web_page import CHROMIUM_ARGS, TIMEOUT_MS, _server, chromium_path, decision_of, url_of
+from playwright.sync_api import Browser, expect
+from test_web_page import TIMEOUT_MS, _server, decision_of, url_of
 
 from biolit_id.server.app import RunningServer
 from biolit_id.server.inference.preprocess import preprocess
 from conftest import photo_bytes
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium_path(),
-                                              args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
-from test_web_page import CHROMIUM_ARGS, DESKTOP, PHONE, _server, chromium_path, open_page
+from playwright.sync_api import Browser, Page, Route, expect
+from test_web_page import DESKTOP, PHONE, _server, open_page
 
 from biolit_id.cli.training.prior_fit import clean_records, fit_prior
 from biolit_id.cli.training.synthetic_observations import (
@@ -46,16 +46,6 @@ SHORT_SIDE = 448  # app.js UPLOAD_SHORT_SIDE
 
 
 # ---------------------------------------------------------------- server and photos
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """As in tests/test_web_page.py: the OS package's Chromium, no browser download."""
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium_path(),
-                                              args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from biolit_id.server.app import RunningServer, start_server
 from biolit_id.server.config import ServerConfig
@@ -28,9 +27,6 @@ from conftest import photo_bytes
 
 DOC_SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
 CURATE_KEY = "cur-web-5d4c3b2a1f0e9d8c"
 IDENTIFY_KEY = "id-web-0a1b2c3d4e5f6a7b"
 TIMEOUT_MS = 60_000
@@ -44,24 +40,6 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
         DOC_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         return DOC_SCREENSHOTS
     return tmp_path_factory.mktemp("screenshots")
-
-
-def chromium_path() -> str:
-    found = os.environ.get("BIOLIT_CHROMIUM") or shutil.which("chromium") or \
-        shutil.which("chromium-browser")
-    if not found:
-        pytest.fail("Chromium is not installed: apt-get install -y chromium "
-                    "(or set BIOLIT_CHROMIUM to its executable)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium_path(),
-                                              args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 def _server(directory: Path, model: str, **overrides) -> RunningServer:
