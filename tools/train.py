@@ -233,9 +233,9 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
     fitting = pool.subset(np.flatnonzero(~kept))
     y_fit = np.array([index[s] for s in fitting.species], dtype=np.int64)
     stop = early_stopping_rows(y_fit, seed)
-    inner_train, inner_val = np.flatnonzero(~stop), np.flatnonzero(stop)
-    bundle = build_bundle(fitting.subset(inner_train), fitting.subset(inner_val), loaded,
-                          catalog, routing="fused", fit_fusion=False, **settings)
+    inner, stopping = fitting.subset(np.flatnonzero(~stop)), fitting.subset(np.flatnonzero(stop))
+    bundle = build_bundle(inner, stopping, loaded, catalog, routing="fused", fit_fusion=False,
+                          **settings)
     head = settings.get("head") or FUSED_HEAD
     species = bundle.species
     sidx = {s: i for i, s in enumerate(species)}
@@ -253,17 +253,14 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
     common = set(bundle.extra["groups"]["common"])
     rare = np.array([s not in common for s in species])
     choice = choose_family(oof, rare, with_head=bool(head_ids))
-    inner = fitting.subset(inner_train)
-    set_prototypes(bundle, inner, fitting.subset(inner_val), choice.prototype_iterations)
-    counts = np.bincount(np.array([sidx[s] for s in fitting.subset(inner_train).species]),
-                         minlength=len(species)).astype(np.float64)
+    set_prototypes(bundle, inner, stopping, choice.prototype_iterations)
+    inner_y = np.array([sidx[s] for s in inner.species], dtype=np.int64)
+    counts = np.bincount(inner_y, minlength=len(species)).astype(np.float64)
     ids = np.asarray(head_ids, dtype=np.int64)
     log_prior = (np.log(np.maximum(counts[ids], 1.0) / max(counts[ids].sum(), 1.0))
                  if len(ids) else np.zeros(0))
     weights, runtime = choice.weights, {"tied": "runtime species are scored as trained ones"}
-    if choice.name not in ("cosine", "cosine+prior"):
-        inner_y = np.array([sidx[s] for s in inner.species], dtype=np.int64)
-        stopping = fitting.subset(inner_val)
+    if choice.needs_head:
         weights, runtime = fit_runtime_terms(
             bundle, bundle.whiten(inner.embeddings).astype(np.float64), inner_y, stopping,
             np.array([sidx.get(s, -1) for s in stopping.species]), head_ids, seed,

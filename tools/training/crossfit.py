@@ -86,7 +86,7 @@ class OutOfFold:
     head_logits: np.ndarray  # [n, C] the head over ``head_ids``
     head_ids: np.ndarray  # [C] species index of each head class
     log_prior: np.ndarray  # [C] log training share of each head class
-    baselines: dict[str, np.ndarray]  # name -> [n, S] scores (not served)
+    baselines: dict[str, np.ndarray]  # name -> [n, S] finite scores (not served)
     y: np.ndarray  # [n]
     fold: np.ndarray  # [n]
     cos_by_iterations: dict[int, np.ndarray] | None = None  # each prototype recipe's cosines
@@ -159,6 +159,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_species: int, head_ids: Sequence
     counts = np.bincount(y, minlength=n_species).astype(np.float64)
     log_prior = (np.log(np.maximum(counts[head_ids], 1.0) / max(counts[head_ids].sum(), 1.0))
                  if len(head_ids) else np.zeros(0))
+    baselines = {name: _finite(scores) for name, scores in baselines.items()}
     first = next(iter(cos_by))
     return OutOfFold(cos_by[first], head, head_ids, log_prior, baselines, y, fold, cos_by, first)
 
@@ -207,7 +208,7 @@ def family_logits(family: Family, theta: np.ndarray, oof: OutOfFold, rows: np.nd
                   ) -> np.ndarray:
     """[len(rows), S] logits of a family on some out-of-fold rows."""
     if not family.servable:
-        return theta[0] * _finite(oof.baselines[family.name][rows])
+        return theta[0] * oof.baselines[family.name][rows]
     head_lp = (log_softmax(oof.head_logits[rows]) if len(oof.head_ids)
                else oof.head_logits[rows])
     return fused_logits(oof.cos[rows], head_lp, oof.head_ids, oof.log_prior, None,
@@ -285,6 +286,7 @@ class FamilyChoice:
     weights: FusionWeights
     table: list[dict]
     prototype_iterations: int
+    needs_head: bool  # False: runtime species are scored as trained ones (tied weights)
 
     def to_json(self) -> dict:
         return {"chosen": self.name, "prototype_iterations": self.prototype_iterations,
@@ -333,4 +335,5 @@ def choose_family(oof: OutOfFold, rare: np.ndarray, with_head: bool = True) -> F
                                           -servable.index(row)))
     family = next(f for f in candidates if f.name == best["family"])
     theta = fit_family(family, oof, np.ones(len(oof.y), dtype=bool))
-    return FamilyChoice(family.name, family.weights(theta), table, oof.prototype_iterations)
+    return FamilyChoice(family.name, family.weights(theta), table, oof.prototype_iterations,
+                        family.needs_head)
