@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from biolit_id.cli.evaluation.bootstrap import bc_interval, bootstrap
-from biolit_id.cli.evaluation.quality_bench import DEFAULT_V2_SCRIPT, FIGURES, METHODS
+from biolit_id.cli.evaluation.quality_bench import (
+    DEFAULT_V2_SCRIPT,
+    FAMILY_PREFIX,
+    FIGURES,
+    METHODS,
+)
 from biolit_id.cli.evaluation.realistic_v4 import RealisticSpec, generate, seed_structure
 from biolit_id.cli.main import main
 from biolit_id.cli.training.datasets import read_embeddings, read_table
@@ -66,7 +71,9 @@ def test_every_figure_has_an_interval_around_it(quick):
 def test_all_methods_and_out_of_catalog_reported(quick):
     _, results = quick
     for gen, res in results["pooled_over_seeds"].items():
-        assert set(res["methods"]) == set(METHODS), gen
+        families = {FAMILY_PREFIX + f for f in ("cosine", "cosine+prior", "head", "head+prior",
+                                                "fused", "fused+prior", "lda", "cosine+lda")}
+        assert set(res["methods"]) == set(METHODS) | families, gen
         assert res["photos"]["out_of_catalog"] > 0 and res["photos"]["rare"] > 0
         for m, figs in res["methods"].items():
             assert math.isfinite(figs["ooc_species_answer_rate"][0]), (gen, m)
@@ -104,7 +111,11 @@ def test_settings_are_what_a_user_runs(quick):
                     + s["methods"]["seed_method"]["ooc_species_answer_rate"][0] * (~inside).sum())
         assert seed_cov == pytest.approx(metrics["compare_seed"]["coverage"] * len(test),
                                          abs=1e-6)
-    assert (out / "table.md").read_text("utf-8").count("| v4 |") == len(METHODS)
+    v4_methods = results["pooled_over_seeds"]["v4"]["methods"]
+    assert (out / "table.md").read_text("utf-8").count("| v4 |") == len(v4_methods)
+    for s in results["settings"]:  # the chosen family, recalibrated alike, is ours exactly
+        chosen = s["fits"]["ours"]["decision_families"]["chosen"]
+        assert s["methods"][FAMILY_PREFIX + chosen] == s["methods"]["ours"], chosen
     assert (out / "risk_coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -30,17 +30,20 @@ from biolit_id.server.decision.types import SpeciesGroup, Thresholds, photo_grou
 S = 12
 
 
-def _oof(head_quality: float, seed: int = 0, n_per: int = 40) -> OutOfFold:
-    """Cosines that point weakly at the truth; a head that is ``head_quality`` good."""
+def _oof(head_quality: float, seed: int = 0, n_per: int = 40,
+         lda_quality: float = 0.0) -> OutOfFold:
+    """Cosines that point weakly at the truth; an MLP head that is ``head_quality`` good,
+    an LDA head ``lda_quality`` good."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(S), n_per)
     cos = rng.normal(0, 0.1, (len(y), S))
     cos[np.arange(len(y)), y] += 0.12
-    head = rng.normal(0, 1.0, (len(y), S))
+    head, lda = rng.normal(0, 1.0, (2, len(y), S))
     head[np.arange(len(y)), y] += head_quality
+    lda[np.arange(len(y)), y] += lda_quality
     return OutOfFold(cos=cos, head_logits=head, head_ids=np.arange(S),
                      log_prior=np.full(S, -np.log(S)), baselines={}, y=y,
-                     fold=stratified_folds(y, 5, seed))
+                     fold=stratified_folds(y, 5, seed), lda_logits=lda)
 
 
 def test_folds_and_calibration_rows_are_stratified_and_disjoint():
@@ -74,6 +77,15 @@ def test_an_informative_head_is_chosen_and_a_useless_one_is_not():
     assert useless.weights.head == 0.0
     by_name = {row["family"]: row for row in good.table}
     assert by_name[good.name]["balanced_accuracy"] >= by_name["cosine"]["balanced_accuracy"]
+    assert good.head == "mlp" and by_name[good.name]["weights"] == good.weights.to_json()
+
+
+def test_lda_is_served_when_it_wins_out_of_fold():
+    choice = choose_family(_oof(head_quality=0.0, lda_quality=4.0), np.arange(S) >= 6)
+    assert choice.name in {"lda", "cosine+lda"} and choice.head == "lda"
+    assert choice.weights.head > 0
+    assert {row["family"] for row in choice.table if row["served"]} >= {
+        "cosine", "head", "fused", "lda", "cosine+lda"}
 
 
 def test_the_certified_cut_bounds_the_error_and_stops_at_the_first_failure():
@@ -115,3 +127,22 @@ def test_a_photo_is_cut_by_the_group_where_its_mass_lies():
     assert routed.species.tolist() == [0, -1, -1]
     same = route_fused(dist, Thresholds(answer=0.5), species_group)
     assert same.species.tolist() == [0, 1, 3]
+
+
+def test_the_lda_head_is_the_discriminant_in_the_whitening_and_loads_as_a_head():
+    from biolit_id.cli.training.features import fit_whitening
+    from biolit_id.cli.training.lda import LDA_HEAD, lda_discriminants, lda_head_state
+    from biolit_id.server.decision.head import Head
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(5), 30)
+    x = rng.normal(0, 1, (len(y), 24)) + rng.normal(0, 2, (5, 24))[y]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    mu, w, _ = fit_whitening(x, 16)
+    classes = [1, 2, 4]  # a head over some species: rows of the others are left out
+    head = Head(lda_head_state(x, y, classes, mu, w), 24, len(classes), LDA_HEAD)
+    keep = np.isin(y, classes)
+    z = (x - mu.astype(np.float64)) @ w.astype(np.float64)
+    a, bias = lda_discriminants(z[keep], np.searchsorted(classes, y[keep]), 3, 0.1)
+    np.testing.assert_allclose(head.logits(x), z @ a + bias, rtol=1e-3, atol=1e-2)
+    assert (head.logits(x[keep]).argmax(1) == np.searchsorted(classes, y[keep])).mean() > 0.9

@@ -42,6 +42,7 @@ from biolit_id.cli.training.features import (
 )
 from biolit_id.cli.training.fusion import choose_alpha, fit_fused, fit_runtime_terms
 from biolit_id.cli.training.head import FUSED_HEAD, HeadSettings, train_head
+from biolit_id.cli.training.lda import LDA_HEAD, lda_head_state
 from biolit_id.cli.training.rank_heads import RankHeadSettings, train_rank_heads
 from biolit_id.cli.training.rank_thresholds import simulated_rank_thresholds
 from biolit_id.index.core.vectors import class_prototypes, fuse_prototypes
@@ -215,6 +216,24 @@ def fit_head_on(x: np.ndarray, y: np.ndarray, classes: Sequence[int], head: Head
     return state
 
 
+def fitting_and_calibration(train: EmbeddingSet, val: EmbeddingSet, seed: int
+                            ) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """Train and validation pooled, then cut into the rows that fit everything and the
+    stratified calibration fold only ``calibrate`` sees."""
+    pool = train.concat(val)
+    index = {s: i for i, s in enumerate(sorted(set(pool.species)))}
+    kept = calibration_rows(np.array([index[s] for s in pool.species], dtype=np.int64), seed)
+    return pool.subset(np.flatnonzero(~kept)), pool.subset(np.flatnonzero(kept))
+
+
+def serve_lda_head(bundle: Bundle, x: np.ndarray, y: np.ndarray, head_ids: Sequence[int]
+                   ) -> None:
+    """The bundle's head becomes shrinkage LDA over ``head_ids``, fitted on ``x``, ``y``
+    (species indices) in the bundle's whitening."""
+    bundle.head_config = dict(LDA_HEAD)
+    bundle.head_state = lda_head_state(x, y, head_ids, bundle.whitening_mu, bundle.whitening_W)
+
+
 def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: Catalog,
                       folds: int = FOLDS, **settings) -> tuple[Bundle, EmbeddingSet]:
     """``routing: fused`` with its decision family chosen out of fold (docs/training.md).
@@ -225,12 +244,8 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
     into ``folds`` folds whose out-of-fold scores choose the family and its weights.
     """
     seed = int(settings.get("seed", 0))
-    pool = train.concat(val)
-    names = sorted(set(pool.species))
-    index = {s: i for i, s in enumerate(names)}
-    y_pool = np.array([index[s] for s in pool.species], dtype=np.int64)
-    kept = calibration_rows(y_pool, seed=seed)
-    fitting = pool.subset(np.flatnonzero(~kept))
+    fitting, calibration = fitting_and_calibration(train, val, seed)
+    index = {s: i for i, s in enumerate(sorted(set(fitting.species) | set(calibration.species)))}
     y_fit = np.array([index[s] for s in fitting.species], dtype=np.int64)
     stop = early_stopping_rows(y_fit, seed)
     inner, stopping = fitting.subset(np.flatnonzero(~stop)), fitting.subset(np.flatnonzero(stop))
@@ -260,17 +275,26 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
     log_prior = (np.log(np.maximum(counts[ids], 1.0) / max(counts[ids].sum(), 1.0))
                  if len(ids) else np.zeros(0))
     weights, runtime = choice.weights, {"tied": "runtime species are scored as trained ones"}
+    if choice.head == "lda":
+        serve_lda_head(bundle, fitting.embeddings, y, head_ids)
+
+    def fit_aux_head(ids: list[int]) -> dict:
+        if choice.head == "lda":
+            return lda_head_state(inner.embeddings, inner_y, ids, bundle.whitening_mu,
+                                  bundle.whitening_W)
+        return fit_head_on(inner.embeddings, inner_y, ids, head, bundle, seed)
+
     if choice.needs_head:
         weights, runtime = fit_runtime_terms(
             bundle, bundle.whiten(inner.embeddings).astype(np.float64), inner_y, stopping,
             np.array([sidx.get(s, -1) for s in stopping.species]), head_ids, seed,
-            lambda ids: fit_head_on(inner.embeddings, inner_y, ids, head, bundle, seed),
-            weights)
+            fit_aux_head, weights)
     bundle.fusion = {"weights": weights.to_json(), "head_log_prior": log_prior.tolist(),
-                     "family": choice.name, "fitted_on": f"out of fold ({folds} folds)",
+                     "family": choice.name, "head": choice.head,
+                     "fitted_on": f"out of fold ({folds} folds)",
                      "new_species_fitted_on": runtime, "neighbours": NEIGHBOURS}
     bundle.extra["decision_families"] = choice.to_json()
-    return bundle, pool.subset(np.flatnonzero(kept))
+    return bundle, calibration
 
 
 def family_lines(table: list[dict], chosen: str) -> list[str]:

@@ -95,19 +95,13 @@ def cosine(train: EmbeddingSet, pca_dim: int = 256) -> Baseline:
 
 
 def lda(train: EmbeddingSet, shrinkage: float, pca_dim: int = 256) -> Baseline:
-    """Shrinkage LDA: pooled within-species covariance shrunk toward a scaled identity,
-    equal priors."""
+    """Shrinkage LDA (``training/lda.py``), equal priors."""
+    from biolit_id.cli.training.lda import lda_discriminants
+
     species = sorted(set(train.species))
     mu, w = _whitened(train, pca_dim)
     z = (np.asarray(train.embeddings, np.float64) - mu) @ w
-    y = _labels(train, species)
-    means = _class_means(z, y, len(species))
-    resid = z - means[y]
-    within = resid.T @ resid / max(len(z) - len(species), 1)
-    d = within.shape[0]
-    sigma = (1 - shrinkage) * within + shrinkage * np.trace(within) / d * np.eye(d)
-    a = np.linalg.solve(sigma, means.T)
-    bias = -0.5 * np.einsum("sd,ds->s", means, a)
+    a, bias = lda_discriminants(z, _labels(train, species), len(species), shrinkage)
     return Baseline(f"lda{shrinkage:g}", species, mu, w, a, bias, False,
                     fit_info={"shrinkage": shrinkage})
 

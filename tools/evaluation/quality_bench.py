@@ -26,6 +26,7 @@ import numpy as np
 
 from biolit_id.cli.evaluation.baselines import Baseline, baselines
 from biolit_id.cli.evaluation.bootstrap import bootstrap
+from biolit_id.cli.evaluation.family_variants import family_variants
 from biolit_id.cli.evaluation.metrics import ScoredSet, rank_answers, score_set, taxon_is_right
 from biolit_id.cli.evaluation.realistic_v4 import SHARED, RealisticSpec
 from biolit_id.cli.evaluation.realistic_v4 import generate as generate_v4
@@ -54,6 +55,7 @@ FIGURES = ("coverage", "accuracy", "accuracy_rare", "accuracy_common", "ece", "a
            "ooc_rank_answer_rate", "ooc_rank_precision")
 LOWER_IS_BETTER = {"ece", "aurc", "ooc_species_answer_rate"}
 METHODS = ("ours", "seed_method", "cosine", "lda")
+FAMILY_PREFIX = "ours:"  # each served family of our bundle, calibrated alike (family_variants)
 METHOD_LABELS = {"ours": "ours (train → calibrate, defaults)",
                  "seed_method": "seed's method, re-trained (cascade 0.80/0.40)",
                  "cosine": "class-mean cosine (whitened on train)",
@@ -276,7 +278,8 @@ def compare(runs: Sequence[SettingRun], resamples: int, seed: int = 0) -> dict:
     sizes = [len(r.test.species) for r in runs]
     offsets = np.cumsum([0, *sizes])
     test = TestPhotos.concat([r.test for r in runs])
-    methods = [m for m in METHODS if all(m in r.outcomes for r in runs)]
+    methods = [m for m in dict.fromkeys([*METHODS, *runs[0].outcomes])
+               if all(m in r.outcomes for r in runs)]
     pooled = {m: Outcomes.concat([r.outcomes[m] for r in runs]) for m in methods}
 
     def statistic(draw: Sequence[np.ndarray]) -> dict[str, float]:
@@ -396,6 +399,10 @@ def _score(generator: Generator, seed: int, out: Path, data: Path, catalog: Cata
         if name == "ours":
             fits[name]["decision_families"] = decision_families(bundle)
             fits[name]["calibration"] = (bundle.metrics.get("calibration") or {}).get("routing")
+    for family, variant in family_variants(out / "ours", train_set, val_set, seed,
+                                           catalog).items():
+        scored = score_set(variant, test_set.embeddings, test_set.species)
+        results[FAMILY_PREFIX + family] = outcomes(scored, test_set.species, catalog, variant)
     simple: dict[str, Baseline] = baselines(train_set, val_set, catalog)
     for name, b in simple.items():
         scored = b.scored(test_set.embeddings, test_set.species)
@@ -441,7 +448,8 @@ def family_table(runs: Sequence[SettingRun]) -> str:
         rows = fam.get("table") if isinstance(fam, dict) else None
         if not rows or not isinstance(rows, list):
             continue
-        keys = [k for k, v in rows[0].items() if k != "family" and not isinstance(v, dict | list)]
+        keys = [k for k, v in rows[0].items()
+                if k not in ("family", "needs_head") and not isinstance(v, dict | list)]
         lines += [f"\n{r.generator} seed {r.seed}: chosen {fam.get('chosen')} (out of fold, "
                   "fitting rows only)", "| family | " + " | ".join(keys) + " |",
                   "|" + "---|" * (len(keys) + 1)]
@@ -452,8 +460,10 @@ def family_table(runs: Sequence[SettingRun]) -> str:
 
 
 def plot(path: Path, runs: Sequence[SettingRun]) -> None:
-    """Risk-coverage of every method (one cut on its confidence, in-catalog test photos),
-    one panel per generator, its first seed; the dot is the method's own operating point."""
+    """Per generator (its first seed), as one cut on each method's confidence moves:
+    top, risk against coverage (in-catalog test photos), the dot the method's own
+    operating point; bottom, the share of out-of-catalog photos given a species answer
+    against the same coverage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -462,10 +472,13 @@ def plot(path: Path, runs: Sequence[SettingRun]) -> None:
     first: dict[str, SettingRun] = {}
     for r in runs:
         first.setdefault(r.generator, r)
-    fig, axes = plt.subplots(1, len(first), figsize=(5.2 * len(first), 4.2), squeeze=False)
-    for ax, (gen, r) in zip(axes[0], first.items(), strict=True):
+    fig, axes = plt.subplots(2, len(first), figsize=(5.2 * len(first), 8.0), squeeze=False)
+    for col, (gen, r) in enumerate(first.items()):
+        ax, ax_ooc = axes[0][col], axes[1][col]
         inside = r.test.in_catalog
         for m, o in r.outcomes.items():
+            if m.startswith(FAMILY_PREFIX):  # the families' curves: table.md
+                continue
             order = np.argsort(-o.confidence[inside], kind="stable")
             wrong = ~o.guess_right[inside][order]
             k = np.arange(1, len(order) + 1)
@@ -474,13 +487,22 @@ def plot(path: Path, runs: Sequence[SettingRun]) -> None:
             if ans.any():
                 ax.scatter([ans.mean()], [1 - o.right[inside][ans].mean()], s=36,
                            color=line.get_color(), edgecolors="black", zorder=3)
+            cuts = np.sort(o.confidence[inside])[::-1]
+            outside = o.confidence[~inside]
+            if len(outside):
+                ax_ooc.plot(k / len(order), (outside[None, :] >= cuts[:, None]).mean(axis=1),
+                            lw=1.6, color=line.get_color(), label=m)
+                ax_ooc.scatter([ans.mean()], [o.answered[~inside].mean()], s=36,
+                               color=line.get_color(), edgecolors="black", zorder=3)
         ax.set_title(f"{gen}, seed {r.seed} (synthetic)")
-        ax.set_xlabel("coverage")
         ax.set_ylabel("risk (error among answers)")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax_ooc.set_ylabel("out-of-catalog photos given a species")
+        for a in (ax, ax_ooc):
+            a.set_xlabel("coverage (in-catalog photos answered)")
+            a.set_xlim(0, 1)
+            a.set_ylim(0, 1)
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,9 +6,11 @@ by a whitening, prototypes and a head fitted on the other folds, so every row
 has out-of-fold components. Each candidate family is a constrained form of the
 served log-linear model (``server.decision.fused.fused_logits``); its weights
 are fitted, species weighted equally, on the out-of-fold rows of the other
-folds, so the table that chooses among families is itself out of fold. Two
-baselines the service does not serve (shrinkage LDA, exemplar kNN) are scored
-the same way for the table. Criterion and numbers: docs/quality.md.
+folds, so the table that chooses among families is itself out of fold. The
+head of a family is the MLP or shrinkage LDA (``training/lda.py``, served as a
+head with no hidden layer). Exemplar kNN, which the service cannot serve for
+trained species (their photos are not in its gallery), is scored the same way
+for the table only. Criterion and numbers: docs/quality.md.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from scipy import optimize
 
 from biolit_id.cli.training.calibration_metrics import ece
 from biolit_id.cli.training.features import fit_whitening
+from biolit_id.cli.training.lda import LDA_SHRINKAGE, lda_discriminants
 from biolit_id.index.core.vectors import class_prototypes, fuse_prototypes, l2_normalize
 from biolit_id.server.decision.fused import FusionWeights, fused_logits, log_softmax
 from biolit_id.server.decision.rules import masked_softmax
@@ -33,7 +36,6 @@ CALIBRATION_SHARE = 0.2
 CALIBRATION_MIN_PHOTOS = 5  # a species with fewer keeps every photo for fitting
 EARLY_STOPPING_SHARE = 0.15
 TARGET_COVERAGE = 0.88
-LDA_SHRINKAGE = (0.1, 0.3)
 PROTOTYPE_ITERATIONS = (0, 2)  # class means, or the seed's similarity-weighted refinement
 KNN_K = 3
 
@@ -83,7 +85,7 @@ class OutOfFold:
     """Each fitting row scored by components fitted without its fold."""
 
     cos: np.ndarray  # [n, S] cosine to the fused prototypes (the chosen recipe)
-    head_logits: np.ndarray  # [n, C] the head over ``head_ids``
+    head_logits: np.ndarray  # [n, C] the MLP head over ``head_ids``
     head_ids: np.ndarray  # [C] species index of each head class
     log_prior: np.ndarray  # [C] log training share of each head class
     baselines: dict[str, np.ndarray]  # name -> [n, S] finite scores (not served)
@@ -91,28 +93,26 @@ class OutOfFold:
     fold: np.ndarray  # [n]
     cos_by_iterations: dict[int, np.ndarray] | None = None  # each prototype recipe's cosines
     prototype_iterations: int = 0
+    lda_logits: np.ndarray | None = None  # [n, C] the LDA head over ``head_ids``
+
+    def head(self, kind: str) -> np.ndarray:
+        return self.lda_logits if kind == "lda" else self.head_logits
 
 
-def _whitener(x: np.ndarray, pca_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+def _whitening(x: np.ndarray, pca_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``(v - mu) @ W`` fitted on ``x``, before the prototypes' normalisation."""
     mu, w, _ = fit_whitening(x, pca_dim)
-    return lambda v: l2_normalize((np.asarray(v, np.float64) - mu) @ w)
+    return lambda v: (np.asarray(v, np.float64) - mu) @ w
 
 
-def lda_scores(train_w: np.ndarray, train_y: np.ndarray, n_species: int, query_w: np.ndarray,
-               shrinkage: float) -> np.ndarray:
-    """Shrinkage LDA discriminants, no class prior (a species without rows gets -inf)."""
-    means = np.zeros((n_species, train_w.shape[1]))
-    np.add.at(means, train_y, train_w)
-    counts = np.bincount(train_y, minlength=n_species)
-    means /= np.maximum(counts, 1)[:, None]
-    resid = train_w - means[train_y]
-    within = resid.T @ resid / max(len(train_w) - n_species, 1)
-    d = within.shape[0]
-    sigma = (1 - shrinkage) * within + shrinkage * np.trace(within) / d * np.eye(d)
-    a = np.linalg.solve(sigma, means.T)
-    out = query_w @ a - 0.5 * np.einsum("sd,ds->s", means, a)
-    out[:, counts == 0] = -np.inf
-    return out
+def lda_head_logits(train_z: np.ndarray, train_y: np.ndarray, head_ids: np.ndarray,
+                    query_z: np.ndarray) -> np.ndarray:
+    """[n, C] the served LDA head's logits (``lda.lda_head_state``) over ``head_ids``."""
+    cidx = {int(c): i for i, c in enumerate(head_ids)}
+    rows = np.isin(train_y, head_ids)
+    yy = np.array([cidx[int(v)] for v in train_y[rows]], dtype=np.int64)
+    a, bias = lda_discriminants(train_z[rows], yy, len(head_ids), LDA_SHRINKAGE)
+    return query_z @ a + bias
 
 
 def knn_scores(train_w: np.ndarray, train_y: np.ndarray, n_species: int, query_w: np.ndarray,
@@ -138,22 +138,22 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_species: int, head_ids: Sequence
     head_ids = np.asarray(head_ids, dtype=np.int64)
     cos_by = {int(it): np.zeros((len(y), n_species)) for it in iterations}
     head = np.zeros((len(y), len(head_ids)))
-    baselines = {**{f"lda{lam:g}": np.zeros((len(y), n_species)) for lam in LDA_SHRINKAGE},
-                 "knn": np.zeros((len(y), n_species))}
+    lda = np.zeros((len(y), len(head_ids)))
+    baselines = {"knn": np.zeros((len(y), n_species))}
     for k in range(folds):
         tr, te = fold != k, fold == k
         if not te.any():
             continue
-        whiten = _whitener(x[tr], pca_dim)
-        train_w, query_w = whiten(x[tr]), whiten(x[te])
-        text_w = whiten(text_raw)
+        whiten = _whitening(x[tr], pca_dim)
+        train_z, query_z = whiten(x[tr]), whiten(x[te])
+        train_w, query_w = l2_normalize(train_z), l2_normalize(query_z)
+        text_w = l2_normalize(whiten(text_raw))
         for it, cos in cos_by.items():
             visual = class_prototypes(train_w, y[tr], n_species, it)
             cos[te] = query_w @ fuse_prototypes(visual, text_w, alpha).astype(np.float64).T
         if len(head_ids):
             head[te] = fit_head(x[tr], y[tr])(x[te])
-        for lam in LDA_SHRINKAGE:
-            baselines[f"lda{lam:g}"][te] = lda_scores(train_w, y[tr], n_species, query_w, lam)
+            lda[te] = lda_head_logits(train_z, y[tr], head_ids, query_z)
         baselines["knn"][te] = knn_scores(train_w, y[tr], n_species, query_w)
         log.info("cross-fitting: fold %d/%d scored", k + 1, folds)
     counts = np.bincount(y, minlength=n_species).astype(np.float64)
@@ -161,7 +161,8 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_species: int, head_ids: Sequence
                  if len(head_ids) else np.zeros(0))
     baselines = {name: _finite(scores) for name, scores in baselines.items()}
     first = next(iter(cos_by))
-    return OutOfFold(cos_by[first], head, head_ids, log_prior, baselines, y, fold, cos_by, first)
+    return OutOfFold(cos_by[first], head, head_ids, log_prior, baselines, y, fold, cos_by, first,
+                     _finite(lda) if len(head_ids) else lda)
 
 
 # ------------------------------------------------------------ families
@@ -176,6 +177,7 @@ class Family:
     weights: Callable[[np.ndarray], FusionWeights]
     needs_head: bool = False
     servable: bool = True
+    head: str = "mlp"  # which head its head terms use: "mlp" or "lda"
 
 
 def _w(proto=0.0, head=0.0, prior=0.0, novel_proto=0.0, novel_offset=0.0) -> FusionWeights:
@@ -201,6 +203,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("fused+prior", (10.0, 1.0, 10.0, -3.0, 0.5),
            lambda t: _w(proto=t[0], head=t[1], novel_proto=t[2], novel_offset=t[3],
                         prior=t[4]), needs_head=True),
+    # Shrinkage LDA as the head, alone and beside the prototypes.
+    Family("lda", (1.0, 10.0, -3.0),
+           lambda t: _w(head=t[0], novel_proto=t[1], novel_offset=t[2]), needs_head=True,
+           head="lda"),
+    Family("cosine+lda", (10.0, 1.0, 10.0, -3.0),
+           lambda t: _w(proto=t[0], head=t[1], novel_proto=t[2], novel_offset=t[3]),
+           needs_head=True, head="lda"),
 )
 
 
@@ -209,8 +218,8 @@ def family_logits(family: Family, theta: np.ndarray, oof: OutOfFold, rows: np.nd
     """[len(rows), S] logits of a family on some out-of-fold rows."""
     if not family.servable:
         return theta[0] * oof.baselines[family.name][rows]
-    head_lp = (log_softmax(oof.head_logits[rows]) if len(oof.head_ids)
-               else oof.head_logits[rows])
+    logits = oof.head(family.head)[rows]
+    head_lp = log_softmax(logits) if len(oof.head_ids) else logits
     return fused_logits(oof.cos[rows], head_lp, oof.head_ids, oof.log_prior, None,
                         family.weights(theta))
 
@@ -287,9 +296,11 @@ class FamilyChoice:
     table: list[dict]
     prototype_iterations: int
     needs_head: bool  # False: runtime species are scored as trained ones (tied weights)
+    head: str = "mlp"  # the head the bundle serves: "mlp" or "lda"
 
     def to_json(self) -> dict:
-        return {"chosen": self.name, "prototype_iterations": self.prototype_iterations,
+        return {"chosen": self.name, "head": self.head,
+                "prototype_iterations": self.prototype_iterations,
                 "criterion": f"species-balanced accuracy at coverage {TARGET_COVERAGE} "
                              "(out of fold, nested)", "table": self.table}
 
@@ -326,14 +337,49 @@ def choose_family(oof: OutOfFold, rare: np.ndarray, with_head: bool = True) -> F
     oof.cos = recipes[best_recipe[0]]
     candidates = [f for f in FAMILIES if with_head or not f.needs_head]
     baselines = [baseline_family(name) for name in oof.baselines]
+    every_row = np.ones(len(oof.y), dtype=bool)
     for family in (*candidates, *baselines):
-        table.append(table_row(family.name, family.servable,
-                               nested_probabilities(family, oof), oof, rare))
+        probs = nested_probabilities(family, oof)
+        row = table_row(family.name, family.servable, probs, oof, rare)
+        if family.servable:  # fitted on every row: what the bundle serves if it is chosen
+            scale = sharpening(probs, oof.y)
+            weights = scaled(family.weights(fit_family(family, oof, every_row)), scale)
+            row.update(head=family.head, needs_head=family.needs_head, scale=scale,
+                       weights=weights.to_json())
+        table.append(row)
     servable = [row for row in table[len(recipes):] if row["served"]]
     # Ties go to the simpler candidate (the tuple's order): the prior only when it wins.
     best = max(servable, key=lambda row: (round(row["balanced_accuracy"], 4),
                                           -servable.index(row)))
-    family = next(f for f in candidates if f.name == best["family"])
-    theta = fit_family(family, oof, np.ones(len(oof.y), dtype=bool))
-    return FamilyChoice(family.name, family.weights(theta), table, oof.prototype_iterations,
-                        family.needs_head)
+    return FamilyChoice(best["family"], FusionWeights.from_json(best["weights"]), table,
+                        oof.prototype_iterations, best["needs_head"], best["head"])
+
+
+def sharpening(probs: np.ndarray, y: np.ndarray) -> float:
+    """The temperature ``s`` (softmax of ``s * log p``) that makes the out-of-fold top answer's
+    probability match how often it is right (binary cross-entropy of the top label).
+
+    The weights are fitted species-balanced, which leaves the probability shown with
+    an answer too low for the photos people send (docs/quality.md, "Calibration").
+    """
+    log_p = np.log(np.maximum(probs, 1e-300))
+    rows = np.arange(len(y))
+
+    def loss(log_s: float) -> float:
+        z = np.exp(log_s) * log_p
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        top = p.argmax(axis=1)
+        conf = np.clip(p[rows, top], 1e-9, 1 - 1e-9)
+        right = top == y
+        return float(-np.where(right, np.log(conf), np.log1p(-conf)).mean())
+
+    found = optimize.minimize_scalar(loss, bounds=(np.log(0.25), np.log(4.0)), method="bounded")
+    return float(np.exp(found.x))
+
+
+def scaled(weights: FusionWeights, scale: float) -> FusionWeights:
+    """Every weight times ``scale``: the fused logits are linear in them, so the
+    distribution becomes softmax(scale * logits)."""
+    return FusionWeights.from_json({k: v * scale for k, v in weights.to_json().items()})
