@@ -216,6 +216,21 @@ def test_fused_graph_equals_the_current_fused_scorer():
     assert {"FUSED", "REJECTED"} <= set(report["methods"]), report
 
 
+def test_fused_graph_with_an_lda_head_equals_the_service():
+    """A bundle whose decision family is ``lda``: its head has no hidden layer."""
+    from biolit_id.cli.train import serve_lda_head
+
+    bundle = fused_bundle(seed=2)
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(12), 20)
+    x = unit(rng.normal(size=(12, 64))[y] + 0.5 * rng.normal(size=(len(y), 64)))
+    serve_lda_head(bundle, x.astype(np.float32), y, list(range(12)))
+    assert bundle.head_config["hidden"] == [] and set(bundle.head_state) == {"0.weight", "0.bias"}
+    report = check_equal(scorer_for(bundle), bundle_prototypes(bundle), unit(
+        np.vstack([x[::4], near_prototypes(bundle, N - len(x[::4]), 6, spread=(0.0, 1.5))])))
+    assert {"FUSED", "REJECTED"} <= set(report["methods"]), report
+
+
 def test_fused_graph_cuts_each_photo_by_its_group():
     """Per-group cuts (rare and runtime stricter) and a species added at runtime."""
     from dataclasses import replace

@@ -21,9 +21,9 @@ from biolit_id.cli.training.crossfit import (
     CALIBRATION_SHARE,
     FOLDS,
     TARGET_COVERAGE,
-    calibration_rows,
     choose_family,
     early_stopping_rows,
+    fitting_and_calibration,
     out_of_fold,
 )
 from biolit_id.cli.training.datasets import (
@@ -41,7 +41,7 @@ from biolit_id.cli.training.features import (
     text_prompts,
 )
 from biolit_id.cli.training.fusion import choose_alpha, fit_fused, fit_runtime_terms
-from biolit_id.cli.training.head import FUSED_HEAD, HeadSettings, train_head
+from biolit_id.cli.training.head import FUSED_HEAD, HeadSettings, fit_head_on, train_head
 from biolit_id.cli.training.lda import LDA_HEAD, lda_head_state
 from biolit_id.cli.training.rank_heads import RankHeadSettings, train_rank_heads
 from biolit_id.cli.training.rank_thresholds import simulated_rank_thresholds
@@ -203,29 +203,6 @@ def set_prototypes(bundle: Bundle, train: EmbeddingSet, val: EmbeddingSet,
     bundle.extra["training"]["prototype_iterations"] = iterations
 
 
-def fit_head_on(x: np.ndarray, y: np.ndarray, classes: Sequence[int], head: HeadSettings,
-                bundle: Bundle, seed: int) -> dict:
-    """A head over ``classes`` (species indices) on the rows of ``x`` labelled with them,
-    early-stopped on its own held-out 15 %."""
-    cidx = {int(c): i for i, c in enumerate(classes)}
-    rows = np.flatnonzero(np.isin(y, list(cidx)))
-    yy = np.array([cidx[int(v)] for v in y[rows]], dtype=np.int64)
-    stop = early_stopping_rows(yy, seed)
-    state, _ = train_head(x[rows[~stop]], yy[~stop], x[rows[stop]], yy[stop], len(classes),
-                          bundle.head_config, seed, head, progress=False)
-    return state
-
-
-def fitting_and_calibration(train: EmbeddingSet, val: EmbeddingSet, seed: int
-                            ) -> tuple[EmbeddingSet, EmbeddingSet]:
-    """Train and validation pooled, then cut into the rows that fit everything and the
-    stratified calibration fold only ``calibrate`` sees."""
-    pool = train.concat(val)
-    index = {s: i for i, s in enumerate(sorted(set(pool.species)))}
-    kept = calibration_rows(np.array([index[s] for s in pool.species], dtype=np.int64), seed)
-    return pool.subset(np.flatnonzero(~kept)), pool.subset(np.flatnonzero(kept))
-
-
 def serve_lda_head(bundle: Bundle, x: np.ndarray, y: np.ndarray, head_ids: Sequence[int]
                    ) -> None:
     """The bundle's head becomes shrinkage LDA over ``head_ids``, fitted on ``x``, ``y``
@@ -258,7 +235,7 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
     head_ids = [sidx[s] for s in bundle.common]
 
     def fit_fold_head(x: np.ndarray, labels: np.ndarray):
-        state = fit_head_on(x, labels, head_ids, head, bundle, seed)
+        state = fit_head_on(x, labels, head_ids, head, bundle.head_config, seed)
         return Head(state, bundle.embedding_dim, len(head_ids), bundle.head_config).logits
 
     text_raw = loaded.encode_text(text_prompts(species, catalog))
@@ -282,7 +259,7 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
         if choice.head == "lda":
             return lda_head_state(inner.embeddings, inner_y, ids, bundle.whitening_mu,
                                   bundle.whitening_W)
-        return fit_head_on(inner.embeddings, inner_y, ids, head, bundle, seed)
+        return fit_head_on(inner.embeddings, inner_y, ids, head, bundle.head_config, seed)
 
     if choice.needs_head:
         weights, runtime = fit_runtime_terms(

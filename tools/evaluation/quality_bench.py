@@ -26,7 +26,7 @@ import numpy as np
 
 from biolit_id.cli.evaluation.baselines import Baseline, baselines
 from biolit_id.cli.evaluation.bootstrap import bootstrap
-from biolit_id.cli.evaluation.family_variants import family_variants
+from biolit_id.cli.evaluation.family_variants import write_family_variants
 from biolit_id.cli.evaluation.metrics import ScoredSet, rank_answers, score_set, taxon_is_right
 from biolit_id.cli.evaluation.realistic_v4 import SHARED, RealisticSpec
 from biolit_id.cli.evaluation.realistic_v4 import generate as generate_v4
@@ -399,8 +399,12 @@ def _score(generator: Generator, seed: int, out: Path, data: Path, catalog: Cata
         if name == "ours":
             fits[name]["decision_families"] = decision_families(bundle)
             fits[name]["calibration"] = (bundle.metrics.get("calibration") or {}).get("routing")
-    for family, variant in family_variants(out / "ours", train_set, val_set, seed,
-                                           catalog).items():
+    calibration = out / "ours" / "split" / "calibration.parquet"
+    for family, where in write_family_variants(out / "ours", train_set, val_set, seed,
+                                               out / "families").items():
+        argv = ["calibrate", "--bundle", where, "--embeddings", calibration]
+        _check(cli(argv, out / "families.log"), argv, (0, 3))
+        variant = load_bundle(where)
         scored = score_set(variant, test_set.embeddings, test_set.species)
         results[FAMILY_PREFIX + family] = outcomes(scored, test_set.species, catalog, variant)
     simple: dict[str, Baseline] = baselines(train_set, val_set, catalog)

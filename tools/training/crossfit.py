@@ -23,6 +23,7 @@ import numpy as np
 from scipy import optimize
 
 from biolit_id.cli.training.calibration_metrics import ece
+from biolit_id.cli.training.datasets import EmbeddingSet
 from biolit_id.cli.training.features import fit_whitening
 from biolit_id.cli.training.lda import LDA_SHRINKAGE, lda_discriminants
 from biolit_id.index.core.vectors import class_prototypes, fuse_prototypes, l2_normalize
@@ -60,6 +61,16 @@ def stratified_share(y: np.ndarray, share: float, min_photos: int, seed: int) ->
 def calibration_rows(y: np.ndarray, seed: int = 0) -> np.ndarray:
     """[n] bool: the calibration fold, kept apart from every fit but the thresholds."""
     return stratified_share(y, CALIBRATION_SHARE, CALIBRATION_MIN_PHOTOS, seed + 104729)
+
+
+def fitting_and_calibration(train: EmbeddingSet, val: EmbeddingSet, seed: int
+                            ) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """Train and validation pooled, then cut into the rows that fit everything and the
+    stratified calibration fold only ``calibrate`` sees."""
+    pool = train.concat(val)
+    index = {s: i for i, s in enumerate(sorted(set(pool.species)))}
+    kept = calibration_rows(np.array([index[s] for s in pool.species], dtype=np.int64), seed)
+    return pool.subset(np.flatnonzero(~kept)), pool.subset(np.flatnonzero(kept))
 
 
 def early_stopping_rows(y: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -6,6 +6,7 @@ head (without some species) with exactly the same settings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -131,3 +132,18 @@ def _train_head(x_train, y_train, x_val, y_val, num_classes, config, seed, setti
             "early_stopped_on": "val" if has_val else "train",
             "val_accuracy": best[0], "val_loss": best[1], **asdict(settings)}
     return best_state, info
+
+
+def fit_head_on(x: np.ndarray, y: np.ndarray, classes: Sequence[int], head: HeadSettings,
+                config: dict, seed: int) -> dict:
+    """A head over ``classes`` (species indices) on the rows of ``x`` labelled with them,
+    early-stopped on its own held-out 15 %."""
+    from biolit_id.cli.training.crossfit import early_stopping_rows
+
+    cidx = {int(c): i for i, c in enumerate(classes)}
+    rows = np.flatnonzero(np.isin(y, list(cidx)))
+    yy = np.array([cidx[int(v)] for v in y[rows]], dtype=np.int64)
+    stop = early_stopping_rows(yy, seed)
+    state, _ = train_head(x[rows[~stop]], yy[~stop], x[rows[stop]], yy[stop], len(classes),
+                          config, seed, head, progress=False)
+    return state
