@@ -1,11 +1,13 @@
 """Per-species prototypes from reference photos, without retraining anything.
 
-Visual prototype: the similarity-weighted mean of the species' photos (the
-seed's method and the trainer's, ``core.vectors.weighted_prototype``), so that
-one odd photo pulls little. Weighting needs every photo, so it is not what an
-add pays: each species keeps ``SpeciesSums`` (photo count and a running sum of
-its projected photos, started from the last weighted refinement) that an add
-or a removal updates in O(1); the full refinement runs on ``refine`` (in the
+Visual prototype: the mean of the species' photos, similarity-weighted
+(``core.vectors.weighted_prototype``, the seed's method) unless the bundle's
+own recipe is the plain mean (``iterations`` 0, which ``train`` chooses when
+it wins out of fold), so runtime species are built as trained ones. Weighting
+needs every photo, so it is not what an add pays: each species keeps
+``SpeciesSums`` (photo count and a running sum of its projected photos,
+started from the last refinement) that an add or a removal updates in O(1);
+the full refinement runs on ``refine`` (in the
 background, or after an import). A trained bundle's visual prototype counts as
 a prior worth ``n0`` photos; the fused prototype is Proto-CLIP's
 ``normalize(alpha * visual + (1 - alpha) * text)``. Formulas and the choice of
@@ -28,6 +30,7 @@ from biolit_id.index.core.vectors import (  # the trainer's: same prototypes
 __all__ = ["PrototypeBuilder", "SpeciesSums", "combine_with_prior", "weighted_prototype"]
 
 DEFAULT_PRIOR_WEIGHT = 10.0
+DEFAULT_ITERATIONS = 2  # the seed's similarity-weighted refinement
 
 
 def combine_with_prior(prior: np.ndarray | None, prior_weight: float,
@@ -59,13 +62,13 @@ class SpeciesSums:
         return cls(0, np.zeros(dim, np.float64), 0)
 
     @classmethod
-    def refined(cls, photos: np.ndarray) -> SpeciesSums:
+    def refined(cls, photos: np.ndarray, iterations: int = DEFAULT_ITERATIONS) -> SpeciesSums:
         """Exact state from all the species' projected photos [n, P]."""
         photos = np.asarray(photos, np.float64)
         if not len(photos):
             return cls.empty(photos.shape[1])
         length = float(np.linalg.norm(l2_normalize64(photos).sum(axis=0)))
-        total = l2_normalize64(weighted_prototype(photos)) * max(length, 1e-6)
+        total = l2_normalize64(weighted_prototype(photos, iterations)) * max(length, 1e-6)
         return cls(len(photos), total, len(photos))
 
     def plus(self, photos: np.ndarray, sign: int = 1) -> SpeciesSums:
@@ -122,6 +125,7 @@ class PrototypeBuilder:
     text_base: np.ndarray | None = None
     prior_weights: dict[str, float] | None = None
     source: str = ""
+    iterations: int = DEFAULT_ITERATIONS  # the visual-prototype recipe (0: the plain mean)
 
     def __post_init__(self) -> None:
         self._base_index = {n: i for i, n in enumerate(self.base_names)}
@@ -149,7 +153,12 @@ class PrototypeBuilder:
         """Fused prototype of ``name`` given all its photos in the scoring space [n, P]."""
         if not len(photos):
             return self.without_photos([name])[0]
-        return self.fused_from_visual(name, weighted_prototype(photos), len(photos))
+        return self.fused_from_visual(name, weighted_prototype(photos, self.iterations),
+                                      len(photos))
+
+    def refined_sums(self, photos: np.ndarray) -> SpeciesSums:
+        """A species' exact state from all its projected photos, by this recipe."""
+        return SpeciesSums.refined(photos, self.iterations)
 
     def fused_from_sums(self, name: str, sums: SpeciesSums) -> np.ndarray:
         """Fused prototype of ``name`` from its running sums: O(1), no photo read."""

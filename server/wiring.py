@@ -187,7 +187,7 @@ def prototype_builder(*, model, catalog: Catalog, scorer, text_cache,
         base_names=base.names, base_vectors=base.vectors, text_for=text_for, alpha=alpha,
         visual_prior=bundle.visual_prototypes, text_base=bundle.text_prototypes,
         prior_weights={str(k): float(v) for k, v in support.items()},
-        source=f"bundle:{bundle.bundle_id}",
+        source=f"bundle:{bundle.bundle_id}", iterations=bundle.prototype_iterations,
     )
     return builder, space_id_for(model.fingerprint, bundle)
 

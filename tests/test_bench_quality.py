@@ -95,6 +95,7 @@ def test_settings_are_what_a_user_runs(quick):
         assert fits["seed_method"]["routing"] == "seed"
         assert fits["ours"]["calibration"]["coverage"] >= 0.88 - 1e-9
         assert fits["cosine"]["cut"] > 0 and fits["lda"]["shrinkage"] in (0.1, 0.3, 0.6)
+        assert fits["knn"]["k"] == 3 and fits["knn"]["cut"] > 0
         # Our figures agree with what `evaluate` wrote for the same bundle and photos:
         # its coverage counts every test photo, ours splits in-catalog and out-of-catalog.
         where = out / s["generator"] / f"seed{s['seed']}"

@@ -425,6 +425,33 @@ def test_gallery_ivf_index_from_configuration(tmp_path: Path, open_at) -> None:
     assert again.recovery == "snapshot" and again.size == 239
 
 
+def test_runtime_prototypes_follow_the_bundles_recipe(tmp_path: Path, open_at,
+                                                      loaded_demo_model, text_cache) -> None:
+    """A bundle whose prototypes are class means (train chose them out of fold) gets
+    class means for photos added at runtime too; the seed's recipe stays the default."""
+    catalog = Catalog.load_default()
+    photos = np.vstack([family(31, 5, spread=0.05), family(32, 1)])  # one odd photo
+    name = catalog.names()[3]
+    got = {}
+    for iterations in (0, None):
+        extra = {"training": {"prototype_iterations": iterations}} if iterations == 0 else {}
+        bundle = whitened_bundle(loaded_demo_model, catalog, text_cache, extra=extra,
+                                 bundle_id=f"recipe-{iterations}")
+        gallery = open_at(tmp_path / str(iterations), bundle=bundle)
+        assert gallery.builder.iterations == (0 if iterations == 0 else 2)
+        for vec in photos:
+            gallery.add_exemplar(item(name, vec, tag=name))
+        gallery.refine([name])
+        row = bundle.species.index(name)
+        visual = combine_with_prior(bundle.visual_prototypes[row], DEFAULT_PRIOR_WEIGHT,
+                                    weighted_prototype(bundle.whiten(photos),
+                                                       0 if iterations == 0 else 2), 6)
+        expected = fuse_prototypes(visual[None], bundle.text_prototypes[row][None], 0.8)[0]
+        got[iterations] = gallery.prototypes().vectors[row]
+        np.testing.assert_allclose(got[iterations], expected, atol=1e-5)
+    assert not np.allclose(got[0], got[None], atol=1e-4)
+
+
 def test_gallery_in_a_bundles_whitened_space(tmp_path: Path, open_at, loaded_demo_model,
                                              text_cache) -> None:
     catalog = Catalog.load_default()

@@ -25,6 +25,7 @@ from biolit_id.cli.evaluation.metrics import (
 )
 from biolit_id.cli.evaluation.rank_fit import DEFAULT_TAXON_PRECISION, fit_taxon_thresholds
 from biolit_id.cli.training.calibration_metrics import ece, top1_calibration
+from biolit_id.cli.training.crossfit import family_lines
 from biolit_id.cli.training.datasets import DatasetError
 from biolit_id.cli.training.fusion import HEAD_TERMS, fit_fusion
 from biolit_id.cli.training.risk_control import (
@@ -386,6 +387,10 @@ def run(args: argparse.Namespace) -> int:
                                flatten=args.flatten)
     bundle.metrics = {**bundle.metrics, "calibration": report}
     bundle.save(Path(args.bundle))
+    families = bundle.extra.get("decision_families")
+    if families:
+        print("decision family, chosen by train out of fold:")
+        print("\n".join(family_lines(families["table"], families["chosen"])))
     _print(report)
     return 0 if report["routing"]["target_met"] else 3
 

@@ -20,9 +20,9 @@ from biolit_id.cli.training.calibration_metrics import top1_calibration
 from biolit_id.cli.training.crossfit import (
     CALIBRATION_SHARE,
     FOLDS,
-    TARGET_COVERAGE,
     choose_family,
     early_stopping_rows,
+    family_lines,
     fitting_and_calibration,
     out_of_fold,
 )
@@ -272,20 +272,6 @@ def build_crossfitted(train: EmbeddingSet, val: EmbeddingSet, loaded, catalog: C
                      "new_species_fitted_on": runtime, "neighbours": NEIGHBOURS}
     bundle.extra["decision_families"] = choice.to_json()
     return bundle, calibration
-
-
-def family_lines(table: list[dict], chosen: str) -> list[str]:
-    """The out-of-fold table as ``train`` and ``calibrate`` print it."""
-    lines = [f"  {'family':13s} {'served':6s} {'bal.acc':>7s} {'acc':>6s} {'rare':>6s} "
-             f"{'top1':>6s} {'NLL':>6s} {'ECE':>6s}   (out of fold, at coverage "
-             f"{TARGET_COVERAGE})"]
-    for row in table:
-        mark = " <- chosen" if row["family"] == chosen else ""
-        lines.append(f"  {row['family']:13s} {'yes' if row['served'] else 'no':6s} "
-                     f"{row['balanced_accuracy']:7.3f} {row['accuracy']:6.3f} "
-                     f"{row['rare_accuracy']:6.3f} {row['top1']:6.3f} {row['nll']:6.3f} "
-                     f"{row['ece']:6.3f}{mark}")
-    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -272,7 +272,7 @@ class FaissGallery(GalleryBase):
         refined = {}
         for name in species:
             _, raw = self.store.embeddings_for(name)
-            refined[name] = SpeciesSums.refined(self.project(raw))
+            refined[name] = self.builder.refined_sums(self.project(raw))
         self.store.write_species_sums(self.space_id, refined)
         self._sums.update(refined)
         self._refresh_locked(species)
@@ -314,7 +314,7 @@ class FaissGallery(GalleryBase):
             refined = {}
             for name in stale:
                 _, raw = self.store.embeddings_for(name)
-                refined[name] = SpeciesSums.refined(self.project(raw))
+                refined[name] = self.builder.refined_sums(self.project(raw))
             self.store.write_species_sums(self.space_id, refined)
             self._sums.update(refined)
         for name in with_photos:

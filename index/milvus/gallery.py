@@ -517,7 +517,7 @@ class MilvusGallery(GalleryBase):
         for name in species:
             ids, raw = self.index.embeddings_for(name)
             self._pending.pop(name, None)
-            written.append(self._write_row(name, SpeciesSums.refined(self.project(raw)),
+            written.append(self._write_row(name, self.builder.refined_sums(self.project(raw)),
                                            ids_checksum(ids)))
         self._apply(written)
 

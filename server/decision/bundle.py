@@ -27,6 +27,7 @@ WEIGHTS = "weights.safetensors"
 TOOL_VERSION = "0.1.0"
 # The seed's head (docs/seed-v4.md, "Head"):
 # LayerNorm, 512->512, GELU, Dropout .5, 512->256, GELU, Dropout .25, ->C
+SEED_PROTOTYPE_ITERATIONS = 2  # the seed's weighted refinement (docs/seed-v4.md)
 DEFAULT_HEAD = {"type": "mlp", "hidden": [512, 256], "dropout": [0.5, 0.25], "layernorm": True}
 
 
@@ -67,6 +68,13 @@ class Bundle:
     @property
     def prototype_dim(self) -> int:
         return int(self.prototypes.shape[1])
+
+    @property
+    def prototype_iterations(self) -> int:
+        """The visual-prototype recipe (0: class means; n: the seed's n similarity-weighted
+        refinements), which photos added at runtime follow too; the seed's by default."""
+        training = self.extra.get("training") or {}
+        return int(training.get("prototype_iterations", SEED_PROTOTYPE_ITERATIONS))
 
     def common_to_global(self, names: Sequence[str] | None = None) -> np.ndarray:
         """Row of each head class in ``names`` (default: the bundle's species).

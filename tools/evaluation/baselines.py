@@ -1,6 +1,7 @@
-"""Simple decisions ``bench-quality`` sets beside ours: class-mean cosine and shrinkage LDA.
+"""Simple decisions ``bench-quality`` sets beside ours: class-mean cosine, shrinkage LDA
+and exemplar kNN.
 
-Both live in a PCA whitening fitted on the training photos (``train``'s own
+All live in a PCA whitening fitted on the training photos (``train``'s own
 ``fit_whitening``), fit a temperature on validation, and answer like a calibrated
 fused bundle: one cut on the answer's probability, the highest that answers
 ``coverage`` of the validation photos; rank answers get ``calibrate``'s own rank
@@ -106,6 +107,30 @@ def lda(train: EmbeddingSet, shrinkage: float, pca_dim: int = 256) -> Baseline:
                     fit_info={"shrinkage": shrinkage})
 
 
+@dataclass
+class ExemplarKnn(Baseline):
+    """Exemplar kNN: a species' score is the mean cosine of its ``k`` nearest training
+    photos (unit whitened vectors)."""
+
+    photos: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [N, d]
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [N]
+    k: int = 3
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        from biolit_id.cli.training.crossfit import knn_scores
+
+        query = _unit((np.asarray(x, np.float64) - self.mu) @ self.w)
+        return knn_scores(self.photos, self.labels, len(self.species), query, self.k)
+
+
+def knn(train: EmbeddingSet, k: int = 3, pca_dim: int = 256) -> ExemplarKnn:
+    species = sorted(set(train.species))
+    mu, w = _whitened(train, pca_dim)
+    photos = _unit((np.asarray(train.embeddings, np.float64) - mu) @ w)
+    return ExemplarKnn("knn", species, mu, w, np.zeros((w.shape[1], 0)), np.zeros(0), True,
+                       fit_info={"k": k}, photos=photos, labels=_labels(train, species), k=k)
+
+
 def _nll(b: Baseline, x: np.ndarray, y: np.ndarray) -> float:
     p = b.distribution(x[y >= 0])
     return float(-np.log(np.maximum(p[np.arange(len(p)), y[y >= 0]], 1e-300)).mean())
@@ -134,11 +159,12 @@ def calibrated(b: Baseline, val: EmbeddingSet, catalog: Catalog,
 
 def baselines(train: EmbeddingSet, val: EmbeddingSet, catalog: Catalog,
               coverage: float = DEFAULT_COVERAGE) -> dict[str, Baseline]:
-    """Class-mean cosine, and shrinkage LDA with the shrinkage of lowest validation NLL."""
+    """Class-mean cosine, shrinkage LDA with the shrinkage of lowest validation NLL, and
+    exemplar kNN."""
     cos = calibrated(cosine(train), val, catalog, coverage)
     fits = [calibrated(lda(train, lam), val, catalog, coverage) for lam in LDA_SHRINKAGE]
     best = min(fits, key=lambda b: b.fit_info["validation_nll"])
     best.fit_info["shrinkage_tried"] = {f.fit_info["shrinkage"]: f.fit_info["validation_nll"]
                                         for f in fits}
     best.name = "lda"
-    return {"cosine": cos, "lda": best}
+    return {"cosine": cos, "lda": best, "knn": calibrated(knn(train), val, catalog, coverage)}

@@ -54,12 +54,13 @@ FIGURES = ("coverage", "accuracy", "accuracy_rare", "accuracy_common", "ece", "a
            "rank_answer_rate", "rank_precision", "ooc_species_answer_rate",
            "ooc_rank_answer_rate", "ooc_rank_precision")
 LOWER_IS_BETTER = {"ece", "aurc", "ooc_species_answer_rate"}
-METHODS = ("ours", "seed_method", "cosine", "lda")
+METHODS = ("ours", "seed_method", "cosine", "lda", "knn")
 FAMILY_PREFIX = "ours:"  # each served family of our bundle, calibrated alike (family_variants)
 METHOD_LABELS = {"ours": "ours (train → calibrate, defaults)",
                  "seed_method": "seed's method, re-trained (cascade 0.80/0.40)",
                  "cosine": "class-mean cosine (whitened on train)",
-                 "lda": "shrinkage LDA (whitened on train)"}
+                 "lda": "shrinkage LDA (whitened on train)",
+                 "knn": "exemplar kNN, mean cosine of the 3 nearest training photos"}
 
 
 @dataclass(frozen=True)

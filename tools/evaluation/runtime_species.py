@@ -28,7 +28,8 @@ def add_at_runtime(bundle: Bundle, train: EmbeddingSet, species: list[str], load
     builder = PrototypeBuilder(base_names=tuple(bundle.species), base_vectors=bundle.prototypes,
                                text_for=text_for, alpha=bundle.alpha,
                                visual_prior=bundle.visual_prototypes,
-                               text_base=bundle.text_prototypes)
+                               text_base=bundle.text_prototypes,
+                               iterations=bundle.prototype_iterations)
     photos = {}
     vectors = [bundle.prototypes]
     for name in species:

@@ -394,3 +394,17 @@ def scaled(weights: FusionWeights, scale: float) -> FusionWeights:
     """Every weight times ``scale``: the fused logits are linear in them, so the
     distribution becomes softmax(scale * logits)."""
     return FusionWeights.from_json({k: v * scale for k, v in weights.to_json().items()})
+
+
+def family_lines(table: list[dict], chosen: str) -> list[str]:
+    """The out-of-fold table as ``train`` and ``calibrate`` print it."""
+    lines = [f"  {'family':13s} {'served':6s} {'bal.acc':>7s} {'acc':>6s} {'rare':>6s} "
+             f"{'top1':>6s} {'NLL':>6s} {'ECE':>6s}   (out of fold, at coverage "
+             f"{TARGET_COVERAGE})"]
+    for row in table:
+        mark = " <- chosen" if row["family"] == chosen else ""
+        lines.append(f"  {row['family']:13s} {'yes' if row['served'] else 'no':6s} "
+                     f"{row['balanced_accuracy']:7.3f} {row['accuracy']:6.3f} "
+                     f"{row['rare_accuracy']:6.3f} {row['top1']:6.3f} {row['nll']:6.3f} "
+                     f"{row['ece']:6.3f}{mark}")
+    return lines

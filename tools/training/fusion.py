@@ -127,14 +127,15 @@ def simulated_species(head_ids: Sequence[int], train_y: np.ndarray, val_y: np.nd
 
 
 def runtime_prototypes(train_w: np.ndarray, train_y: np.ndarray, species: Sequence[int],
-                       text: np.ndarray, alpha: float) -> tuple[np.ndarray, list[np.ndarray]]:
+                       text: np.ndarray, alpha: float, iterations: int
+                       ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Prototypes and reference photos of ``species`` as 20 curator photos would make them
     (``index.prototypes.PrototypeBuilder.fused`` for a species new to the bundle)."""
     protos, photos = [], []
     for c in species:
         mine = train_w[train_y == c][:RUNTIME_PHOTOS]
         photos.append(mine)
-        visual = weighted_prototype(mine)
+        visual = weighted_prototype(mine, iterations)
         protos.append(fuse_prototypes(visual[None, :], text[c][None, :], alpha)[0])
     return np.asarray(protos, dtype=np.float32), photos
 
@@ -143,7 +144,8 @@ def simulate_runtime_species(train_w: np.ndarray, train_y: np.ndarray, val_w: np
                              val_y: np.ndarray, val_x: np.ndarray, prototypes: np.ndarray,
                              text: np.ndarray, alpha: float, log_prior_all: np.ndarray,
                              head_ids: Sequence[int], held: Sequence[int], train_aux_head,
-                             init: FusionWeights) -> tuple[FusionWeights, dict]:
+                             init: FusionWeights, iterations: int = 2
+                             ) -> tuple[FusionWeights, dict]:
     """Fit the new-species terms on species the (auxiliary) head never saw.
 
     ``train_aux_head(head_ids)`` trains a head over those species and returns
@@ -155,7 +157,7 @@ def simulate_runtime_species(train_w: np.ndarray, train_y: np.ndarray, val_w: np
     aux_ids = [c for c in head_ids if c not in set(held)]
     logits_of = train_aux_head(aux_ids)
     protos = np.asarray(prototypes, dtype=np.float64).copy()
-    runtime, photos = runtime_prototypes(train_w, train_y, held, text, alpha)
+    runtime, photos = runtime_prototypes(train_w, train_y, held, text, alpha, iterations)
     protos[list(held)] = runtime
     cos = val_w @ protos.T
     knn = np.full(cos.shape, np.nan)
@@ -253,6 +255,6 @@ def fit_runtime_terms(bundle: Bundle, train_w: np.ndarray, train_y: np.ndarray,
     fitted, report = simulate_runtime_species(
         train_w, train_y, bundle.whiten(val_x).astype(np.float64), vy, val_x,
         bundle.prototypes, bundle.text_prototypes, bundle.alpha, log_prior_all,
-        head_ids.tolist(), held, aux_logits, weights)
+        head_ids.tolist(), held, aux_logits, weights, bundle.prototype_iterations)
     report["species"] = [bundle.species[c] for c in held]
     return fitted, report
