@@ -18,7 +18,9 @@ from biolit_id.cli.training.crossfit import (
     stratified_folds,
 )
 from biolit_id.cli.training.risk_control import (
+    answered_share,
     certified_cut,
+    clopper_pearson_lower,
     clopper_pearson_upper,
     cuts_at_coverage,
     flatter_prior_weights,
@@ -113,6 +115,13 @@ def test_a_group_that_errs_more_gets_a_stricter_cut():
     assert 0.0 < level < 1.0
     cut = np.array([found.cuts["common"], found.cuts["rare"], found.cuts["runtime"]])[groups]
     assert (conf >= cut).mean() >= 0.5
+    # The share is met by its lower bound: on 300 photos that needs a margin over the point.
+    few = slice(0, 300)
+    point, _ = cuts_at_coverage(conf[few], wrong[few], groups[few], 0.5, coverage_delta=None)
+    reached = answered_share(conf[few], groups[few], point)
+    bound, _ = cuts_at_coverage(conf[few], wrong[few], groups[few], reached)
+    share = answered_share(conf[few], groups[few], bound)
+    assert share > reached and clopper_pearson_lower(round(share * 300), 300) >= reached
 
 
 def test_a_photo_is_cut_by_the_group_where_its_mass_lies():

@@ -343,7 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "apart, BUNDLE/split/calibration.parquet, else split/val.parquet)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--coverage", type=float, default=None,
-                        help=f"answer at least this share of photos (default {DEFAULT_COVERAGE})")
+                        help=f"answer at least this share of photos (default "
+                             f"{DEFAULT_COVERAGE}; fused: met by a 90 %% lower bound)")
     target.add_argument("--max-risk", type=float, default=None,
                         help="highest error rate allowed among answers (fused: among the "
                              "answers of photos whose mass lies on common species)")

@@ -24,6 +24,7 @@ RISK_GRID = np.round(np.arange(0.02, 0.991, 0.005), 3)
 # Coverage is promised for photos flatter than the training prior (volunteers' finds are
 # less dominated by the common species than curated training sets): docs/quality.md.
 FLATTEN = 0.5
+COVERAGE_DELTA = 0.1  # --coverage is met by a lower bound at this level (cuts_at_coverage)
 GROUP_NAMES = tuple(g.name.lower() for g in SpeciesGroup)
 
 
@@ -122,17 +123,36 @@ def flatter_prior_weights(truth: np.ndarray, power: float = FLATTEN) -> np.ndarr
 
 def cuts_at_coverage(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
                      coverage: float, weights: np.ndarray | None = None,
-                     delta: float = DELTA) -> tuple[GroupCuts, float]:
+                     delta: float = DELTA, coverage_delta: float | None = COVERAGE_DELTA
+                     ) -> tuple[GroupCuts, float]:
     """The lowest common risk level whose certified cuts answer ``coverage`` of the photos
-    (weighted: see ``flatter_prior_weights``); the level is returned too."""
+    (weighted: see ``flatter_prior_weights``); the level is returned too.
+
+    ``coverage_delta``: the share answered must pass ``coverage`` by its one-sided
+    Clopper–Pearson lower bound at that level (on the weights' effective sample size),
+    not only by its point value: new photos then get at least ``coverage`` with
+    that confidence. None: the point value."""
     last = None
+    n_eff = effective_size(weights, len(confidence))
     for level in RISK_GRID:
         found = group_cuts(confidence, wrong, groups, dict.fromkeys(GROUP_NAMES, level), delta)
         last = (found, float(level))
-        if answered_share(confidence, groups, found, weights) >= coverage:
+        share = answered_share(confidence, groups, found, weights)
+        if coverage_delta is not None:
+            share = float(stats.beta.ppf(coverage_delta, share * n_eff,
+                                         n_eff - share * n_eff + 1)) if share > 0 else 0.0
+        if share >= coverage:
             return found, float(level)
     assert last is not None
     return last
+
+
+def effective_size(weights: np.ndarray | None, n: int) -> float:
+    """Kish's effective sample size of weighted photos, ``(sum w)^2 / sum w^2``."""
+    if weights is None or not len(weights):
+        return float(n)
+    w = np.asarray(weights, np.float64)
+    return float(w.sum() ** 2 / max((w ** 2).sum(), 1e-300))
 
 
 def answered_share(confidence: np.ndarray, groups: np.ndarray, found: GroupCuts,
