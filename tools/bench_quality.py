@@ -3,8 +3,9 @@
 On realistic synthetic long tails (``evaluation.quality_bench``): the second
 generation's ``longtail_realistic.py`` at difficulties 1.0 and 1.2, and the
 first generation's ``realistic_v4``, for several seeds. Per data set it runs
-``train`` -> ``calibrate`` -> ``evaluate`` with their defaults, the seed's
-method re-trained on the same split, class-mean cosine and shrinkage LDA, and
+``train`` -> ``calibrate`` -> ``evaluate`` with their defaults, every other
+family the bundle could serve (calibrated alike), the seed's method re-trained
+on the same split, class-mean cosine, shrinkage LDA and exemplar kNN, and
 reports every figure with a bootstrap 95 % interval (test photos resampled).
 Synthetic embeddings, not photos.
 """

@@ -5,9 +5,10 @@ Per generator (the second generation's ``longtail_realistic.py`` at two
 difficulties, the first generation's ``realistic_v4``) and seed: generate; run
 ``train`` (defaults) -> ``calibrate`` (defaults) -> ``evaluate`` through the
 commands' own argument parsers, beside the seed's method re-trained on the same
-split (``train --routing seed --rare-negatives 0 --alpha 1.0``) and two simple
-baselines (``evaluation.baselines``). Everything is fitted on train and
-validation; test photos only report. Synthetic embeddings, not photos.
+split (``train --routing seed --rare-negatives 0 --alpha 1.0``), three simple
+baselines (``evaluation.baselines``) and every served family of our bundle
+(``evaluation.family_variants``, each run through ``calibrate``). Everything is
+fitted on train and validation; test photos only report. Synthetic embeddings, not photos.
 """
 
 from __future__ import annotations

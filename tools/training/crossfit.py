@@ -371,7 +371,8 @@ def sharpening(probs: np.ndarray, y: np.ndarray) -> float:
     probability match how often it is right (binary cross-entropy of the top label).
 
     The weights are fitted species-balanced, which leaves the probability shown with
-    an answer too low for the photos people send (docs/quality.md, "Calibration").
+    an answer too low for the photos people send (docs/quality.md, "How the decision is
+    chosen").
     """
     log_p = np.log(np.maximum(probs, 1e-300))
     rows = np.arange(len(y))
