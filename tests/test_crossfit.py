@@ -25,6 +25,7 @@ from biolit_id.cli.training.risk_control import (
     cuts_at_coverage,
     flatter_prior_weights,
     group_cuts,
+    within_outside_target,
 )
 from biolit_id.server.decision.rules import route_fused
 from biolit_id.server.decision.types import SpeciesGroup, Thresholds, photo_groups
@@ -155,3 +156,24 @@ def test_the_lda_head_is_the_discriminant_in_the_whitening_and_loads_as_a_head()
     a, bias = lda_discriminants(z[keep], np.searchsorted(classes, y[keep]), 3, 0.1)
     np.testing.assert_allclose(head.logits(x), z @ a + bias, rtol=1e-3, atol=1e-2)
     assert (head.logits(x[keep]).argmax(1) == np.searchsorted(classes, y[keep])).mean() > 0.9
+
+
+def test_out_of_catalog_photos_are_kept_under_the_rare_target():
+    """Photos of species the catalog lacks look confident (here as much as the right
+    ones): the cuts are raised until at most the rare target of them would be answered."""
+    rng = np.random.default_rng(4)
+    conf = rng.uniform(0, 1, 3000)
+    groups = np.where(np.arange(3000) % 3 == 0, SpeciesGroup.RARE, SpeciesGroup.COMMON)
+    wrong = rng.uniform(0, 1, 3000) > conf
+    outside = rng.uniform(0.2, 1.0, 1000)
+    outside_groups = np.full(1000, SpeciesGroup.RARE)
+    targets = {"common": 0.3, "rare": 0.3, "runtime": 0.3}
+    plain = group_cuts(conf, wrong, groups, targets)
+    assert answered_share(outside, outside_groups, plain) > 0.3
+    kept = within_outside_target(conf, wrong, groups, outside, outside_groups, targets, 0.3)
+    assert answered_share(outside, outside_groups, kept) <= 0.3
+    assert kept.cuts["rare"] > plain.cuts["rare"] and kept.cuts["common"] >= plain.cuts["common"]
+    looser = group_cuts(conf, wrong, groups, dict.fromkeys(targets, kept.risk["rare"] + 0.005))
+    assert answered_share(outside, outside_groups, looser) > 0.3  # as little as is enough
+    easy = within_outside_target(conf, wrong, groups, outside, outside_groups, targets, 0.9)
+    assert easy.cuts == plain.cuts

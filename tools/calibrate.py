@@ -34,7 +34,7 @@ from biolit_id.cli.training.risk_control import (
     clopper_pearson_upper,
     cuts_at_coverage,
     flatter_prior_weights,
-    group_cuts,
+    within_outside_target,
     without_own_species,
 )
 from biolit_id.server.catalog.catalog import Catalog
@@ -197,7 +197,8 @@ def group_thresholds(scored: ScoredSet, target_coverage: float | None = None,
     ``--coverage C``: the lowest common risk level whose cuts answer C of the photos, each
     weighted ``n_species ** -flatten`` (a prior flatter than the calibration set's).
     ``--max-risk R`` (and ``--rare-max-risk``): each group's error among answers at most
-    its target, with a Clopper–Pearson bound at 1 - DELTA.
+    its target, with a Clopper–Pearson bound at 1 - DELTA, and the estimated share of
+    out-of-catalog photos answered at most the rare target.
     """
     if (target_coverage is None) == (max_risk is None):
         raise ValueError("give exactly one of target_coverage and max_risk")
@@ -205,13 +206,18 @@ def group_thresholds(scored: ScoredSet, target_coverage: float | None = None,
     conf = scored.routed.confidence
     wrong = scored.distribution.argmax(axis=1) != scored.truth
     groups = photo_groups(scored.distribution, scored.scores.species_group)
+    outside = without_own_species(scored.distribution, scored.truth)
     if target_coverage is not None:
         weights = flatter_prior_weights(scored.truth, flatten)
         found, level = cuts_at_coverage(conf, wrong, groups, target_coverage, weights)
-    else:
+        rare = level
+    else:  # and photos of species outside the catalog answered at most the rare target
         rare = max_risk if rare_max_risk is None else rare_max_risk
-        found = group_cuts(conf, wrong, groups, {"common": max_risk, "rare": rare,
-                                                 "runtime": rare})
+        out_conf = outside.max(axis=1) if len(outside) else np.zeros(0)
+        found = within_outside_target(conf, wrong, groups, out_conf,
+                                      photo_groups(outside, scored.scores.species_group),
+                                      {"common": max_risk, "rare": rare, "runtime": rare},
+                                      rare)
         level = max_risk
     thresholds = found.thresholds(base)
     routed = scored.reroute(thresholds)
@@ -231,11 +237,13 @@ def group_thresholds(scored: ScoredSet, target_coverage: float | None = None,
     met = coverage >= target_coverage - 1e-9 if target_coverage is not None else all(
         g["risk_bound"] is None or g["risk_bound"] <= g["target"] + 1e-12
         for g in per_group.values())
-    outside = without_own_species(scored.distribution, scored.truth)
     outside_routed = route_fused(outside, thresholds, scored.scores.species_group)
+    outside_answered = float((outside_routed.species >= 0).mean()) if len(outside) else 0.0
     return thresholds, {"coverage": coverage, "risk": risk, "target_met": bool(met),
-                        # photos of uncatalogued species answered (all wrongly): an estimate
-                        "out_of_catalog_answered": float((outside_routed.species >= 0).mean()),
+                        # photos of uncatalogued species answered (all wrongly): an estimate,
+                        # against the rare group's error target
+                        "out_of_catalog_answered": outside_answered,
+                        "out_of_catalog_target": rare,
                         "risk_level": level, "flatten": flatten, "groups": per_group,
                         "borrowed": list(found.borrowed),
                         "uncertified": list(found.uncertified), "settings_tried": len(RISK_GRID)}
@@ -347,7 +355,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_COVERAGE}; fused: met by a 90 %% lower bound)")
     target.add_argument("--max-risk", type=float, default=None,
                         help="highest error rate allowed among answers (fused: among the "
-                             "answers of photos whose mass lies on common species)")
+                             "answers of photos whose mass lies on common species; the "
+                             "estimated out-of-catalog answers are kept under the rare target)")
     parser.add_argument("--rare-max-risk", type=float, default=None,
                         help="fused, with --max-risk: the target of photos whose mass lies on "
                              "rare or runtime species (default: --max-risk)")
@@ -422,6 +431,10 @@ def _print(report: dict) -> None:
             print(f"  a photo of a species outside the catalog would get a (wrong) species "
                   f"answer ~{r['out_of_catalog_answered']:.0%} of the time (each calibration "
                   f"photo scored without its own species)")
+            target = r.get("out_of_catalog_target")
+            if target is not None and r["out_of_catalog_answered"] > target + 1e-12:
+                print(f"    above the rare group's error target ({target:.0%}); "
+                      "--max-risk keeps it under, at the cost of coverage")
     else:
         print(f"  thresholds classifier_high={t['classifier_high']:.4f} "
               f"classifier_low={t['classifier_low']:.4f} prototype={t['prototype']:.4f}")

@@ -113,6 +113,32 @@ def group_cuts(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
     return GroupCuts(cuts, dict(max_risk), tuple(borrowed), tuple(uncertified))
 
 
+def within_outside_target(confidence: np.ndarray, wrong: np.ndarray, groups: np.ndarray,
+                          outside_confidence: np.ndarray, outside_groups: np.ndarray,
+                          max_risk: dict[str, float], limit: float, delta: float = DELTA
+                          ) -> GroupCuts:
+    """``group_cuts`` for ``max_risk``, every target lowered to a common level (the
+    highest that is enough) until photos of species outside the catalog are answered at
+    most ``limit`` of the time. They are stood in for by labelled photos scored without
+    their own species (``without_own_species``): their confidence and group."""
+    found = group_cuts(confidence, wrong, groups, max_risk, delta)
+    if answered_share(outside_confidence, outside_groups, found) <= limit:
+        return found
+    levels = RISK_GRID[max(max_risk.values()) > RISK_GRID]
+    lo, hi = 0, len(levels) - 1  # bisect for the highest level that is enough
+    best = GroupCuts(dict.fromkeys(max_risk, np.inf), dict.fromkeys(max_risk, 0.0), ())
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        level = float(levels[mid])
+        trial = group_cuts(confidence, wrong, groups,
+                           {g: min(r, level) for g, r in max_risk.items()}, delta)
+        if answered_share(outside_confidence, outside_groups, trial) <= limit:
+            best, lo = trial, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
 def flatter_prior_weights(truth: np.ndarray, power: float = FLATTEN) -> np.ndarray:
     """Photo weights moving the calibration set's species prior toward a flat one: each
     photo counts ``n_species ** -power`` (0: as sampled, 1: every species the same)."""
