@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,13 @@ def zero_shot_server(make_server) -> RunningServer:
 @pytest.fixture
 def stub(zero_shot_server: RunningServer) -> pb_grpc.SpeciesIdentifierStub:
     return stub_for(zero_shot_server)
+
+
+def free_port() -> int:
+    """A loopback TCP port free at the time of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:

@@ -11,7 +11,8 @@ start is an error, not a skip.
 URI options (``milvus_uri("poll=0")``) for a ``--gallery`` value, the same
 collection for every call within one test (a restart reopens it).
 
-Both are registered once for the session by ``conftest.py``.
+Both are registered once for the session by ``conftest.py``. The helpers below
+serve the replica tests on either kind of server.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import hashlib
 import itertools
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 
 from biolit_id.index.milvus.server import EmbeddedMilvus, MilvusServerUnavailable
+from biolit_id.proto import identification_pb2 as pb
 
 BACKENDS = ("lite", "server")
 _counter = itertools.count()
@@ -55,3 +58,22 @@ def milvus_uri(request, tmp_path) -> Callable[[str], str]:
     server = request.getfixturevalue("real_milvus")
     name = collection_name(request.node.nodeid)
     return lambda options="": server.gallery(name, options)
+
+
+def unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def prototype(running, species: str) -> np.ndarray:
+    """A running server's live prototype of ``species``."""
+    protos = running.state.gallery.prototypes()
+    return protos.vectors[protos.index()[species]].copy()
+
+
+def the_same_photo_through_each(stubs, species: str) -> list:
+    """One embedding added to ``species`` through each stub in turn (a stream each);
+    their ``AddExemplars`` answers."""
+    vec = unit(np.random.default_rng(1).normal(size=512)).tolist()
+    return [stub.AddExemplars(iter([pb.AddExemplarRequest(species=species, embedding=vec)]))
+            for stub in stubs]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from biolit_id.cli.main import main
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
-from conftest import photo_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, photo_bytes
 
 
 def wait_serving(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:

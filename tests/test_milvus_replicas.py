@@ -17,20 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from milvus_fixtures import prototype, the_same_photo_through_each, unit
 
 from biolit_id.index.milvus.errors import MilvusGalleryError
 from biolit_id.index.milvus.target import connect, parse_target
 from biolit_id.proto import identification_pb2 as pb
-from conftest import stub_for
+from conftest import free_port, stub_for
 
 POLL = 0.3  # seconds: the configured sync delay
 SLACK = 1.5  # one sync round trip on a busy 2-core CI machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -54,16 +49,6 @@ def milvus_server(tmp_path: Path):
     yield port
     proc.terminate()
     proc.wait(timeout=20)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def prototype(running, species: str) -> np.ndarray:
-    protos = running.state.gallery.prototypes()
-    return protos.vectors[protos.index()[species]].copy()
 
 
 def wait_for(condition, started: float, what: str) -> float:
@@ -137,11 +122,7 @@ def test_the_same_photo_through_both_replicas_is_one_exemplar(milvus_server, mak
     a = make_server(gallery=gallery, data_dir=tmp_path / "a")
     b = make_server(gallery=gallery, data_dir=tmp_path / "b")
     species = a.state.gallery.prototypes().names[0]
-    vec = unit(np.random.default_rng(1).normal(size=512)).tolist()
-    first = stub_for(a).AddExemplars(iter([pb.AddExemplarRequest(species=species,
-                                                                 embedding=vec)]))
-    again = stub_for(b).AddExemplars(iter([pb.AddExemplarRequest(species=species,
-                                                                 embedding=vec)]))
+    first, again = the_same_photo_through_each([stub_for(a), stub_for(b)], species)
     assert list(again.exemplar_ids) == list(first.exemplar_ids)
     assert list(again.species_updated) == []  # nothing stored the second time
     listed = stub_for(b).ListExemplars(pb.ListExemplarsRequest(species=species))

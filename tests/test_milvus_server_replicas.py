@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,25 +21,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from milvus_fixtures import collection_name
+from milvus_fixtures import collection_name, prototype, the_same_photo_through_each, unit
 
 from biolit_id.proto import identification_pb2 as pb
 from biolit_id.proto import identification_pb2_grpc as pb_grpc
-from conftest import stub_for
+from conftest import free_port, stub_for
 
 POLL = 0.3  # the replicas' sync period in these tests
 TICK = 0.2  # Milvus's time tick (proxy.timeTickInterval): reads of other replicas' writes
 BOUND = POLL + TICK + 1.5  # + one sync round trip on a busy 2-core CI machine
-
-
-def unit(x) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def prototype(running, species: str) -> np.ndarray:
-    protos = running.state.gallery.prototypes()
-    return protos.vectors[protos.index()[species]].copy()
 
 
 def seconds_until(condition, what: str, bound: float = BOUND) -> float:
@@ -98,11 +87,7 @@ def test_the_same_photo_through_both_replicas_is_one_row(real_milvus, make_serve
     a = make_server(gallery=gallery, data_dir=tmp_path / "a")
     b = make_server(gallery=gallery, data_dir=tmp_path / "b")
     species = a.state.gallery.prototypes().names[0]
-    vec = unit(np.random.default_rng(1).normal(size=512)).tolist()
-    first = stub_for(a).AddExemplars(iter([pb.AddExemplarRequest(species=species,
-                                                                 embedding=vec)]))
-    again = stub_for(b).AddExemplars(iter([pb.AddExemplarRequest(species=species,
-                                                                 embedding=vec)]))
+    first, again = the_same_photo_through_each([stub_for(a), stub_for(b)], species)
     assert list(again.exemplar_ids) == list(first.exemplar_ids)  # same id, one row
     listed = stub_for(b).ListExemplars(pb.ListExemplarsRequest(species=species))
     assert listed.total_count == 1 and len(listed.exemplars) == 1
@@ -113,12 +98,6 @@ def test_the_same_photo_through_both_replicas_is_one_row(real_milvus, make_serve
 
 
 # ------------------------------------------------- a replica killed mid-stream
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Writer(threading.Thread):
