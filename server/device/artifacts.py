@@ -145,11 +145,7 @@ class DeviceArtifacts:
             "model_fingerprint": self.state.model.fingerprint,
             "model_id": self.state.model.spec})
         data = model.SerializeToString()
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.folder / f"decision-{digest[:16]}.onnx"
-        if not path.is_file():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, data)
+        path, digest = self._stored("decision", "onnx", data)
         meta = metadata_of(model)
         keep = ("species", "ranks", "taxa", "rank_thresholds", "methods", "routing", "mode")
         artifact = Artifact("decision", "onnx", path, digest, len(data),
@@ -158,14 +154,20 @@ class DeviceArtifacts:
         return artifact
 
     def _preprocessing(self) -> Artifact:
-        data = json.dumps(preprocessing_spec(self.state.model), indent=1, sort_keys=True)
-        digest = hashlib.sha256(data.encode("utf-8")).hexdigest()
-        path = self.folder / f"preprocessing-{digest[:16]}.json"
+        data = json.dumps(preprocessing_spec(self.state.model), indent=1,
+                          sort_keys=True).encode("utf-8")
+        path, digest = self._stored("preprocessing", "json", data)
+        return Artifact("preprocessing", "json", path, digest, len(data), "application/json")
+
+    def _stored(self, name: str, ext: str, data: bytes) -> tuple[Path, str]:
+        """``data`` at its content-addressed path under the folder (written once); the
+        path and its SHA-256."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.folder / f"{name}-{digest[:16]}.{ext}"
         if not path.is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
-        return Artifact("preprocessing", "json", path, digest, len(data.encode()),
-                        "application/json")
+        return path, digest
 
     # ------------------------------------------------------------ what the router asks
 
