@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from biolit_id.index.core.vectors import (  # the trainer's: same prototypes
+    SEED_ITERATIONS,
     fuse_prototypes,
     l2_normalize64,
     weighted_prototype,
@@ -30,7 +31,6 @@ from biolit_id.index.core.vectors import (  # the trainer's: same prototypes
 __all__ = ["PrototypeBuilder", "SpeciesSums", "combine_with_prior", "weighted_prototype"]
 
 DEFAULT_PRIOR_WEIGHT = 10.0
-DEFAULT_ITERATIONS = 2  # the seed's similarity-weighted refinement
 
 
 def combine_with_prior(prior: np.ndarray | None, prior_weight: float,
@@ -62,7 +62,7 @@ class SpeciesSums:
         return cls(0, np.zeros(dim, np.float64), 0)
 
     @classmethod
-    def refined(cls, photos: np.ndarray, iterations: int = DEFAULT_ITERATIONS) -> SpeciesSums:
+    def refined(cls, photos: np.ndarray, iterations: int = SEED_ITERATIONS) -> SpeciesSums:
         """Exact state from all the species' projected photos [n, P]."""
         photos = np.asarray(photos, np.float64)
         if not len(photos):
@@ -125,7 +125,7 @@ class PrototypeBuilder:
     text_base: np.ndarray | None = None
     prior_weights: dict[str, float] | None = None
     source: str = ""
-    iterations: int = DEFAULT_ITERATIONS  # the visual-prototype recipe (0: the plain mean)
+    iterations: int = SEED_ITERATIONS  # the visual-prototype recipe (0: the plain mean)
 
     def __post_init__(self) -> None:
         self._base_index = {n: i for i, n in enumerate(self.base_names)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_SHARPNESS = 10.0  # softmax scale on cosines: 0.1 less similar -> weight x e^-1
+SEED_ITERATIONS = 2  # the seed's refinements; 0 is the plain class mean
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -26,7 +27,7 @@ def l2_normalize64(x: np.ndarray) -> np.ndarray:
 
 
 def weighted_prototype(
-    vectors: np.ndarray, iterations: int = 2, sharpness: float = DEFAULT_SHARPNESS
+    vectors: np.ndarray, iterations: int = SEED_ITERATIONS, sharpness: float = DEFAULT_SHARPNESS
 ) -> np.ndarray:
     """Unit-norm prototype of ``vectors`` [N, D] (rows normalised first).
 
@@ -46,7 +47,8 @@ def weighted_prototype(
 
 
 def class_prototypes(
-    vectors: np.ndarray, labels: np.ndarray, num_classes: int, iterations: int = 2
+    vectors: np.ndarray, labels: np.ndarray, num_classes: int,
+    iterations: int = SEED_ITERATIONS
 ) -> np.ndarray:
     """[num_classes, D] prototypes; a class without vectors gets a zero row."""
     vectors = np.asarray(vectors)

@@ -19,6 +19,7 @@ import numpy as np
 
 from biolit_id.index.core.atomic import atomic_write
 from biolit_id.index.core.digest import file_sha256
+from biolit_id.index.core.vectors import SEED_ITERATIONS
 from biolit_id.server.decision.types import Thresholds
 
 FORMAT = "biolit-id-bundle/1"
@@ -27,7 +28,6 @@ WEIGHTS = "weights.safetensors"
 TOOL_VERSION = "0.1.0"
 # The seed's head (docs/seed-v4.md, "Head"):
 # LayerNorm, 512->512, GELU, Dropout .5, 512->256, GELU, Dropout .25, ->C
-SEED_PROTOTYPE_ITERATIONS = 2  # the seed's weighted refinement (docs/seed-v4.md)
 DEFAULT_HEAD = {"type": "mlp", "hidden": [512, 256], "dropout": [0.5, 0.25], "layernorm": True}
 
 
@@ -74,7 +74,7 @@ class Bundle:
         """The visual-prototype recipe (0: class means; n: the seed's n similarity-weighted
         refinements), which photos added at runtime follow too; the seed's by default."""
         training = self.extra.get("training") or {}
-        return int(training.get("prototype_iterations", SEED_PROTOTYPE_ITERATIONS))
+        return int(training.get("prototype_iterations", SEED_ITERATIONS))
 
     def common_to_global(self, names: Sequence[str] | None = None) -> np.ndarray:
         """Row of each head class in ``names`` (default: the bundle's species).

@@ -26,7 +26,12 @@ from biolit_id.cli.training.calibration_metrics import ece
 from biolit_id.cli.training.datasets import EmbeddingSet
 from biolit_id.cli.training.features import fit_whitening
 from biolit_id.cli.training.lda import LDA_SHRINKAGE, lda_discriminants
-from biolit_id.index.core.vectors import class_prototypes, fuse_prototypes, l2_normalize
+from biolit_id.index.core.vectors import (
+    SEED_ITERATIONS,
+    class_prototypes,
+    fuse_prototypes,
+    l2_normalize,
+)
 from biolit_id.server.decision.fused import FusionWeights, fused_logits, log_softmax
 from biolit_id.server.decision.rules import masked_softmax
 
@@ -37,7 +42,7 @@ CALIBRATION_SHARE = 0.2
 CALIBRATION_MIN_PHOTOS = 5  # a species with fewer keeps every photo for fitting
 EARLY_STOPPING_SHARE = 0.15
 TARGET_COVERAGE = 0.88
-PROTOTYPE_ITERATIONS = (0, 2)  # class means, or the seed's similarity-weighted refinement
+PROTOTYPE_ITERATIONS = (0, SEED_ITERATIONS)  # class means, or the seed's weighted refinement
 KNN_K = 3
 
 HeadFit = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]

@@ -16,7 +16,7 @@ import numpy as np
 
 from biolit_id.cli.training.calibration_metrics import top1_calibration
 from biolit_id.cli.training.datasets import EmbeddingSet
-from biolit_id.index.core.vectors import fuse_prototypes, weighted_prototype
+from biolit_id.index.core.vectors import SEED_ITERATIONS, fuse_prototypes, weighted_prototype
 from biolit_id.server.decision.bundle import Bundle
 from biolit_id.server.decision.fused import (
     NEIGHBOURS,
@@ -144,7 +144,8 @@ def simulate_runtime_species(train_w: np.ndarray, train_y: np.ndarray, val_w: np
                              val_y: np.ndarray, val_x: np.ndarray, prototypes: np.ndarray,
                              text: np.ndarray, alpha: float, log_prior_all: np.ndarray,
                              head_ids: Sequence[int], held: Sequence[int], train_aux_head,
-                             init: FusionWeights, iterations: int = 2
+                             init: FusionWeights,
+                             iterations: int = SEED_ITERATIONS
                              ) -> tuple[FusionWeights, dict]:
     """Fit the new-species terms on species the (auxiliary) head never saw.
 
