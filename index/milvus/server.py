@@ -184,19 +184,6 @@ class EmbeddedMilvus:
             self._log.close()
             self._log = None
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process now (0 if it is not running)."""
-        if not self.running():
-            return 0
-        try:
-            with open(f"/proc/{self.pid}/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
     def __enter__(self) -> EmbeddedMilvus:
         if not self.running():
             self.start()

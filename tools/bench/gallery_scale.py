@@ -47,19 +47,9 @@ SPECIES = 3
 BULK = 5000
 
 
-def rss_bytes() -> dict[str, int]:
-    """Resident memory of this process now and at its peak (milvus-lite runs in-process)."""
-    fields = {}
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return {"rss_bytes": fields.get("VmRSS", 0), "peak_rss_bytes": fields.get("VmHWM", 0)}
-
-
-def server_memory(pid: int) -> dict[str, int]:
-    """Resident memory of the Milvus server process now and at its peak."""
+def rss_bytes(pid: int | str = "self") -> dict[str, int]:
+    """Resident memory of a process now and at its peak: this one by default
+    (milvus-lite runs in-process), or a Milvus server's."""
     fields = {}
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -171,7 +161,7 @@ def bench_backend(backend: str, data_dir: Path, *, dim: int = 512,
         result["memory"] = rss_bytes()
         result["memory_before_open"] = memory_before
         if server is not None:
-            result["server"] |= server_memory(server.pid)
+            result["server"] |= rss_bytes(server.pid)
         result["repairs"] = getattr(gallery, "repairs", 0)
         result["sweeps"] = getattr(gallery, "sweeps", 0)
     finally:

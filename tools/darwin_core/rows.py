@@ -24,8 +24,6 @@ from biolit_id.cli.training.datasets import errors_path
 from biolit_id.server.grpc.darwin_core import TERMS, Event, occurrence
 from biolit_id.server.grpc.messages import decision_parts, species_message
 
-TOP_K = 3
-
 # EXIF tags (PIL): the Exif and GPS sub-IFDs, DateTimeOriginal, the GPS fields.
 EXIF_IFD, GPS_IFD, DATE_TIME_ORIGINAL, DATE_TIME = 0x8769, 0x8825, 0x9003, 0x0132
 GPS_LAT_REF, GPS_LAT, GPS_LON_REF, GPS_LON, GPS_H_ERROR = 1, 2, 3, 4, 31
