@@ -20,7 +20,7 @@ import pytest
 import requests
 from PIL import Image
 from playwright.sync_api import Browser, expect
-from test_web_page import TIMEOUT_MS, _server, decision_of, url_of
+from test_web_page import TIMEOUT_MS, decision_of, page_server, url_of
 
 from biolit_id.server.app import RunningServer
 from biolit_id.server.inference.preprocess import preprocess
@@ -31,7 +31,7 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def device_server(tmp_path_factory, demo_model_spec: str) -> Iterator[RunningServer]:
-    running = _server(tmp_path_factory.mktemp("device"), demo_model_spec)
+    running = page_server(tmp_path_factory.mktemp("device"), demo_model_spec)
     yield running
     running.stop(0.5)
 

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect
-from test_web_page import DESKTOP, PHONE, _server, open_page
+from test_web_page import DESKTOP, PHONE, open_page, page_server
 
 from biolit_id.cli.training.prior_fit import clean_records, fit_prior
 from biolit_id.cli.training.synthetic_observations import (
@@ -60,7 +60,7 @@ def obs_server(tmp_path_factory, loaded_demo_model, demo_model_spec) -> Iterator
     fit_prior(names, lat, lon, day).save(directory / "prior")
     CombinerParams(rho=0.1, outlier=0.05, prior_weight=1.0, prior_floor=0.05).save(
         directory / "prior")
-    running = _server(root, demo_model_spec, bundle=directory)
+    running = page_server(root, demo_model_spec, bundle=directory)
     yield running
     running.stop(0.5)
 

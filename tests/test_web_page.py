@@ -42,7 +42,8 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
 
 
-def _server(directory: Path, model: str, **overrides) -> RunningServer:
+def page_server(directory: Path, model: str, **overrides) -> RunningServer:
+    """A service with its web page on free ports (the page tests share it)."""
     config = ServerConfig(model=model, data_dir=directory / "data", port=0, http_port=0,
                           grace_seconds=0.5, **overrides)
     return start_server(config)
@@ -51,7 +52,7 @@ def _server(directory: Path, model: str, **overrides) -> RunningServer:
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory, demo_model_spec: str) -> Iterator[RunningServer]:
     """No keys, loopback: the page may curate without a key."""
-    running = _server(tmp_path_factory.mktemp("web-open"), demo_model_spec)
+    running = page_server(tmp_path_factory.mktemp("web-open"), demo_model_spec)
     yield running
     running.stop(0.5)
 
@@ -62,7 +63,7 @@ def keyed_server(tmp_path_factory, demo_model_spec: str) -> Iterator[RunningServ
     keys = directory / "keys.txt"
     keys.write_text(f"curate {CURATE_KEY}\nidentify {IDENTIFY_KEY}\n")
     keys.chmod(0o600)
-    running = _server(directory, demo_model_spec, api_keys=keys)
+    running = page_server(directory, demo_model_spec, api_keys=keys)
     yield running
     running.stop(0.5)
 
@@ -120,7 +121,7 @@ def seed_gallery(running: RunningServer, key: str | None = None) -> None:
 @pytest.fixture
 def empty_server(tmp_path, demo_model_spec: str) -> Iterator[RunningServer]:
     """A server of its own, whose gallery no other test has filled."""
-    running = _server(tmp_path / "empty", demo_model_spec)
+    running = page_server(tmp_path / "empty", demo_model_spec)
     yield running
     running.stop(0.5)
 
